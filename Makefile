@@ -1,0 +1,53 @@
+# Two commands are all a newcomer needs: `make demo` and `make test` (both set up the venv).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+CONSTRAINTS := requirements/constraints.txt
+STAMP := $(VENV)/.installed
+DEVSLURM := scripts/devslurm.sh
+SLURM_CONF_FILE := $(CURDIR)/.devslurm/etc/slurm.conf
+
+.PHONY: venv demo demo-slurm test test-unit test-integration test-slurm slurm-up slurm-down bench clean-venv
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml $(CONSTRAINTS)
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	# torch first (deepspeed's build imports it), then deepspeed without build isolation,
+	# then the package itself; everything pinned by the constraints file.
+	$(PIP) install -q -c $(CONSTRAINTS) torch torchvision
+	$(PIP) install -q -c $(CONSTRAINTS) --no-build-isolation deepspeed
+	$(PIP) install -q -c $(CONSTRAINTS) -e '.[dev]'
+	touch $(STAMP)
+
+demo: venv
+	$(VENV)/bin/slurmvision demo
+
+demo-slurm: venv slurm-up
+	SLURM_CONF=$(SLURM_CONF_FILE) $(VENV)/bin/slurmvision demo --cluster devslurm
+
+test: venv slurm-up
+	SLURM_CONF=$(SLURM_CONF_FILE) $(PY) -m pytest tests
+
+test-unit: venv
+	$(PY) -m pytest tests -m unit
+
+test-integration: venv
+	$(PY) -m pytest tests -m integration
+
+test-slurm: venv slurm-up
+	SLURM_CONF=$(SLURM_CONF_FILE) $(PY) -m pytest tests -m slurm
+
+slurm-up:
+	bash $(DEVSLURM) up
+
+slurm-down:
+	bash $(DEVSLURM) down
+
+bench: venv
+	$(PY) benchmarks/data_pipeline.py
+
+clean-venv:
+	rm -rf $(VENV)

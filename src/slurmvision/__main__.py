@@ -1,0 +1,3 @@
+from slurmvision.cli import main
+
+raise SystemExit(main())
