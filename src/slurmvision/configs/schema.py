@@ -1,0 +1,221 @@
+"""Typed config sections. Value checks live in `__post_init__` and name the key at fault.
+
+OmegaConf checks types and unknown keys when recipes and overrides are merged onto these
+dataclasses; `__post_init__` runs when the merged config is turned into objects and checks
+values (ranges, choices, combinations). This module must not import torch.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from slurmvision.errors import ConfigError
+
+
+def _choice(key: str, value: Any, allowed: tuple) -> None:
+    if value not in allowed:
+        close = difflib.get_close_matches(str(value), [str(a) for a in allowed], n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise ConfigError(f"{key}={value!r} is not allowed: choose one of {', '.join(map(repr, allowed))}{hint}")
+
+
+def _check(ok: bool, key: str, value: Any, allowed: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}={value!r} is not allowed: {allowed}")
+
+
+@dataclass
+class DataConfig:
+    root: str = "???"  # the shards directory (holds manifest.json)
+    train_split: str = "train"
+    val_split: str = "val"
+    batch_size: int = 32  # per rank and per micro-step, at the base resolution
+    workers: int = 2
+    shuffle_buffer: int = 1000
+    img_size: int = 224
+    # Multi-scale: one resolution per batch, chosen from (seed, step); same on every rank.
+    scales: list[int] = field(default_factory=list)
+    # Per-scale batch sizes (same length as scales) keep memory flat; empty = batch_size.
+    scale_batch_sizes: list[int] = field(default_factory=list)
+    interpolation: str = "bicubic"
+    hflip: float = 0.5
+    color_jitter: float = 0.4
+    auto_augment: Optional[str] = None  # timm string, e.g. rand-m9-mstd0.5-inc1
+    reprob: float = 0.0  # random erasing probability
+    mixup: float = 0.0
+    cutmix: float = 0.0
+    label_smoothing: float = 0.0
+    # Skipped bad samples allowed per epoch: < 1 is a fraction of the epoch, >= 1 a count.
+    bad_sample_budget: float = 0.001
+    audit: bool = False  # record the key of every consumed sample per rank and step
+    eval_resize_ratio: float = 0.875
+
+    def __post_init__(self) -> None:
+        for key in ("batch_size", "img_size", "shuffle_buffer"):
+            _check(getattr(self, key) >= 1, f"data.{key}", getattr(self, key), "must be >= 1")
+        _check(self.workers >= 0, "data.workers", self.workers, "must be >= 0")
+        _check(all(s >= 8 for s in self.scales), "data.scales", self.scales, "resolutions must be >= 8")
+        _check(
+            not self.scale_batch_sizes or len(self.scale_batch_sizes) == len(self.scales),
+            "data.scale_batch_sizes", self.scale_batch_sizes, "give one batch size per entry of data.scales",
+        )
+        _check(all(b >= 1 for b in self.scale_batch_sizes), "data.scale_batch_sizes", self.scale_batch_sizes, "must be >= 1")
+        _choice("data.interpolation", self.interpolation, ("bilinear", "bicubic", "nearest", "random"))
+        for key in ("hflip", "reprob", "mixup", "cutmix", "label_smoothing"):
+            value = getattr(self, key)
+            _check(0.0 <= value <= 1.0 or key in ("mixup", "cutmix") and value >= 0, f"data.{key}", value, "must be in [0, 1]")
+        _check(self.bad_sample_budget >= 0, "data.bad_sample_budget", self.bad_sample_budget, "must be >= 0")
+
+    @property
+    def resolutions(self) -> list[int]:
+        return list(self.scales) or [self.img_size]
+
+
+@dataclass
+class DistillConfig:
+    teacher: Optional[str] = None  # a timm model name; None disables distillation
+    teacher_weights: Optional[str] = None  # a slurmvision checkpoint or a state-dict file
+    temperature: float = 4.0
+    weight: float = 0.5  # loss = (1 - weight) * task + weight * KL
+
+    def __post_init__(self) -> None:
+        _check(self.temperature > 0, "model.distill.temperature", self.temperature, "must be > 0")
+        _check(0.0 <= self.weight <= 1.0, "model.distill.weight", self.weight, "must be in [0, 1]")
+
+
+@dataclass
+class ModelConfig:
+    name: str = "swinv2_tiny_window8_256"  # any timm model name
+    num_classes: Optional[int] = None  # None: taken from the shards' manifest
+    pretrained: bool = False
+    drop_path: float = 0.0
+    kwargs: dict[str, Any] = field(default_factory=dict)  # extra timm.create_model arguments
+    grad_checkpointing: bool = False
+    channels_last: bool = False
+    compile: bool = False
+    ema_decay: float = 0.0  # 0 disables the EMA model
+    finetune_from: Optional[str] = None  # weights to start from; the classifier is re-created
+    freeze: list[str] = field(default_factory=list)  # parameter-name prefixes to freeze
+    distill: DistillConfig = field(default_factory=DistillConfig)
+
+    def __post_init__(self) -> None:
+        _check(0.0 <= self.drop_path < 1.0, "model.drop_path", self.drop_path, "must be in [0, 1)")
+        _check(0.0 <= self.ema_decay < 1.0, "model.ema_decay", self.ema_decay, "must be in [0, 1)")
+        _check(self.num_classes is None or self.num_classes >= 2, "model.num_classes", self.num_classes, "must be >= 2")
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adamw"
+    lr: float = 1e-3
+    # The learning rate is given at this global batch and scaled linearly to the real one.
+    lr_base_batch: Optional[int] = None
+    weight_decay: float = 0.05
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    schedule: str = "cosine"
+    warmup_steps: int = 0
+    warmup_epochs: float = 0.0  # converted to steps from the train split's size
+    warmup_lr: float = 1e-6
+    min_lr: float = 1e-5
+    clip_grad: Optional[float] = None
+
+    def __post_init__(self) -> None:
+        _choice("optim.name", self.name, ("adamw", "sgd"))
+        _choice("optim.schedule", self.schedule, ("cosine", "constant"))
+        _check(self.lr > 0, "optim.lr", self.lr, "must be > 0")
+        _check(self.weight_decay >= 0, "optim.weight_decay", self.weight_decay, "must be >= 0")
+        _check(len(self.betas) == 2, "optim.betas", self.betas, "give two numbers, e.g. [0.9, 0.999]")
+        _check(self.warmup_steps >= 0 and self.warmup_epochs >= 0, "optim.warmup_steps", self.warmup_steps, "must be >= 0")
+        _check(self.clip_grad is None or self.clip_grad > 0, "optim.clip_grad", self.clip_grad, "must be > 0 or null")
+        _check(self.lr_base_batch is None or self.lr_base_batch >= 1, "optim.lr_base_batch", self.lr_base_batch, "must be >= 1")
+
+
+@dataclass
+class TrainerConfig:
+    engine: str = "ddp"
+    zero_stage: int = 0  # DeepSpeed only
+    precision: str = "fp32"
+    grad_accum: int = 1
+    max_steps: int = 1000  # optimizer steps
+    checkpoint_every: int = 500  # steps between periodic checkpoints
+    checkpoint_every_minutes: float = 0.0  # 0 disables time-based checkpoints
+    keep_checkpoints: int = 3
+    log_every: int = 10
+    eval_every: int = 0  # 0: evaluate only at the end
+    seed: int = 0
+    nonfinite_budget: int = 5  # consecutive non-finite steps before the run stops
+
+    def __post_init__(self) -> None:
+        _choice("trainer.engine", self.engine, ("ddp", "deepspeed"))
+        _choice("trainer.precision", self.precision, ("fp32", "fp16", "bf16"))
+        _choice("trainer.zero_stage", self.zero_stage, (0, 1, 2, 3))
+        for key in ("grad_accum", "max_steps", "checkpoint_every", "keep_checkpoints", "log_every", "nonfinite_budget"):
+            _check(getattr(self, key) >= 1, f"trainer.{key}", getattr(self, key), "must be >= 1")
+        _check(self.eval_every >= 0, "trainer.eval_every", self.eval_every, "must be >= 0")
+        _check(self.checkpoint_every_minutes >= 0, "trainer.checkpoint_every_minutes", self.checkpoint_every_minutes, "must be >= 0")
+
+
+@dataclass
+class ClusterConfig:
+    """Where jobs run: submitit's local executor or a Slurm cluster."""
+
+    name: str = "local"
+    executor: str = "local"  # local | slurm
+    nodes: int = 1
+    tasks_per_node: int = 2  # one task per GPU (or per CPU rank without GPUs)
+    gpus_per_node: int = 0
+    cpus_per_task: int = 1
+    mem_gb: Optional[float] = None
+    time_min: int = 60
+    partition: Optional[str] = None
+    account: Optional[str] = None
+    qos: Optional[str] = None
+    constraint: Optional[str] = None
+    exclude: Optional[str] = None
+    signal: str = "USR2"  # sent signal_delay_s before the time limit
+    signal_delay_s: int = 120
+    setup: list[str] = field(default_factory=list)  # shell lines run before the job (module load ...)
+    additional: dict[str, Any] = field(default_factory=dict)  # extra sbatch options
+    max_attempts: int = 10
+
+    def __post_init__(self) -> None:
+        _choice("cluster.executor", self.executor, ("local", "slurm"))
+        _choice("cluster.signal", self.signal, ("USR1", "USR2", "TERM", "INT"))
+        for key in ("nodes", "tasks_per_node", "cpus_per_task", "time_min", "max_attempts"):
+            _check(getattr(self, key) >= 1, f"cluster.{key}", getattr(self, key), "must be >= 1")
+        _check(self.gpus_per_node >= 0, "cluster.gpus_per_node", self.gpus_per_node, "must be >= 0")
+        _check(
+            self.gpus_per_node in (0, self.tasks_per_node), "cluster.gpus_per_node", self.gpus_per_node,
+            f"use one task per GPU: set cluster.tasks_per_node={self.gpus_per_node}",
+        )
+        _check(0 <= self.signal_delay_s < self.time_min * 60, "cluster.signal_delay_s", self.signal_delay_s,
+               "must be >= 0 and shorter than the time limit")
+
+    @property
+    def world_size(self) -> int:
+        return self.nodes * self.tasks_per_node
+
+
+@dataclass
+class RunConfig:
+    dir: str = "???"  # set from --run-dir or derived from the recipe name
+    name: str = "run"
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def __post_init__(self) -> None:
+        if self.trainer.engine == "ddp" and self.trainer.zero_stage:
+            raise ConfigError(f"trainer.zero_stage={self.trainer.zero_stage} needs trainer.engine=deepspeed")
+        if self.model.distill.teacher and (self.data.mixup or self.data.cutmix):
+            raise ConfigError("model.distill.teacher with data.mixup/cutmix is not supported: set data.mixup=0 data.cutmix=0")
