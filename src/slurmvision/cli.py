@@ -1,0 +1,215 @@
+"""The `slurmvision` command: parse, call, print. Heavy imports happen inside the commands.
+
+The login-node commands (launch, status, coordinate, config, --help) never import torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any, Callable, Optional
+
+from slurmvision.errors import SlurmVisionError
+
+
+def _print(data: Any, as_json: bool, text: Callable[[Any], str]) -> None:
+    print(json.dumps(data, indent=1, sort_keys=False) if as_json else text(data))
+
+
+def cmd_shards_build(args) -> int:
+    from slurmvision.shards.writer import build_shards
+
+    manifest = build_shards(args.src, args.out, samples_per_shard=args.samples_per_shard, shard_size_mb=args.shard_size_mb,
+                            workers=args.workers, max_side=args.max_side, overwrite=args.overwrite)
+    for split, totals in manifest.splits.items():
+        print(f"{split}: {totals['samples']} samples in {totals['shards']} shards")
+    print(f"manifest: {args.out}/manifest.json; check with `slurmvision shards verify {args.out}`")
+    return 0
+
+
+def cmd_shards_verify(args) -> int:
+    from slurmvision.shards.verify import verify_shards
+
+    report = verify_shards(args.out, workers=args.workers, progress=not args.json)
+
+    def text(data: dict) -> str:
+        lines = [f"{p['shard']} {p['key']}: {p['problem']}" for p in data["bad"]]
+        verdict = "ok" if data["ok"] else f"{len(data['bad'])} problem(s)"
+        return "\n".join([*lines, f"{data['shards']} shards, {data['samples']} samples: {verdict}"])
+
+    _print(report.to_json(), args.json, text)
+    return 0 if report.ok else 1
+
+
+def cmd_shards_stats(args) -> int:
+    from slurmvision.shards.stats import shard_stats
+
+    _print(shard_stats(args.out), args.json, lambda d: json.dumps(d, indent=1))
+    return 0
+
+
+def _config(args):
+    from slurmvision.configs import load_config
+
+    return load_config(args.recipe, args.overrides, cluster=getattr(args, "cluster", None),
+                       run_dir=getattr(args, "run_dir", None))
+
+
+def cmd_config_show(args) -> int:
+    from slurmvision.configs import config_hash, to_dict, to_yaml
+
+    config = _config(args)
+    if args.json:
+        print(json.dumps({"config": to_dict(config), "config_hash": config_hash(config)}, indent=1))
+    else:
+        print(to_yaml(config), end="")
+    return 0
+
+
+def cmd_train(args) -> int:
+    from slurmvision.launch.local import train_here
+
+    results = train_here(_config(args), nproc=args.nproc)
+    _print(results, args.json, lambda r: f"top-1 {r['top1']:.4f}  top-5 {r['top5']:.4f}  F1 {r['f1_macro']:.4f}  (step {r['step']})")
+    return 0
+
+
+def cmd_launch(args) -> int:
+    from slurmvision.launch.launcher import launch
+
+    launch(_config(args), dry_run=args.dry_run, wait=args.wait)
+    return 0
+
+
+def cmd_status(args) -> int:
+    from slurmvision.launch.status import format_status, run_status
+
+    _print(run_status(args.run or args.run_dir), args.json, format_status)
+    return 0
+
+
+def cmd_coordinate(args) -> int:
+    raise SlurmVisionError("`slurmvision coordinate` (watch, resubmit, ledger) is not available in this version yet; "
+                           "meanwhile follow a run with `slurmvision status RUN`")
+
+
+def cmd_checkpoint_inspect(args) -> int:
+    from slurmvision.evaluate.inspect import inspect_checkpoint
+
+    _print(inspect_checkpoint(args.checkpoint), args.json, lambda d: "\n".join(f"{k}: {v}" for k, v in d.items()))
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from slurmvision.evaluate.run import evaluate_checkpoint
+
+    results = evaluate_checkpoint(args.checkpoint, split=args.split, tta=args.tta)
+    _print(results, args.json, lambda r: f"{r['split']}: top-1 {r['top1']:.4f}  top-5 {r['top5']:.4f}  "
+                                         f"F1 {r['f1_macro']:.4f}  ({r['samples']} samples, step {r['step']})")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from slurmvision.evaluate.run import export_checkpoint
+
+    _print(export_checkpoint(args.checkpoint, args.out, opset=args.opset), args.json,
+           lambda r: f"wrote {r['path']} (max |onnx - torch| = {r['max_abs_diff']:.2e})")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from slurmvision.launch.demo import run_demo
+
+    return run_demo(cluster=args.cluster, run_dir=args.run_dir, work_dir=args.work_dir, overrides=args.overrides)
+
+
+def _recipe_args(p: argparse.ArgumentParser, run_dir: bool = True) -> None:
+    p.add_argument("recipe", help="recipe name (see configs/) or path to a .yaml file")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=1e-3 trainer.precision=bf16")
+    if run_dir:
+        p.add_argument("--run-dir", help="run directory (default: runs/<recipe>)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="slurmvision", description="Train vision models on Slurm from WebDataset shards.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    shards = sub.add_parser("shards", help="build, verify and describe WebDataset shards").add_subparsers(dest="shards_command", required=True)
+    p = shards.add_parser("build", help="ImageFolder tree (train/val/test) -> tar shards + manifest")
+    p.add_argument("src"), p.add_argument("out")
+    p.add_argument("--samples-per-shard", type=int)
+    p.add_argument("--shard-size-mb", type=float)
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--max-side", type=int, help="shrink larger images once (re-encodes them)")
+    p.add_argument("--overwrite", action="store_true", help="replace shards already in OUT")
+    p.set_defaults(func=cmd_shards_build)
+    p = shards.add_parser("verify", help="check every shard against the manifest")
+    p.add_argument("out"), p.add_argument("--workers", type=int, default=1), p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_shards_verify)
+    p = shards.add_parser("stats", help="samples per split and class, image sizes, bytes")
+    p.add_argument("out"), p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_shards_stats)
+
+    p = sub.add_parser("train", help="train on this machine (--nproc ranks), the code path a Slurm task runs")
+    _recipe_args(p)
+    p.add_argument("--nproc", type=int, default=1, help="ranks to start on this machine")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("launch", help="submit a training run through submitit")
+    _recipe_args(p)
+    p.add_argument("--cluster", default="local", help="cluster profile (configs/clusters/): local, devslurm, a100, or a path")
+    p.add_argument("--dry-run", action="store_true", help="print the sbatch script and resolved config; submit nothing")
+    p.add_argument("--wait", action="store_true", help="wait for the job and print its result")
+    p.set_defaults(func=cmd_launch)
+
+    p = sub.add_parser("coordinate", help="watch a run, resubmit within budgets, keep the ledger")
+    p.add_argument("run", nargs="?"), p.add_argument("--run-dir")
+    p.set_defaults(func=cmd_coordinate)
+
+    p = sub.add_parser("status", help="a run at a glance")
+    p.add_argument("run", nargs="?"), p.add_argument("--run-dir"), p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("eval", help="evaluate a checkpoint (top-1/top-5/F1/confusion matrix, TTA)")
+    p.add_argument("checkpoint", help="run directory or checkpoint directory")
+    p.add_argument("--split", default="val"), p.add_argument("--tta", default="none", choices=["none", "hflip"])
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("export", help="export a checkpoint's model to ONNX")
+    p.add_argument("checkpoint"), p.add_argument("out", help="output .onnx file")
+    p.add_argument("--opset", type=int, default=18), p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_export)
+
+    config = sub.add_parser("config", help="show resolved configs").add_subparsers(dest="config_command", required=True)
+    p = config.add_parser("show", help="print the resolved config of a recipe with overrides")
+    _recipe_args(p)
+    p.add_argument("--cluster", help="cluster profile to merge")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_config_show)
+
+    checkpoint = sub.add_parser("checkpoint", help="checkpoint tools").add_subparsers(dest="checkpoint_command", required=True)
+    p = checkpoint.add_parser("inspect", help="step, epoch, world size, validity, params_sha256")
+    p.add_argument("checkpoint"), p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_checkpoint_inspect)
+
+    p = sub.add_parser("demo", help="digits end to end: ImageFolder -> shards -> 2-rank DDP -> eval")
+    p.add_argument("overrides", nargs="*", help="dotted overrides for the digits-demo recipe")
+    p.add_argument("--cluster", default="local", help="local (default) or devslurm")
+    p.add_argument("--run-dir"), p.add_argument("--work-dir", default="runs/demo", help="where data and runs go")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except SlurmVisionError as err:
+        print(f"slurmvision: error: {err}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        print("slurmvision: interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,93 @@
+"""`slurmvision launch`: validate, create the run directory, submit through submitit."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Optional
+
+from slurmvision.configs import Config, config_hash, load_saved_config, save_config, to_yaml
+from slurmvision.errors import ClusterError, RunError
+from slurmvision.slurm.cluster import validate_cluster
+from slurmvision.slurm.executor import make_executor, sbatch_script
+
+JOBS_FILE = "jobs.jsonl"
+
+
+def run_id(config: Config) -> str:
+    return Path(config.run.dir).resolve().name
+
+
+def job_names(config: Config) -> tuple[str, str]:
+    rid = run_id(config)
+    return f"sv-{rid}", f"slurmvision run {rid}"
+
+
+def _check_run_dir(config: Config) -> None:
+    """A run directory is reused only for the same run (a resume), never for another one."""
+    run_dir = Path(config.run.dir)
+    if not (run_dir / "config.yaml").exists():
+        return
+    saved = load_saved_config(run_dir)
+    if config_hash(saved) != config_hash(config):
+        raise RunError(f"{run_dir} already holds a run with a different config: choose a new --run-dir, "
+                       f"or compare with `slurmvision config show` and relaunch with the same settings to resume it")
+
+
+def record_job(run_dir: Path, job_id: str, cluster: str) -> None:
+    with open(run_dir / JOBS_FILE, "a") as f:
+        f.write(json.dumps({"job_id": job_id, "cluster": cluster, "submitted": time.time()}) + "\n")
+
+
+def submit(config: Config):
+    """Create (or reuse) the run directory and submit the job; returns the submitit Job."""
+    from slurmvision.slurm.job import TrainJob
+
+    cluster = config.cluster
+    _check_run_dir(config)
+    if cluster.executor == "slurm":
+        validate_cluster(cluster)
+    run_dir = Path(config.run.dir)
+    save_config(config, run_dir)
+    executor = make_executor(cluster, run_dir / "slurm", *job_names(config))
+    try:
+        job = executor.submit(TrainJob(str(run_dir)))
+    except Exception as err:  # submitit raises plain exceptions carrying sbatch's message
+        if cluster.executor != "slurm":
+            raise
+        message = str(err).strip().splitlines()
+        raise ClusterError(f"Slurm refused the job: {message[-1] if message else err}. "
+                           f"Check the profile {cluster.name!r} (partition, account, qos, time) against `sinfo`") from None
+    record_job(run_dir, str(job.job_id), cluster.name)
+    return job
+
+
+def launch(config: Config, *, dry_run: bool = False, wait: bool = False) -> Optional[dict]:
+    run_dir = Path(config.run.dir)
+    if dry_run:
+        if config.cluster.executor == "slurm":
+            print(sbatch_script(config.cluster, run_dir.resolve() / "slurm", *job_names(config)))
+        else:
+            print(f"# cluster {config.cluster.name!r} runs {config.cluster.tasks_per_node} local processes (no sbatch script)")
+        print("# resolved config")
+        print(to_yaml(config), end="")
+        return None
+    job = submit(config)
+    print(f"run {run_id(config)}: job {job.job_id} submitted to {config.cluster.name}")
+    print(f"  status:      slurmvision status {run_dir}")
+    print(f"  tensorboard: tensorboard --logdir {run_dir / 'tb'}")
+    if wait:
+        return wait_for(job)
+    return None
+
+
+def wait_for(job) -> dict:
+    try:
+        return job.result()
+    except Exception as err:
+        lines = [line for line in str(err).splitlines() if line.strip()]
+        user_error = next((line for line in reversed(lines) if "slurmvision.errors." in line), None)
+        if user_error:
+            raise RunError(user_error.split(": ", 1)[-1]) from None
+        raise RunError(f"job {job.job_id} failed: {lines[-1] if lines else err}; its logs: {job.paths.stderr}") from None

@@ -1,0 +1,76 @@
+"""`slurmvision train --nproc N`: N ranks on this machine, the same trainer a Slurm task runs."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import queue as queue_module
+import time
+import traceback
+from pathlib import Path
+
+from slurmvision.configs import Config, save_config
+from slurmvision.errors import RunError, SlurmVisionError
+
+
+def _rank_main(rank: int, nproc: int, port: int, config: Config, queue) -> None:
+    from slurmvision.trainer.distributed import DistEnv
+    from slurmvision.trainer.loop import train
+
+    try:
+        result = train(config, DistEnv(rank=rank, local_rank=rank, world_size=nproc, master_port=port, source="local"))
+        queue.put((rank, "ok", result))
+    except SlurmVisionError as err:
+        queue.put((rank, "user", f"{type(err).__name__}:{err}"))
+        raise SystemExit(2)
+    except BaseException:
+        queue.put((rank, "bug", traceback.format_exc()))
+        raise
+
+
+def train_here(config: Config, nproc: int = 1) -> dict:
+    from slurmvision.trainer.distributed import free_port
+
+    if nproc < 1:
+        raise RunError(f"--nproc {nproc}: give at least 1")
+    save_config(config, Path(config.run.dir))
+    context = mp.get_context("spawn")
+    queue = context.Queue()
+    port = free_port()
+    procs = [context.Process(target=_rank_main, args=(r, nproc, port, config, queue)) for r in range(nproc)]
+    for p in procs:
+        p.start()
+    outcomes: dict[int, tuple[str, object]] = {}
+    failed_at = None
+    while len(outcomes) < nproc:
+        try:
+            rank, kind, payload = queue.get(timeout=1)
+            outcomes[rank] = (kind, payload)
+            if kind != "ok" and failed_at is None:
+                failed_at = time.monotonic()
+        except queue_module.Empty:
+            # A rank killed without a word, or ranks stuck in a collective after another
+            # rank failed: stop waiting for them.
+            if not any(p.is_alive() for p in procs) or failed_at and time.monotonic() - failed_at > 20:
+                break
+    for p in procs:
+        p.join(timeout=5)
+        if p.is_alive():
+            p.terminate()
+            p.join()
+    return _result(outcomes, procs)
+
+
+def _result(outcomes: dict, procs) -> dict:
+    for kind, payload in outcomes.values():
+        if kind == "user":
+            name, _, message = payload.partition(":")
+            from slurmvision import errors
+
+            raise getattr(errors, name, SlurmVisionError)(message)
+    for rank, (kind, payload) in sorted(outcomes.items()):
+        if kind == "bug":
+            raise RuntimeError(f"rank {rank} failed:\n{payload}")
+    if len(outcomes) < len(procs):
+        codes = {r: p.exitcode for r, p in enumerate(procs) if r not in outcomes}
+        raise RunError(f"rank(s) {sorted(codes)} died without a result (exit codes {codes}); see the run's logs/ directory")
+    return outcomes[0][1]

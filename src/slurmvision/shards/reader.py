@@ -1,0 +1,241 @@
+"""The streaming shard reader: exact resume, equal batches per rank, multi-scale, bad-data budget.
+
+`ShardStream` is an `IterableDataset` that yields whole batches. Loader worker k of K makes
+the rank's batches k, k+K, ...; the DataLoader's round-robin over workers then returns
+them in plan order, so the sample sequence is the same for any number of workers. Each
+sample's augmentation is seeded from (seed, epoch, sample id), not from a worker's RNG.
+Images leave the workers as uint8 (normalisation happens on the device).
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Optional
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from slurmvision.configs.schema import DataConfig
+from slurmvision.errors import DataError
+from slurmvision.shards.manifest import Manifest
+from slurmvision.shards.plan import BatchSchedule, RankPlan, locate, plan_rank
+from slurmvision.shards.tario import IMAGE_EXTS, ShardFile
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Batch:
+    images: torch.Tensor  # uint8, N x 3 x H x W
+    targets: torch.Tensor  # int64, N
+    keys: list[str]
+    bad: list[tuple[str, str, str]]  # (shard, key, problem) of samples skipped in this batch
+    epoch: int
+    index: int  # batch index within the epoch
+    resolution: int
+
+
+def decode_sample(fields: dict[str, bytes], num_classes: int):
+    """(PIL RGB image, label) or raise ValueError naming the problem."""
+    from PIL import Image
+
+    image_ext = next((ext for ext in fields if ext in IMAGE_EXTS), None)
+    if image_ext is None:
+        raise ValueError(f"no image field (has {', '.join(sorted(fields)) or 'nothing'})")
+    if "cls" not in fields:
+        raise ValueError("no cls field")
+    try:
+        label = int(fields["cls"].decode().strip())
+    except (UnicodeDecodeError, ValueError):
+        raise ValueError(f"label {fields['cls'][:20]!r} is not an integer") from None
+    if not 0 <= label < num_classes:
+        raise ValueError(f"label {label} out of range 0..{num_classes - 1}")
+    try:
+        image = Image.open(io.BytesIO(fields[image_ext]))
+        image = image.convert("RGB")
+    except Exception as err:  # PIL raises many types for corrupt data
+        raise ValueError(f"image does not decode: {err}") from None
+    return image, label
+
+
+class ShardStream(IterableDataset):
+    """The batches of one rank's plan (the rest of an epoch, or an evaluation pass)."""
+
+    def __init__(self, shards: "ShardSet", plan: RankPlan, *, transforms: dict, seed: int, epoch: int):
+        self.urls, self.counts, self.names = shards.urls, shards.counts, shards.names
+        self.num_classes = shards.num_classes
+        self.plan = plan
+        self.transforms = transforms  # resolution -> callable(PIL) -> uint8 CHW tensor
+        self.seed, self.epoch = seed, epoch
+
+    def __len__(self) -> int:
+        return len(self.plan.batches)
+
+    def __iter__(self) -> Iterator[Batch]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        files: dict[int, ShardFile] = {}
+        try:
+            for j in range(worker, len(self.plan.batches), workers):
+                yield self._batch(j, files)
+        finally:
+            for f in files.values():
+                f.close()
+
+    def _batch(self, j: int, files: dict[int, ShardFile]) -> Batch:
+        start, size, resolution = self.plan.batches[j]
+        ids = self.plan.stream[start:start + size]
+        shards, positions = locate(ids, self.counts)
+        images, targets, keys, bad = [], [], [], []
+        # Seeded per sample so the augmentation does not depend on which worker ran it;
+        # the caller's RNG (the main process when workers=0) is left as it was.
+        py_state, np_state = random.getstate(), np.random.get_state()
+        with torch.random.fork_rng(devices=[]):
+            for sample_id, s, i in zip(ids.tolist(), shards.tolist(), positions.tolist()):
+                shard = files.setdefault(s, ShardFile(self.urls[s]))
+                key = f"{self.names[s]}#{i}"
+                try:
+                    key, fields = shard.sample(i)
+                    image, label = decode_sample(fields, self.num_classes)
+                except (ValueError, LookupError, OSError) as err:
+                    bad.append((self.names[s], key, str(err)))
+                    continue
+                seed = int(np.random.SeedSequence([self.seed, self.epoch, sample_id]).generate_state(1)[0])
+                random.seed(seed)
+                np.random.seed(seed)
+                torch.manual_seed(seed)
+                images.append(self.transforms[resolution](image))
+                targets.append(label)
+                keys.append(key)
+        random.setstate(py_state)
+        np.random.set_state(np_state)
+        stacked = torch.stack(images) if images else torch.zeros(0, 3, resolution, resolution, dtype=torch.uint8)
+        return Batch(stacked, torch.tensor(targets, dtype=torch.int64), keys, bad,
+                     self.epoch, self.plan.first_batch + j, resolution)
+
+
+@dataclass
+class LoaderState:
+    """What a checkpoint stores to resume the data exactly."""
+
+    epoch: int = 0
+    segments: list[list[int]] = field(default_factory=list)  # [world size, batches done]
+    bad_in_epoch: int = 0
+
+    def to_dict(self) -> dict:
+        return {"epoch": self.epoch, "segments": [list(s) for s in self.segments], "bad_in_epoch": self.bad_in_epoch}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "LoaderState":
+        return cls(int(data["epoch"]), [list(map(int, s)) for s in data["segments"]], int(data.get("bad_in_epoch", 0)))
+
+
+def _collate_single(batch):
+    return batch
+
+
+@dataclass
+class ShardSet:
+    """The shards of one split, as listed in the manifest."""
+
+    urls: list[str]
+    counts: list[int]
+    names: list[str]
+    num_classes: int
+
+    @classmethod
+    def load(cls, root: str, split: str) -> "ShardSet":
+        manifest = Manifest.load(root)
+        shards = manifest.shards_for(split)
+        return cls([str(Path(root) / s.name) for s in shards], [s.count for s in shards],
+                   [s.name for s in shards], len(manifest.classes))
+
+    @property
+    def samples(self) -> int:
+        return sum(self.counts)
+
+
+def make_loader(stream: ShardStream, workers: int, pin_memory: bool = False) -> DataLoader:
+    return DataLoader(stream, batch_size=None, num_workers=min(workers, len(stream)),
+                      collate_fn=_collate_single, pin_memory=pin_memory)
+
+
+def eval_batches(data: DataConfig, split: str, *, rank: int, world_size: int, resolution: Optional[int] = None,
+                 pin_memory: bool = False) -> Iterator[Batch]:
+    """Every sample of `split` once over all ranks (rank r takes samples r, r+W, ...), in order."""
+    from slurmvision.shards.transforms import eval_transform
+
+    shards = ShardSet.load(data.root, split)
+    resolution = resolution or data.img_size
+    stream = np.arange(rank, shards.samples, world_size, dtype=np.int64)
+    batches = [(start, min(data.batch_size, len(stream) - start), resolution)
+               for start in range(0, len(stream), data.batch_size)]
+    plan = RankPlan(stream=stream, batches=batches, first_batch=0, segment=0)
+    dataset = ShardStream(shards, plan, transforms={resolution: eval_transform(data, resolution)}, seed=0, epoch=0)
+    if len(dataset):
+        yield from make_loader(dataset, data.workers, pin_memory)
+
+
+class TrainReader:
+    """Epoch after epoch of batches for one rank, with a state that resumes exactly."""
+
+    def __init__(self, data: DataConfig, *, seed: int, rank: int, world_size: int,
+                 state: Optional[LoaderState] = None, pin_memory: bool = False):
+        from slurmvision.shards.transforms import train_transform
+
+        self.data, self.seed, self.rank, self.world_size = data, seed, rank, world_size
+        self.shards = ShardSet.load(data.root, data.train_split)
+        if self.shards.samples < world_size:
+            raise DataError(f"split {data.train_split!r} has {self.shards.samples} samples, fewer than the {world_size} ranks")
+        sizes = data.scale_batch_sizes or [data.batch_size] * len(data.resolutions)
+        self.schedule = BatchSchedule(tuple(data.resolutions), tuple(sizes), seed)
+        self.transforms = {r: train_transform(data, r) for r in data.resolutions}
+        self.pin_memory = pin_memory
+        self.state = state or LoaderState(0, [[world_size, 0]])
+        if self.state.segments[-1][0] != world_size:
+            log.warning("resuming epoch %d on %d ranks (was %d): planning the rest of the epoch over the new ranks",
+                        self.state.epoch, world_size, self.state.segments[-1][0])
+            self.state.segments.append([world_size, 0])
+        self.samples_per_epoch = self.shards.samples
+        # Bad-sample budget per rank and epoch: a fraction of the rank's share, or a count.
+        budget = data.bad_sample_budget
+        self.bad_budget = int(budget * self.samples_per_epoch / world_size) if budget < 1 else int(budget)
+
+    def _stream(self) -> ShardStream:
+        plan = plan_rank(self.shards.counts, seed=self.seed, epoch=self.state.epoch, rank=self.rank,
+                         segments=[tuple(s) for s in self.state.segments], window=self.data.shuffle_buffer,
+                         schedule=self.schedule)
+        return ShardStream(self.shards, plan, transforms=self.transforms, seed=self.seed, epoch=self.state.epoch)
+
+    def batches_in_epoch(self) -> int:
+        """Batches per epoch on a fresh start at this world size (for epoch-based settings)."""
+        per_rank = self.samples_per_epoch // self.world_size
+        return len(self.schedule.batches(0, 0, per_rank))
+
+    def __iter__(self) -> Iterator[Batch]:
+        """Endless: epochs follow each other; the state advances as batches are taken."""
+        while True:
+            stream = self._stream()
+            if len(stream):
+                for batch in make_loader(stream, self.data.workers, self.pin_memory):
+                    self.state.segments[-1][1] += 1
+                    self._count_bad(batch)
+                    yield batch
+            self.state = LoaderState(self.state.epoch + 1, [[self.world_size, 0]])
+
+    def _count_bad(self, batch: Batch) -> None:
+        for shard, key, problem in batch.bad:
+            log.warning("skipped bad sample %s in %s: %s", key, shard, problem)
+        self.state.bad_in_epoch += len(batch.bad)
+        if self.state.bad_in_epoch > self.bad_budget:
+            shard, key, problem = batch.bad[-1]
+            raise DataError(
+                f"{self.state.bad_in_epoch} bad samples in epoch {self.state.epoch} on rank {self.rank}, over the budget "
+                f"of {self.bad_budget} (data.bad_sample_budget={self.data.bad_sample_budget}); last: {key} in {shard}: "
+                f"{problem}. Run `slurmvision shards verify {self.data.root}` and rebuild the bad shards"
+            )

@@ -1,0 +1,110 @@
+"""Where this process sits in the job: one typed object, read from whatever launched it.
+
+Sources, first match wins: submitit's `JobEnvironment` (Slurm or local executor), plain
+Slurm `srun` variables, torchrun variables, or nothing (a single process).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    master_addr: str = "127.0.0.1"
+    master_port: int = 29500
+    job_id: Optional[str] = None
+    restart_count: int = 0
+    source: str = "single"
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def first_host(nodelist: str) -> str:
+    """First host of a Slurm node list such as 'gpu[012-015,020],login1'."""
+    match = re.match(r"([^,\[]+)(?:\[([^\]]+)\])?", nodelist)
+    if not match:
+        return nodelist
+    prefix, ranges = match.groups()
+    if not ranges:
+        return prefix
+    first = ranges.split(",")[0].split("-")[0]
+    return prefix + first
+
+
+def port_for_job(job_id: str) -> int:
+    """Same port on every node of a job, different between jobs sharing a node."""
+    digits = int(re.sub(r"\D", "", job_id) or 0)
+    return 20000 + digits % 20000
+
+
+def from_environment() -> DistEnv:
+    env = os.environ
+    restart = int(env.get("SLURM_RESTART_COUNT", 0))
+    if "SUBMITIT_EXECUTOR" in env or "SUBMITIT_FOLDER" in env:
+        import submitit
+
+        job = submitit.JobEnvironment()
+        master = env.get("MASTER_ADDR") or first_host(job.hostnames[0] if job.hostnames else "127.0.0.1")
+        port = int(env.get("MASTER_PORT") or port_for_job(str(job.job_id)))
+        return DistEnv(job.global_rank, job.local_rank, job.num_tasks, master, port, str(job.job_id), restart, "submitit")
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+        job_id = env.get("SLURM_JOB_ID", "0")
+        return DistEnv(int(env["SLURM_PROCID"]), int(env.get("SLURM_LOCALID", 0)), int(env["SLURM_NTASKS"]),
+                       env.get("MASTER_ADDR") or first_host(env.get("SLURM_JOB_NODELIST", "127.0.0.1")),
+                       int(env.get("MASTER_PORT") or port_for_job(job_id)), job_id, restart, "slurm")
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return DistEnv(int(env["RANK"]), int(env.get("LOCAL_RANK", 0)), int(env["WORLD_SIZE"]),
+                       env.get("MASTER_ADDR", "127.0.0.1"), int(env.get("MASTER_PORT", 29500)), None, restart, "torchrun")
+    return DistEnv()
+
+
+def init(env: DistEnv) -> torch.device:
+    """Start the process group (NCCL on GPUs, gloo on CPU) and return this rank's device."""
+    if torch.cuda.is_available():
+        torch.cuda.set_device(env.local_rank)
+        device, backend = torch.device("cuda", env.local_rank), "nccl"
+    else:
+        device, backend = torch.device("cpu"), "gloo"
+        # CPU ranks share the node's cores: without this each would start one thread per core.
+        cpus = int(os.environ.get("SLURM_CPUS_PER_TASK", 0)) or max(1, (os.cpu_count() or 1) // env.world_size)
+        torch.set_num_threads(cpus)
+    if env.world_size > 1 and not dist.is_initialized():
+        dist.init_process_group(backend, init_method=f"tcp://{env.master_addr}:{env.master_port}",
+                                rank=env.rank, world_size=env.world_size)
+    return device
+
+
+def shutdown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_initialized():
+        dist.all_reduce(tensor)
+    return tensor.tolist()
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()

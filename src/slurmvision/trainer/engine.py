@@ -1,0 +1,95 @@
+"""Engines: how gradients are computed, synchronised and applied. The loop does not branch on them.
+
+Interface: `forward_context(sync)` (autocast and, for DDP, `no_sync` on accumulation
+micro-steps), `backward(loss)`, `step() -> grad_norm` (unscale, clip, optimizer step,
+zero grads), `skip()` (drop this step's gradients), `state_dict()`/`load_state_dict()`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+from slurmvision.configs.schema import Config
+from slurmvision.errors import ConfigError
+
+_DTYPES = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def build_optimizer(model: torch.nn.Module, config: Config) -> torch.optim.Optimizer:
+    """timm's optimizer factory: no weight decay on norms, biases and the model's no_weight_decay() set."""
+    from timm.optim import create_optimizer_v2
+
+    optim = config.optim
+    extra = {"betas": tuple(optim.betas), "eps": optim.eps} if optim.name == "adamw" else {"momentum": 0.9}
+    return create_optimizer_v2(model, opt=optim.name, lr=optim.lr, weight_decay=optim.weight_decay,
+                               filter_bias_and_bn=True, **extra)
+
+
+class DDPEngine:
+    def __init__(self, model: torch.nn.Module, config: Config, device: torch.device):
+        self.config, self.device = config, device
+        self.dtype = _DTYPES[config.trainer.precision]
+        if self.dtype is torch.float16 and device.type == "cpu":
+            raise ConfigError("trainer.precision=fp16 needs a GPU; use bf16 or fp32 on CPU")
+        model.to(device)
+        if config.model.channels_last:
+            model.to(memory_format=torch.channels_last)
+        self.module = model
+        self.model = model
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            self.model = DistributedDataParallel(
+                model, device_ids=[device.index] if device.type == "cuda" else None,
+                static_graph=not config.model.freeze and not config.model.grad_checkpointing,
+            )
+        if config.model.compile:
+            self.model = torch.compile(self.model)
+        self.optimizer = build_optimizer(model, config)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.dtype is torch.float16)
+
+    @contextlib.contextmanager
+    def forward_context(self, sync: bool):
+        no_sync = self.model.no_sync if isinstance(self.model, DistributedDataParallel) and not sync else contextlib.nullcontext
+        autocast = torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype is not None)
+        with no_sync(), autocast:
+            yield
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.scaler.scale(loss).backward()
+
+    def step(self) -> Optional[float]:
+        self.scaler.unscale_(self.optimizer)
+        clip = self.config.optim.clip_grad
+        params = [p for p in self.module.parameters() if p.grad is not None]
+        norm = torch.nn.utils.clip_grad_norm_(params, clip if clip else float("inf"))
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(norm)
+
+    def skip(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
+    @property
+    def loss_scale(self) -> Optional[float]:
+        return float(self.scaler.get_scale()) if self.scaler.is_enabled() else None
+
+    def state_dict(self) -> dict:
+        return {"model": self.module.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scaler": self.scaler.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.module.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+
+
+def build_engine(model: torch.nn.Module, config: Config, device: torch.device) -> DDPEngine:
+    if config.trainer.engine == "deepspeed":
+        raise ConfigError("trainer.engine=deepspeed is not available in this version yet (tracked in issue #5); use trainer.engine=ddp")
+    return DDPEngine(model, config, device)

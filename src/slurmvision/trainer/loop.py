@@ -1,0 +1,231 @@
+"""The training job every rank runs: read top to bottom, `Trainer.fit` is the whole loop."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from slurmvision.configs import Config, config_hash, to_dict
+from slurmvision.errors import DataError, RunError
+from slurmvision.models import build_model
+from slurmvision.shards.reader import LoaderState, ShardSet, TrainReader
+from slurmvision.shards.transforms import DeviceAugment
+from slurmvision.trainer import distributed
+from slurmvision.trainer.checkpoint import CheckpointManager, params_sha256, rng_state, set_rng_state
+from slurmvision.trainer.distributed import DistEnv, all_reduce_sum
+from slurmvision.trainer.engine import build_engine
+from slurmvision.trainer.evaluation import evaluate
+from slurmvision.trainer.monitor import Monitor, setup_logging
+from slurmvision.trainer.schedule import build_lr_schedule
+
+log = logging.getLogger("slurmvision.trainer")
+VERSION = 1
+
+
+def seed_everything(*entropy: int) -> None:
+    seed = int(np.random.SeedSequence(list(entropy)).generate_state(1)[0])
+    import random
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def loss_fn(logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float) -> torch.Tensor:
+    if targets.ndim == 2:  # soft targets from mixup/cutmix (smoothing already applied)
+        return torch.sum(-targets * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
+    return F.cross_entropy(logits.float(), targets, label_smoothing=label_smoothing)
+
+
+class Trainer:
+    def __init__(self, config: Config, env: DistEnv, device: torch.device):
+        self.config, self.env, self.device = config, env, device
+        self.run_dir = Path(config.run.dir)
+        trainer = config.trainer
+        self.num_classes = config.model.num_classes or ShardSet.load(config.data.root, config.data.train_split).num_classes
+        seed_everything(trainer.seed, 0)  # the same initial weights on every rank
+        self.model = build_model(config.model, self.num_classes)
+        self.engine = build_engine(self.model, config, device)
+        self.ema = None
+        if config.model.ema_decay:
+            from timm.utils import ModelEmaV3
+
+            self.ema = ModelEmaV3(self.model, decay=config.model.ema_decay)
+        self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", env, trainer.keep_checkpoints)
+        self.step, self.samples_seen = 0, 0
+        loader_state = self._resume()
+        self.reader = TrainReader(config.data, seed=trainer.seed, rank=env.rank, world_size=env.world_size,
+                                  state=loader_state, pin_memory=device.type == "cuda")
+        self.global_batch = config.data.batch_size * env.world_size * trainer.grad_accum
+        self.lr_at = build_lr_schedule(self.engine.optimizer, config, self.global_batch,
+                                       self.reader.samples_per_epoch)
+        self.augment = DeviceAugment(config.data, self.num_classes, device, trainer.seed, env.rank)
+        self.monitor = Monitor(self.run_dir, env, self.step, trainer.max_steps, to_dict(config))
+
+    def _resume(self) -> Optional[LoaderState]:
+        checkpoint = self.checkpoints.latest_valid()
+        if checkpoint is None:
+            seed_everything(self.config.trainer.seed, 1, self.env.rank)
+            return None
+        shared = checkpoint.load_state()
+        self.engine.load_state_dict(shared["engine"])
+        if self.ema is not None and "ema" in shared:
+            self.ema.module.load_state_dict(shared["ema"])
+        self.step, self.samples_seen = int(shared["step"]), int(shared["samples_seen"])
+        own = checkpoint.load_rank(self.env.rank)
+        if own is not None and checkpoint.meta["world_size"] == self.env.world_size:
+            set_rng_state(own["rng"])
+        else:  # a new world size: ranks draw fresh, still reproducible, random streams
+            seed_everything(self.config.trainer.seed, 2, self.step, self.env.rank)
+        log.info("resumed from %s (step %d)", checkpoint.path, self.step)
+        self._trim_audit()
+        return LoaderState.from_dict(shared["loader"])
+
+    def fit(self) -> dict:
+        trainer, data = self.config.trainer, self.config.data
+        batches = iter(self.reader)
+        last_save, bad_steps = time.monotonic(), 0
+        while self.step < trainer.max_steps:
+            started = time.monotonic()
+            step_batches, error = [], None
+            try:
+                for _ in range(trainer.grad_accum):
+                    step_batches.append(next(batches))
+            except DataError as err:
+                error = err
+            time_due = trainer.checkpoint_every_minutes and time.monotonic() - last_save > trainer.checkpoint_every_minutes * 60
+            # All ranks agree before any collective of the step: one rank's data error stops everyone.
+            errors, due = all_reduce_sum([float(error is not None), float(bool(time_due) and self.env.is_main)], self.device)
+            if errors:
+                if error is not None:
+                    raise error
+                raise DataError("another rank stopped on bad data; see its log for the samples")
+            data_wait = time.monotonic() - started
+            loss_sum, images = 0.0, 0
+            for i, batch in enumerate(step_batches):
+                loss_sum += self._micro_step(batch, i, sync=i == len(step_batches) - 1)
+                images += len(batch.keys)
+            self._audit(step_batches)
+            loss_total, nonfinite, images_total, bad_total = all_reduce_sum(
+                [loss_sum, float(not math.isfinite(loss_sum)), images, sum(len(b.bad) for b in step_batches)], self.device)
+            lr = self.lr_at(self.step)
+            if nonfinite:
+                self.engine.skip()
+                bad_steps += 1
+                log.warning("non-finite loss at step %d on %d rank(s): step skipped (%d in a row)", self.step, int(nonfinite), bad_steps)
+                if bad_steps >= trainer.nonfinite_budget:
+                    raise RunError(f"{bad_steps} non-finite steps in a row at step {self.step}: stopped; the last good "
+                                   f"checkpoint is kept. Lower optim.lr, set optim.clip_grad, or use trainer.precision=bf16")
+                continue
+            bad_steps = 0
+            grad_norm = self.engine.step()
+            if self.ema is not None:
+                self.ema.update(self.model, step=self.step)
+            self.step += 1
+            self.samples_seen += int(images_total)
+            elapsed = time.monotonic() - started
+            if self.step % trainer.log_every == 0 or self.step == trainer.max_steps:
+                loss = loss_total / self.env.world_size / trainer.grad_accum
+                self.monitor.scalars(self.step, {
+                    "train/loss": loss, "train/lr": lr, "train/images_per_s": images_total / elapsed,
+                    "train/step_time_s": elapsed, "train/data_wait_s": data_wait, "train/grad_norm": grad_norm,
+                    "train/loss_scale": self.engine.loss_scale, "train/resolution": step_batches[-1].resolution,
+                    "train/bad_samples": bad_total, "train/gpu_mem_gib": self.monitor.memory(self.device),
+                })
+                self.monitor.progress(self.step, loss, images_total / elapsed)
+            if self.step % trainer.checkpoint_every == 0 or due:
+                self.save()
+                last_save = time.monotonic()
+            if trainer.eval_every and self.step % trainer.eval_every == 0 and self.step < trainer.max_steps:
+                self.evaluate()
+        if not self.checkpoints.candidates() or self.checkpoints.candidates()[0].name != f"step-{self.step:08d}":
+            self.save()
+        results = self.evaluate()
+        self.monitor.close()
+        return results
+
+    def _micro_step(self, batch, micro: int, sync: bool) -> float:
+        images, targets = self.augment(batch.images, batch.targets, self.step * self.config.trainer.grad_accum + micro)
+        empty = len(images) == 0
+        if empty:  # every sample of this batch was bad: still take part in the gradient all-reduce
+            images = torch.zeros(1, 3, batch.resolution, batch.resolution, device=self.device)
+            targets = torch.zeros(1, dtype=torch.int64, device=self.device)
+        if self.config.model.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with self.engine.forward_context(sync):
+            loss = loss_fn(self.engine.model(images), targets, self.config.data.label_smoothing)
+            if empty:
+                loss = loss * 0.0
+        self.engine.backward(loss / self.config.trainer.grad_accum)
+        return float(loss.detach())
+
+    def save(self) -> None:
+        started = time.monotonic()
+        shared = {"engine": self.engine.state_dict(), "step": self.step, "samples_seen": self.samples_seen,
+                  "loader": self.reader.state.to_dict(), "version": VERSION,
+                  "config": json.dumps(to_dict(self.config))}
+        if self.ema is not None:
+            shared["ema"] = self.ema.module.state_dict()
+        meta = {"step": self.step, "epoch": self.reader.state.epoch, "samples_seen": self.samples_seen,
+                "world_size": self.env.world_size, "engine": self.config.trainer.engine,
+                "config_hash": config_hash(self.config), "params_sha256": params_sha256(self.model),
+                "version": VERSION, "time": time.time()}
+        path = self.checkpoints.save(self.step, shared, {"rng": rng_state()}, meta)
+        log.info("checkpoint %s saved in %.1fs", path.name, time.monotonic() - started)
+
+    def evaluate(self) -> dict:
+        model = self.ema.module if self.ema is not None else self.model
+        results = evaluate(model, self.config, self.env, self.device, self.num_classes)
+        results.update(step=self.step, params_sha256=params_sha256(self.model))
+        image = results.pop("confusion_image", None)
+        self.monitor.eval(self.step, results, image)
+        if self.env.is_main:
+            out = self.run_dir / "eval"
+            out.mkdir(parents=True, exist_ok=True)
+            (out / f"step-{self.step:08d}.json").write_text(json.dumps(results, indent=1))
+            log.info("eval at step %d: top-1 %.4f top-5 %.4f F1 %.4f", self.step, results["top1"], results["top5"], results["f1_macro"])
+        return results
+
+    def _audit_file(self) -> Path:
+        return self.run_dir / "audit" / f"rank-{self.env.rank:05d}.jsonl"
+
+    def _audit(self, batches) -> None:
+        if not self.config.data.audit:
+            return
+        path = self._audit_file()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a") as f:
+            for batch in batches:
+                f.write(json.dumps({"step": self.step, "epoch": batch.epoch, "batch": batch.index, "keys": batch.keys}) + "\n")
+
+    def _trim_audit(self) -> None:
+        """Forget what an interrupted attempt consumed after the checkpoint we resume from.
+
+        Rank 0 trims every rank's file (ranks may be gone after a world-size change); the
+        others append only after the step's first collective, so after the trim.
+        """
+        if not (self.config.data.audit and self.env.is_main):
+            return
+        for path in self._audit_file().parent.glob("rank-*.jsonl"):
+            kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] < self.step]
+            path.write_text("".join(line + "\n" for line in kept))
+
+
+def train(config: Config, env: Optional[DistEnv] = None) -> dict:
+    """Entry point of one rank (a Slurm task, a submitit task or a `train --nproc` process)."""
+    env = env or distributed.from_environment()
+    run_dir = Path(config.run.dir)
+    setup_logging(env, run_dir / "logs" / f"rank-{env.rank:05d}.log")
+    device = distributed.init(env)
+    try:
+        return Trainer(config, env, device).fit()
+    finally:
+        distributed.shutdown()
