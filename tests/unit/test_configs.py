@@ -1,0 +1,57 @@
+"""Configs: recipes and profiles load, overrides apply, every mistake names the key and the fix."""
+
+import pytest
+
+from slurmvision.configs import config_hash, load_config, load_saved_config, save_config
+from slurmvision.errors import ConfigError
+
+pytestmark = pytest.mark.unit
+
+
+def test_recipe_profile_and_overrides_merge_in_order():
+    config = load_config("swinv2-tiny-a100", ["data.root=/shards", "optim.lr=2e-3", "cluster.time_min=60"], cluster="a100")
+    assert config.optim.lr == 2e-3 and config.optim.lr_base_batch == 1024
+    assert config.trainer.precision == "fp16" and config.data.auto_augment == "rand-m9-mstd0.5-inc1"
+    assert config.cluster.gpus_per_node == 8 and config.cluster.time_min == 60
+    assert config.run.name == "swinv2-tiny-a100" and config.data.root == "/shards"
+
+
+@pytest.mark.parametrize("override,expected", [
+    ("optim.lrr=1", "unknown key 'optim.lrr'.*did you mean optim.lr"),
+    ("trainer.max_step=3", "did you mean trainer.max_steps"),
+    ("trainer.precision=bf61", "trainer.precision='bf61'.*'fp32', 'fp16', 'bf16'.*did you mean 'bf16'"),
+    ("trainer.max_steps=abc", "trainer.max_steps.*'abc'"),
+    ("trainer.max_steps=0", "trainer.max_steps=0 is not allowed: must be >= 1"),
+    ("data.scale_batch_sizes=[4]", "one batch size per entry of data.scales"),
+    ("cluster.gpus_per_node=4", "cluster.tasks_per_node=4"),
+    ("optim", "must look like section.key=value"),
+])
+def test_bad_overrides_name_the_key(override, expected):
+    with pytest.raises(ConfigError, match=expected):
+        load_config("digits-demo", ["data.root=/x", override], cluster="local")
+
+
+def test_unknown_recipe_and_profile_suggest_names():
+    with pytest.raises(ConfigError, match="did you mean 'digits-demo'"):
+        load_config("digits-dem", [])
+    with pytest.raises(ConfigError, match="did you mean 'a100'"):
+        load_config("digits-demo", ["data.root=/x"], cluster="a10")
+
+
+def test_missing_data_root_is_explained():
+    with pytest.raises(ConfigError, match="data.root is not set"):
+        load_config("digits-demo", [])
+
+
+def test_recipe_with_a_typo_in_a_section(tmp_path):
+    recipe = tmp_path / "mine.yaml"
+    recipe.write_text("data:\n  root: /x\n  batchsize: 3\n")
+    with pytest.raises(ConfigError, match=r"data.batchsize.*mine.yaml.*did you mean data.batch_size"):
+        load_config(str(recipe))
+
+
+def test_saved_config_round_trips(tmp_path):
+    config = load_config("digits-demo", ["data.root=/x", "trainer.max_steps=7"], cluster="local", run_dir=tmp_path / "run")
+    save_config(config, tmp_path / "run")
+    again = load_saved_config(tmp_path / "run")
+    assert again == config and config_hash(again) == config_hash(config)
