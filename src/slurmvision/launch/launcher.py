@@ -84,7 +84,7 @@ def launch(config: Config, *, dry_run: bool = False, wait: bool = False) -> Opti
 
 def wait_for(job) -> dict:
     try:
-        return job.result()
+        return job.results()[0]  # rank 0's (every rank returns the same evaluation)
     except Exception as err:
         lines = [line for line in str(err).splitlines() if line.strip()]
         user_error = next((line for line in reversed(lines) if "slurmvision.errors." in line), None)
