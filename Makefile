@@ -14,7 +14,7 @@ venv: $(STAMP)
 
 $(STAMP): pyproject.toml $(CONSTRAINTS)
 	$(PYTHON) -m venv $(VENV)
-	$(PIP) install -q --upgrade pip
+	$(PIP) install -q pip==24.3.1
 	# torch first (deepspeed's build imports it), then deepspeed without build isolation,
 	# then the package itself; everything pinned by the constraints file.
 	$(PIP) install -q -c $(CONSTRAINTS) torch torchvision
