@@ -70,7 +70,12 @@ def cmd_config_show(args) -> int:
 def cmd_train(args) -> int:
     from slurmvision.launch.local import train_here
 
-    results = train_here(_config(args), nproc=args.nproc)
+    config = _config(args)
+    results = train_here(config, nproc=args.nproc)
+    if results.get("interrupted"):
+        _print(results, args.json, lambda r: f"stopped by {r['signal']} at step {r['step']} with a checkpoint saved; "
+                                             f"run the same command with --run-dir {config.run.dir} to resume")
+        return 3
     _print(results, args.json, lambda r: f"top-1 {r['top1']:.4f}  top-5 {r['top5']:.4f}  F1 {r['f1_macro']:.4f}  (step {r['step']})")
     return 0
 

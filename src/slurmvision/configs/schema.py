@@ -147,6 +147,7 @@ class TrainerConfig:
     eval_every: int = 0  # 0: evaluate only at the end
     seed: int = 0
     nonfinite_budget: int = 5  # consecutive non-finite steps before the run stops
+    allow_config_change: bool = False  # resume even if the model, data or optimisation changed
 
     def __post_init__(self) -> None:
         _choice("trainer.engine", self.engine, ("ddp", "deepspeed"))

@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 
 from slurmvision.configs import Config, config_hash, to_dict
-from slurmvision.errors import DataError, RunError
+from slurmvision.configs.compare import meaningful_changes
+from slurmvision.errors import CheckpointError, DataError, RunError
 from slurmvision.models import build_model
 from slurmvision.shards.reader import LoaderState, ShardSet, TrainReader
 from slurmvision.shards.transforms import DeviceAugment
@@ -25,6 +26,7 @@ from slurmvision.trainer.engine import build_engine
 from slurmvision.trainer.evaluation import evaluate
 from slurmvision.trainer.monitor import Monitor, setup_logging
 from slurmvision.trainer.schedule import build_lr_schedule
+from slurmvision.trainer.signals import StopRequest
 
 log = logging.getLogger("slurmvision.trainer")
 VERSION = 1
@@ -69,6 +71,7 @@ class Trainer:
                                        self.reader.samples_per_epoch)
         self.augment = DeviceAugment(config.data, self.num_classes, device, trainer.seed, env.rank)
         self.monitor = Monitor(self.run_dir, env, self.step, trainer.max_steps, to_dict(config))
+        self.stop = StopRequest().install()
 
     def _resume(self) -> Optional[LoaderState]:
         checkpoint = self.checkpoints.latest_valid()
@@ -76,6 +79,7 @@ class Trainer:
             seed_everything(self.config.trainer.seed, 1, self.env.rank)
             return None
         shared = checkpoint.load_state()
+        self._check_config(json.loads(shared["config"]), int(shared.get("global_batch", 0)), checkpoint.path)
         self.engine.load_state_dict(shared["engine"])
         if self.ema is not None and "ema" in shared:
             self.ema.module.load_state_dict(shared["ema"])
@@ -88,6 +92,20 @@ class Trainer:
         log.info("resumed from %s (step %d)", checkpoint.path, self.step)
         self._trim_audit()
         return LoaderState.from_dict(shared["loader"])
+
+    def _check_config(self, saved: dict, saved_global_batch: int, path: Path) -> None:
+        changes = meaningful_changes(saved, to_dict(self.config))
+        global_batch = self.config.data.batch_size * self.env.world_size * self.config.trainer.grad_accum
+        if saved_global_batch and saved_global_batch != global_batch:
+            changes.append(f"global batch (batch_size x ranks x grad_accum): {saved_global_batch} -> {global_batch}")
+        if not changes:
+            return
+        if self.config.trainer.allow_config_change:
+            log.warning("resuming %s with config changes (allowed): %s", path, "; ".join(changes))
+            return
+        raise CheckpointError(f"the config differs from the one {path} was trained with: {'; '.join(changes)}. "
+                              "Undo the changes (for fewer ranks raise trainer.grad_accum to keep the global batch), "
+                              "use a new --run-dir, or pass trainer.allow_config_change=true")
 
     def fit(self) -> dict:
         trainer, data = self.config.trainer, self.config.data
@@ -102,12 +120,17 @@ class Trainer:
             except DataError as err:
                 error = err
             time_due = trainer.checkpoint_every_minutes and time.monotonic() - last_save > trainer.checkpoint_every_minutes * 60
-            # All ranks agree before any collective of the step: one rank's data error stops everyone.
-            errors, due = all_reduce_sum([float(error is not None), float(bool(time_due) and self.env.is_main)], self.device)
+            # All ranks agree at each step boundary, before the step's collectives: one rank's
+            # data error or stop signal is enough to stop every rank at the same step.
+            errors, due, warnings, terms = all_reduce_sum(
+                [float(error is not None), float(bool(time_due) and self.env.is_main), float(self.stop.is_warning),
+                 float(self.stop.requested and not self.stop.is_warning)], self.device)
             if errors:
                 if error is not None:
                     raise error
                 raise DataError("another rank stopped on bad data; see its log for the samples")
+            if warnings or terms:
+                return self._stop("SIGUSR2" if warnings else "SIGTERM")
             data_wait = time.monotonic() - started
             loss_sum, images = 0.0, 0
             for i, batch in enumerate(step_batches):
@@ -152,6 +175,19 @@ class Trainer:
         self.monitor.close()
         return results
 
+    def _stop(self, agreed_signal: str) -> dict:
+        """Save this step on every rank and report; the caller (Slurm job, local run) requeues or exits.
+
+        Every rank reports the same signal: a time-limit warning if any rank got one.
+        """
+        started = time.monotonic()
+        self.save()
+        waited = started - self.stop.received_at if self.stop.received_at else 0.0
+        log.warning("stopped by %s (this rank: %s) at step %d: checkpoint saved %.1fs after the signal", agreed_signal,
+                    self.stop.name, self.step, waited + time.monotonic() - started)
+        self.monitor.close()
+        return {"interrupted": True, "signal": agreed_signal, "step": self.step}
+
     def _micro_step(self, batch, micro: int, sync: bool) -> float:
         images, targets = self.augment(batch.images, batch.targets, self.step * self.config.trainer.grad_accum + micro)
         empty = len(images) == 0
@@ -170,7 +206,7 @@ class Trainer:
     def save(self) -> None:
         started = time.monotonic()
         shared = {"engine": self.engine.state_dict(), "step": self.step, "samples_seen": self.samples_seen,
-                  "loader": self.reader.state.to_dict(), "version": VERSION,
+                  "loader": self.reader.state.to_dict(), "version": VERSION, "global_batch": self.global_batch,
                   "config": json.dumps(to_dict(self.config))}
         if self.ema is not None:
             shared["ema"] = self.ema.module.state_dict()

@@ -1,0 +1,94 @@
+"""Real 2-rank DDP training (gloo): it learns, it stops on a signal, and resumes bit for bit."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from slurmvision.configs import save_config
+from slurmvision.evaluate.inspect import inspect_checkpoint
+from slurmvision.launch.local import train_here
+
+from .conftest import tiny_config
+
+pytestmark = pytest.mark.integration
+RESUME_SETTINGS = ["trainer.max_steps=8", "trainer.grad_accum=2", "data.audit=true", "data.scales=[12,16]",
+                   "data.scale_batch_sizes=[8,6]", "data.mixup=0.8", "data.cutmix=1.0", "data.reprob=0.25"]
+
+
+def audit(run_dir: Path) -> dict:
+    return {p.name: [json.loads(line) for line in p.read_text().splitlines()] for p in sorted((run_dir / "audit").glob("*.jsonl"))}
+
+
+def train_cli(run_dir: Path, config, nproc: int, stop_after_step: int | None = None) -> subprocess.CompletedProcess:
+    """`slurmvision train` in its own process group; optionally SIGUSR2 to one rank once a step is logged."""
+    save_config(config, run_dir)
+    command = [sys.executable, "-m", "slurmvision", "train", str(run_dir / "config.yaml"), "--run-dir", str(run_dir),
+               "--nproc", str(nproc), "--json"]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    if stop_after_step is not None:
+        log = run_dir / "logs" / "rank-00000.log"
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and proc.poll() is None:
+            if log.exists() and f"step {stop_after_step}/" in log.read_text():
+                break
+            time.sleep(0.2)
+        ranks = subprocess.run(["pgrep", "-f", "multiprocessing.spawn", "-P", str(proc.pid)], capture_output=True, text=True)
+        pids = sorted(int(p) for p in ranks.stdout.split())
+        os.kill(pids[-1], signal.SIGUSR2)  # one rank only: the others must follow it
+    out, err = proc.communicate(timeout=600)
+    return subprocess.CompletedProcess(command, proc.returncode, out, err)
+
+
+def test_two_ranks_learn(tiny_shards, tmp_path):
+    config = tiny_config(tiny_shards, tmp_path / "run", "trainer.max_steps=30", "optim.lr=3e-3", "data.batch_size=12")
+    results = train_here(config, nproc=2)
+    assert results["top1"] >= 0.8, results
+    losses = [line for line in (tmp_path / "run" / "logs" / "rank-00000.log").read_text().splitlines() if "loss" in line]
+    first, last = (float(line.split("loss ")[1].split()[0]) for line in (losses[0], losses[-1]))
+    assert last < first
+    assert list((tmp_path / "run" / "tb").glob("events.out.tfevents.*"))
+
+
+def test_signal_on_one_rank_stops_all_and_resume_is_exact(tiny_shards, tmp_path):
+    straight = tmp_path / "straight"
+    done = train_cli(straight, tiny_config(tiny_shards, straight, *RESUME_SETTINGS), nproc=2)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    split = tmp_path / "split"
+    config = tiny_config(tiny_shards, split, *RESUME_SETTINGS)
+    stopped = train_cli(split, config, nproc=2, stop_after_step=3)
+    assert stopped.returncode == 3, stopped.stderr[-3000:]
+    stopped_at = json.loads(stopped.stdout)["step"]
+    assert 3 <= stopped_at < 8
+    resumed = train_cli(split, config, nproc=2)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+
+    assert inspect_checkpoint(split)["params_sha256"] == inspect_checkpoint(straight)["params_sha256"]
+    assert audit(split) == audit(straight)
+    assert json.loads(resumed.stdout)["top1"] == json.loads(done.stdout)["top1"]
+
+
+def test_resume_on_fewer_ranks_loses_and_repeats_nothing_at_the_same_global_batch(tiny_shards, tmp_path):
+    run = tmp_path / "run"
+    settings = ["trainer.max_steps=6", "data.audit=true", "data.shuffle_buffer=4"]
+    config = tiny_config(tiny_shards, run, *settings)
+    first = train_cli(run, config, nproc=2, stop_after_step=2)
+    assert first.returncode == 3, first.stderr[-3000:]
+    refused = train_cli(run, config, nproc=1)
+    assert refused.returncode == 2 and "global batch" in refused.stderr and "grad_accum" in refused.stderr
+    # Same global batch on one rank: twice the accumulation.
+    resumed = train_cli(run, tiny_config(tiny_shards, run, *settings, "trainer.grad_accum=2"), nproc=1)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    keys = [(e["epoch"], k) for entries in audit(run).values() for e in entries for k in e["keys"]]
+    per_epoch = {}
+    for epoch, key in keys:
+        per_epoch.setdefault(epoch, []).append(key)
+    for epoch, epoch_keys in per_epoch.items():
+        assert len(epoch_keys) == len(set(epoch_keys)), f"a sample repeated in epoch {epoch}"
+    assert len(per_epoch[0]) == 72  # every train sample of epoch 0, across the change from 2 ranks to 1
