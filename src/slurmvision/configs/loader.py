@@ -110,13 +110,14 @@ def load_config(
     """The validated config for a recipe (name or path), a cluster profile and overrides."""
     recipe_path = find_yaml(str(recipe), "", "recipe") if not Path(str(recipe)).is_file() else Path(recipe)
     merged = OmegaConf.structured(Config)
+    recipe_data = _read_yaml(recipe_path)
+    # A saved run config carries its cluster; a --cluster profile given now replaces it.
+    merged = _merge(merged, {"cluster": recipe_data.pop("cluster", {})}, str(recipe_path))
     if cluster is not None:
         profile_path = find_yaml(cluster, "clusters", "cluster profile")
         profile = _read_yaml(profile_path)
+        merged.cluster = OmegaConf.structured(ClusterConfig)
         merged = _merge(merged, {"cluster": {"name": profile_path.stem, **profile}}, str(profile_path))
-    recipe_data = _read_yaml(recipe_path)
-    if "cluster" in recipe_data:
-        raise ConfigError(f"{recipe_path}: recipes do not set the cluster; use --cluster PROFILE or cluster.KEY=VALUE overrides")
     merged = _merge(merged, recipe_data, str(recipe_path))
     merged.run.name = recipe_path.stem if merged.run.name == "run" else merged.run.name
     overrides = list(overrides)

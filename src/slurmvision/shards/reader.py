@@ -161,8 +161,10 @@ class ShardSet:
 
 
 def make_loader(stream: ShardStream, workers: int, pin_memory: bool = False) -> DataLoader:
-    return DataLoader(stream, batch_size=None, num_workers=min(workers, len(stream)),
-                      collate_fn=_collate_single, pin_memory=pin_memory)
+    # Its own generator: a DataLoader otherwise draws its workers' base seed from the global
+    # torch RNG, and a resumed run (which creates one at another point) would diverge.
+    return DataLoader(stream, batch_size=None, num_workers=min(workers, len(stream)), collate_fn=_collate_single,
+                      pin_memory=pin_memory, generator=torch.Generator().manual_seed(stream.seed))
 
 
 def eval_batches(data: DataConfig, split: str, *, rank: int, world_size: int, resolution: Optional[int] = None,

@@ -44,7 +44,9 @@ class DDPEngine:
         if dist.is_initialized() and dist.get_world_size() > 1:
             self.model = DistributedDataParallel(
                 model, device_ids=[device.index] if device.type == "cuda" else None,
-                static_graph=not config.model.freeze and not config.model.grad_checkpointing,
+                # A static graph saves work per step but cannot be combined with no_sync
+                # accumulation, frozen parameters or re-entrant checkpointing.
+                static_graph=config.trainer.grad_accum == 1 and not config.model.freeze and not config.model.grad_checkpointing,
             )
         if config.model.compile:
             self.model = torch.compile(self.model)

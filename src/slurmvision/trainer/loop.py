@@ -113,6 +113,8 @@ class Trainer:
         last_save, bad_steps = time.monotonic(), 0
         while self.step < trainer.max_steps:
             started = time.monotonic()
+            # The data position before this step's batches: a stop agreed below saves this one.
+            position = self.reader.state.to_dict()
             step_batches, error = [], None
             try:
                 for _ in range(trainer.grad_accum):
@@ -130,7 +132,7 @@ class Trainer:
                     raise error
                 raise DataError("another rank stopped on bad data; see its log for the samples")
             if warnings or terms:
-                return self._stop("SIGUSR2" if warnings else "SIGTERM")
+                return self._stop("SIGUSR2" if warnings else "SIGTERM", position)
             data_wait = time.monotonic() - started
             loss_sum, images = 0.0, 0
             for i, batch in enumerate(step_batches):
@@ -175,13 +177,13 @@ class Trainer:
         self.monitor.close()
         return results
 
-    def _stop(self, agreed_signal: str) -> dict:
+    def _stop(self, agreed_signal: str, position: dict) -> dict:
         """Save this step on every rank and report; the caller (Slurm job, local run) requeues or exits.
 
         Every rank reports the same signal: a time-limit warning if any rank got one.
         """
         started = time.monotonic()
-        self.save()
+        self.save(position)
         waited = started - self.stop.received_at if self.stop.received_at else 0.0
         log.warning("stopped by %s (this rank: %s) at step %d: checkpoint saved %.1fs after the signal", agreed_signal,
                     self.stop.name, self.step, waited + time.monotonic() - started)
@@ -203,14 +205,15 @@ class Trainer:
         self.engine.backward(loss / self.config.trainer.grad_accum)
         return float(loss.detach())
 
-    def save(self) -> None:
+    def save(self, position: Optional[dict] = None) -> None:
+        """Collective checkpoint; `position` is the data position if not the reader's current one."""
         started = time.monotonic()
         shared = {"engine": self.engine.state_dict(), "step": self.step, "samples_seen": self.samples_seen,
-                  "loader": self.reader.state.to_dict(), "version": VERSION, "global_batch": self.global_batch,
+                  "loader": position or self.reader.state.to_dict(), "version": VERSION, "global_batch": self.global_batch,
                   "config": json.dumps(to_dict(self.config))}
         if self.ema is not None:
             shared["ema"] = self.ema.module.state_dict()
-        meta = {"step": self.step, "epoch": self.reader.state.epoch, "samples_seen": self.samples_seen,
+        meta = {"step": self.step, "epoch": shared["loader"]["epoch"], "samples_seen": self.samples_seen,
                 "world_size": self.env.world_size, "engine": self.config.trainer.engine,
                 "config_hash": config_hash(self.config), "params_sha256": params_sha256(self.model),
                 "version": VERSION, "time": time.time()}

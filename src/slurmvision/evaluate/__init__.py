@@ -1,0 +1,1 @@
+"""Evaluation: metrics, test-time augmentation, ONNX export, checkpoint inspection."""
