@@ -40,6 +40,7 @@ class DataConfig:
     # Per-scale batch sizes (same length as scales) keep memory flat; empty = batch_size.
     scale_batch_sizes: list[int] = field(default_factory=list)
     interpolation: str = "bicubic"
+    crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])  # RandomResizedCrop area range
     hflip: float = 0.5
     color_jitter: float = 0.4
     auto_augment: Optional[str] = None  # timm string, e.g. rand-m9-mstd0.5-inc1
@@ -63,6 +64,8 @@ class DataConfig:
         )
         _check(all(b >= 1 for b in self.scale_batch_sizes), "data.scale_batch_sizes", self.scale_batch_sizes, "must be >= 1")
         _choice("data.interpolation", self.interpolation, ("bilinear", "bicubic", "nearest", "random"))
+        _check(len(self.crop_scale) == 2 and 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1, "data.crop_scale",
+               self.crop_scale, "give [min, max] area fractions with 0 < min <= max <= 1")
         for key in ("hflip", "reprob", "mixup", "cutmix", "label_smoothing"):
             value = getattr(self, key)
             _check(0.0 <= value <= 1.0 or key in ("mixup", "cutmix") and value >= 0, f"data.{key}", value, "must be in [0, 1]")

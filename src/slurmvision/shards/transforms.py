@@ -20,7 +20,7 @@ from slurmvision.configs.schema import DataConfig
 
 def train_transform(data: DataConfig, resolution: int):
     return create_transform(
-        resolution, is_training=True, use_prefetcher=True, hflip=data.hflip,
+        resolution, is_training=True, use_prefetcher=True, hflip=data.hflip, scale=tuple(data.crop_scale),
         color_jitter=data.color_jitter or None, auto_augment=data.auto_augment,
         interpolation=data.interpolation,
     )
