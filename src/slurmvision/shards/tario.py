@@ -69,12 +69,17 @@ class ShardFile:
                     index.keys.append(key)
                     index.members.append({})
                 index.members[-1][ext] = (member.offset_data, member.size)
-            # A header whose data runs past the end of the file means a truncated tar.
+            # A header whose data runs past the end of the file, or no end-of-archive marker
+            # (two zero blocks) after the last member, means a truncated tar.
             end = self._file.seek(0, os.SEEK_END)
             if index.members and max(o + s for o, s in index.members[-1].values()) > end:
                 index.keys.pop()
                 index.members.pop()
                 index.error = "truncated tar"
+            else:
+                self._file.seek(tar.offset)
+                if self._file.read(1024) != bytes(1024):
+                    index.error = "truncated tar (no end-of-archive marker)"
         except (tarfile.TarError, EOFError) as err:
             index.error = f"truncated or corrupt tar ({err})"
         except OSError as err:

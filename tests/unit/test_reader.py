@@ -1,0 +1,91 @@
+"""The streaming reader: same batches for any worker count, exact resume, bad data skipped within budget."""
+
+import tarfile
+from itertools import islice
+
+import pytest
+import torch
+
+from slurmvision.configs.schema import DataConfig
+from slurmvision.errors import DataError
+from slurmvision.shards.reader import LoaderState, TrainReader, eval_batches
+from slurmvision.shards.writer import build_shards
+
+pytestmark = pytest.mark.unit
+
+
+@pytest.fixture
+def shards(image_folder, tmp_path):
+    build_shards(image_folder, tmp_path / "shards", samples_per_shard=5, progress=False)
+    return tmp_path / "shards"
+
+
+def data_config(root, **changes) -> DataConfig:
+    settings = dict(root=str(root), batch_size=4, workers=0, shuffle_buffer=6, img_size=16, scales=[12, 16],
+                    scale_batch_sizes=[5, 4], hflip=0.5, color_jitter=0.0, crop_scale=[0.5, 1.0])
+    settings.update(changes)
+    return DataConfig(**settings)
+
+
+def take(reader, n):
+    return [(b.keys, b.resolution, b.images.clone()) for b in islice(iter(reader), n)]
+
+
+def test_worker_count_does_not_change_the_batches(shards):
+    one = take(TrainReader(data_config(shards), seed=1, rank=0, world_size=2), 8)
+    two = take(TrainReader(data_config(shards, workers=2), seed=1, rank=0, world_size=2), 8)
+    assert [(k, r) for k, r, _ in one] == [(k, r) for k, r, _ in two]
+    assert all(torch.equal(a, b) for (_, _, a), (_, _, b) in zip(one, two))  # same augmentation too
+    assert {r for _, r, _ in one} <= {12, 16}
+
+
+def test_resume_from_state_continues_exactly(shards):
+    reader = TrainReader(data_config(shards), seed=1, rank=1, world_size=2)
+    batches = iter(reader)
+    for _ in range(5):  # into the second epoch (12 samples per rank per epoch)
+        next(batches)
+    state = LoaderState.from_dict(reader.state.to_dict())
+    expected = [next(batches) for _ in range(4)]
+    resumed = TrainReader(data_config(shards), seed=1, rank=1, world_size=2, state=state)
+    got = list(islice(iter(resumed), 4))
+    assert [b.keys for b in got] == [b.keys for b in expected]
+    assert all(torch.equal(a.images, b.images) for a, b in zip(got, expected))
+
+
+def test_eval_covers_every_sample_once_across_ranks(shards):
+    config = data_config(shards)
+    keys = [k for rank in range(3) for b in eval_batches(config, "val", rank=rank, world_size=3) for k in b.keys]
+    assert len(keys) == len(set(keys)) == 12
+
+
+def corrupt_one_image(shard_path):
+    with tarfile.open(shard_path) as tar:
+        image = next(m for m in tar.getmembers() if m.name.endswith((".png", ".jpg", ".webp")))
+    data = bytearray(shard_path.read_bytes())
+    data[image.offset_data: image.offset_data + image.size] = b"\x00" * image.size
+    shard_path.write_bytes(bytes(data))
+    return image.name.split(".")[0]
+
+
+def test_bad_samples_are_skipped_counted_and_budgeted(shards, caplog):
+    bad_key = corrupt_one_image(shards / "train-000000.tar")
+    (shards / "train-000003.tar").write_bytes((shards / "train-000003.tar").read_bytes()[:2000])  # truncated
+    reader = TrainReader(data_config(shards, bad_sample_budget=0.5), seed=1, rank=0, world_size=1)
+    batches = list(islice(iter(reader), reader.batches_in_epoch()))  # one epoch of 24 samples
+    assert {b.epoch for b in batches} == {0}
+    skipped = [b for batch in batches for b in batch.bad]
+    assert any(key == bad_key and "does not decode" in problem for _, key, problem in skipped)
+    assert any(shard == "train-000003.tar" for shard, _, _ in skipped)
+    assert sum(len(b.keys) for b in batches) + len(skipped) == 24
+    assert reader.state.bad_in_epoch == len(skipped) and bad_key in caplog.text
+
+    strict = TrainReader(data_config(shards, bad_sample_budget=1), seed=1, rank=0, world_size=1)
+    with pytest.raises(DataError, match=r"over the budget.*shards verify"):
+        list(islice(iter(strict), strict.batches_in_epoch()))
+
+
+def test_missing_shard_file_counts_as_bad_data(shards):
+    (shards / "train-000001.tar").unlink()
+    reader = TrainReader(data_config(shards, bad_sample_budget=0.0), seed=1, rank=0, world_size=1)
+    with pytest.raises(DataError, match="unreadable shard"):
+        list(islice(iter(reader), reader.batches_in_epoch()))
