@@ -1,10 +1,12 @@
 """The shards' manifest: classes, and per shard its split, sample count, size and sha256.
 
-Login-node safe: no torch, no PIL.
+Login-node safe: no torch, no PIL. Written last and atomically by the writer, so shards
+count as built only once it exists.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import asdict, dataclass, field
@@ -14,6 +16,15 @@ from slurmvision.errors import DataError
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
+
+
+def file_sha256(path: str | Path) -> str:
+    """Hex sha256 of a file, read in chunks so gigabyte shards need little memory."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 @dataclass
@@ -58,13 +69,18 @@ class Manifest:
 
     @classmethod
     def from_json(cls, data: dict) -> "Manifest":
+        """Raises KeyError/TypeError/ValueError on a malformed layout (`load` turns them into DataError)."""
         classes = sorted(data["classes"], key=lambda name: data["classes"][name])
-        return cls(classes, [ShardInfo(**s) for s in data["shards"]], int(data["format_version"]))
+        if [data["classes"][name] for name in classes] != list(range(len(classes))):
+            raise ValueError("class indices are not 0..N-1")
+        shards = [ShardInfo(str(s["name"]), str(s["split"]), int(s["count"]), int(s["bytes"]), str(s["sha256"]))
+                  for s in data["shards"]]
+        return cls(classes, shards, int(data["format_version"]))
 
     def save(self, directory: str | Path) -> Path:
         path = Path(directory) / MANIFEST_NAME
-        tmp = path.with_suffix(".json.tmp")
-        with open(tmp, "w") as f:
+        tmp = path.with_name(f"{MANIFEST_NAME}.tmp")
+        with open(tmp, "w", encoding="utf-8") as f:
             json.dump(self.to_json(), f, indent=1, ensure_ascii=False)
             f.flush()
             os.fsync(f.fileno())
@@ -74,16 +90,21 @@ class Manifest:
     @classmethod
     def load(cls, directory_or_file: str | Path) -> "Manifest":
         path = Path(directory_or_file)
-        if path.is_dir() or not path.suffix:
+        if path.name != MANIFEST_NAME and (path.is_dir() or not path.exists()):
             path = path / MANIFEST_NAME
         if not path.is_file():
-            raise DataError(f"no {MANIFEST_NAME} in {path.parent}: build shards with `slurmvision shards build SRC {path.parent}`")
+            raise DataError(f"no {MANIFEST_NAME} in {path.parent}: build shards with "
+                            f"`slurmvision shards build SRC {path.parent}`")
         try:
-            data = json.loads(path.read_text())
-            manifest = cls.from_json(data)
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as err:  # ValueError covers JSON and UTF-8 decoding
             raise DataError(f"{path} is not a valid manifest ({err}): rebuild the shards") from None
-        if manifest.format_version != FORMAT_VERSION:
-            raise DataError(f"{path} has format version {manifest.format_version}; this slurmvision reads "
-                            f"{FORMAT_VERSION}: rebuild the shards with this version")
-        return manifest
+        # The version decides the layout, so check it before reading anything else.
+        version = data.get("format_version") if isinstance(data, dict) else None
+        if version != FORMAT_VERSION:
+            raise DataError(f"{path} has format version {version}; this slurmvision reads {FORMAT_VERSION}: "
+                            f"rebuild the shards with this version")
+        try:
+            return cls.from_json(data)
+        except (KeyError, TypeError, ValueError) as err:
+            raise DataError(f"{path} is not a valid manifest ({type(err).__name__}: {err}): rebuild the shards") from None

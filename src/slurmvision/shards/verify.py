@@ -1,13 +1,18 @@
-"""Check shards against their manifest: size, hash, count, and every sample's image and label."""
+"""Check shards against their manifest: size, hash, count, and every sample's image and label.
+
+Every problem is reported (shard, key, problem) instead of stopping at the first, so one
+run tells what to rebuild. Key "" means the problem concerns the whole shard.
+"""
 
 from __future__ import annotations
 
-import hashlib
+import io
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional
 
-from slurmvision.shards.manifest import Manifest, ShardInfo
+from slurmvision.shards.manifest import Manifest, ShardInfo, file_sha256
 from slurmvision.shards.tario import IMAGE_EXTS, ShardFile
 
 
@@ -19,13 +24,13 @@ class VerifyReport:
     bad: list[dict] = field(default_factory=list)
 
     def to_json(self) -> dict:
-        return {"ok": self.ok, "shards": self.shards, "samples": self.samples, "bad": self.bad}
+        return {"ok": self.ok, "shards": self.shards, "samples": self.samples,
+                "bad": [{"shard": b["shard"], "key": b["key"], "problem": b["problem"]} for b in self.bad]}
 
 
-def check_sample(fields: dict[str, bytes], num_classes: int) -> str | None:
+def check_sample(fields: dict[str, bytes], num_classes: int) -> Optional[str]:
     """None if the sample is usable, else the problem."""
-    from PIL import Image
-    import io
+    from PIL import Image, UnidentifiedImageError
 
     images = [ext for ext in fields if ext in IMAGE_EXTS]
     if len(images) != 1:
@@ -41,6 +46,8 @@ def check_sample(fields: dict[str, bytes], num_classes: int) -> str | None:
     try:
         with Image.open(io.BytesIO(fields[images[0]])) as image:
             image.load()
+    except UnidentifiedImageError:  # its message holds a BytesIO address, different every run
+        return "image does not decode: not a known image format"
     except Exception as err:  # PIL raises many types for corrupt data
         return f"image does not decode: {err}"
     return None
@@ -56,38 +63,49 @@ def verify_shard(path: Path, info: ShardInfo, num_classes: int) -> tuple[int, li
     if not path.is_file():
         bad("", "shard file is missing")
         return 0, problems
-    data = path.read_bytes()
-    if len(data) != info.bytes:
-        bad("", f"size {len(data)} bytes, manifest says {info.bytes}")
-    if hashlib.sha256(data).hexdigest() != info.sha256:
+    size = path.stat().st_size
+    if size != info.bytes:
+        bad("", f"size {size} bytes, manifest says {info.bytes}")
+    if file_sha256(path) != info.sha256:
         bad("", "sha256 mismatch")
     shard = ShardFile(str(path))
-    index = shard.index()
-    if index.error:
-        bad(index.keys[-1] if index.keys else "", index.error)
-    for i, key in enumerate(index.keys):
-        _, fields = shard.sample(i)
-        problem = check_sample(fields, num_classes)
-        if problem:
-            bad(key, problem)
+    try:
+        index = shard.index()
+        checked = index.keys
+        if index.error:
+            bad(index.keys[-1] if index.keys else "", index.error)
+            # The cut may fall inside the last sample: its missing fields are the truncation.
+            checked = index.keys[:-1]
+        for i, key in enumerate(checked):
+            try:
+                _, fields = shard.sample(i)
+            except (LookupError, OSError) as err:
+                bad(key, f"unreadable sample: {err}")
+                continue
+            problem = check_sample(fields, num_classes)
+            if problem:
+                bad(key, problem)
+    finally:
+        shard.close()
     if len(index.keys) != info.count:
         bad("", f"{len(index.keys)} samples, manifest says {info.count}")
-    shard.close()
     return len(index.keys), problems
 
 
 def verify_shards(directory: str | Path, *, workers: int = 1, progress: bool = False) -> VerifyReport:
+    """Verify every shard listed in `directory/manifest.json`, and flag tars it does not list."""
     from tqdm import tqdm
 
     directory = Path(directory)
     manifest = Manifest.load(directory)
     num_classes = len(manifest.classes)
     jobs = [(directory / info.name, info, num_classes) for info in manifest.shards]
-    if workers > 1:
-        with ProcessPoolExecutor(workers) as pool:
-            results = list(tqdm(pool.map(verify_shard, *zip(*jobs)), total=len(jobs), disable=not progress, desc="verify"))
+    bar = dict(total=len(jobs), disable=not progress, desc="verify", unit="shard")
+    if workers > 1 and len(jobs) > 1:
+        with ProcessPoolExecutor(min(workers, len(jobs))) as pool:
+            results = list(tqdm(pool.map(verify_shard, *zip(*jobs)), **bar))
     else:
-        results = [verify_shard(*job) for job in tqdm(jobs, disable=not progress, desc="verify")]
+        results = [verify_shard(*job) for job in tqdm(jobs, **bar)]
     bad = [problem for _, problems in results for problem in problems]
     listed = {info.name for info in manifest.shards}
     for extra in sorted(p.name for p in directory.glob("*.tar") if p.name not in listed):

@@ -3,30 +3,37 @@
 Each sample is `KEY.<ext>` (the original encoded bytes), `KEY.cls` (class index) and
 `KEY.json` (source path, class name, image size). Within a split, samples are put in a
 fixed pseudo-random order so every shard mixes the classes; the same input gives
-byte-identical shards. Shards are written as `*.tar.tmp` and renamed when complete, the
-manifest last: an interrupted build leaves nothing that looks valid.
+byte-identical shards, whatever the number of workers. Shards are written as `*.tar.tmp`
+and renamed when complete, the manifest last: an interrupted build leaves no incomplete
+`*.tar` and no manifest, and a failed one removes what it wrote.
 """
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
 import random
-from concurrent.futures import ProcessPoolExecutor
+import re
+import tarfile
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Iterable, Optional
 
 from slurmvision.errors import DataError
-from slurmvision.shards.manifest import MANIFEST_NAME, Manifest, ShardInfo
+from slurmvision.shards.manifest import MANIFEST_NAME, Manifest, ShardInfo, file_sha256
 
 IMAGE_SUFFIXES = {".jpg": "jpg", ".jpeg": "jpg", ".png": "png", ".webp": "webp", ".bmp": "bmp", ".gif": "gif",
                   ".tif": "tif", ".tiff": "tif", ".ppm": "ppm"}
 DEFAULT_SPLITS = ("train", "val", "test")
 DEFAULT_SAMPLES_PER_SHARD = 1000
+LOSSY_QUALITY = 95  # re-encoding happens once, so keep it close to the source
 
-Sample = tuple[str, Path, str, int]  # key, source file, relative path, label
+Sample = tuple[str, Path, str, int]  # key, source file, relative path (posix), label
+
+
+def _visible_dirs(folder: Path) -> list[Path]:
+    return sorted(d for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
 
 
 def _images(folder: Path) -> list[Path]:
@@ -34,94 +41,150 @@ def _images(folder: Path) -> list[Path]:
                   and not any(part.startswith(".") for part in p.relative_to(folder).parts))
 
 
+def _resolve_splits(src: Path, splits: Optional[Iterable[str]]) -> list[str]:
+    if splits is None:
+        found = [s for s in DEFAULT_SPLITS if (src / s).is_dir()]
+        if not found:
+            raise DataError(f"{src} has none of the split folders {', '.join(DEFAULT_SPLITS)}: lay it out as "
+                            f"{src}/train/<class>/<image>")
+        return found
+    splits = [splits] if isinstance(splits, str) else list(splits)
+    for split in splits:
+        # The split starts every key and shard name; webdataset cuts keys at the first dot.
+        if not re.fullmatch(r"[\w-]+", split):
+            raise DataError(f"split name {split!r} must be letters, digits, '_' or '-' (no dots or slashes)")
+        if not (src / split).is_dir():
+            raise DataError(f"split folder {src / split} does not exist: create it or leave {split!r} out of the splits")
+    if not splits or len(set(splits)) != len(splits):
+        raise DataError(f"give each split once (got {splits}): e.g. train val test")
+    return splits
+
+
 def scan(src: Path, splits: Optional[Iterable[str]] = None) -> tuple[list[str], dict[str, list[Sample]]]:
-    """Classes (from train, else the first split) and each split's samples in shard order."""
+    """Classes and each split's samples in shard order."""
     if not src.is_dir():
         raise DataError(f"image folder {src} does not exist: give a directory with train/ (and val/, test/) inside")
-    splits = [s for s in (splits or DEFAULT_SPLITS) if (src / s).is_dir()]
-    if not splits:
-        raise DataError(f"{src} has none of the split folders {', '.join(DEFAULT_SPLITS)}: lay it out as "
-                        f"{src}/train/<class>/<image>")
-    class_source = "train" if "train" in splits else splits[0]
-    classes = sorted(d.name for d in (src / class_source).iterdir() if d.is_dir() and not d.name.startswith("."))
+    splits = _resolve_splits(src, splits)
+    class_dirs = {split: _visible_dirs(src / split) for split in splits}
+    if "train" in splits:
+        classes = [d.name for d in class_dirs["train"]]
+        for split in splits:
+            missing = sorted({d.name for d in class_dirs[split]} - set(classes))
+            if missing:
+                raise DataError(f"class {missing[0]!r} in {split}/ is not in train/: every class needs train "
+                                f"images (classes: {', '.join(classes)})")
+    else:
+        classes = sorted({d.name for dirs in class_dirs.values() for d in dirs})
     if not classes:
-        raise DataError(f"{src / class_source} has no class folders: put each class's images in {src / class_source}/<class>/")
+        where = src / ("train" if "train" in splits else splits[0])
+        raise DataError(f"{where} has no class folders: put each class's images in {where}/<class>/")
     index = {name: i for i, name in enumerate(classes)}
     samples: dict[str, list[Sample]] = {}
     for split in splits:
-        found = []
-        for class_dir in sorted(d for d in (src / split).iterdir() if d.is_dir() and not d.name.startswith(".")):
-            if class_dir.name not in index:
-                raise DataError(f"class {class_dir.name!r} in {split}/ is not in {class_source}/: every class needs "
-                                f"{class_source} images (classes: {', '.join(classes)})")
-            found += [(path, class_dir.name) for path in _images(class_dir)]
+        found = [(d.name, p.relative_to(src).as_posix(), p) for d in class_dirs[split] for p in _images(d)]
         if not found:
             raise DataError(f"{src / split} holds no images ({', '.join(sorted(set(IMAGE_SUFFIXES.values())))}): "
                             f"add them or remove the folder")
-        found.sort(key=lambda item: (item[1], str(item[0])))
+        found.sort(key=lambda item: (item[0], item[1]))
+        # A fixed seed per split: deterministic, and each shard gets a mix of classes.
         random.Random(f"slurmvision:{split}").shuffle(found)
-        samples[split] = [(f"{split}-{i:08d}", path, str(path.relative_to(src)), index[name])
-                          for i, (path, name) in enumerate(found)]
+        samples[split] = [(f"{split}-{i:08d}", path, relative, index[name])
+                          for i, (name, relative, path) in enumerate(found)]
     return classes, samples
+
+
+def _meta(relative: str, class_name: str, width: int, height: int) -> bytes:
+    meta = {"path": relative, "class": class_name, "width": width, "height": height}
+    return json.dumps(meta, ensure_ascii=False, sort_keys=True).encode()
 
 
 def _encoded(path: Path, max_side: Optional[int]) -> tuple[bytes, str, int, int]:
     """(bytes, extension, width, height): the original bytes unless the image must shrink."""
-    from PIL import Image
+    from PIL import Image, UnidentifiedImageError
 
-    data = path.read_bytes()
     ext = IMAGE_SUFFIXES[path.suffix.lower()]
     try:
-        with Image.open(io.BytesIO(data)) as image:
-            width, height = image.size
-            if max_side and max(width, height) > max_side:
-                scale = max_side / max(width, height)
-                size = (max(1, round(width * scale)), max(1, round(height * scale)))
-                image = image.convert("RGB") if ext == "jpg" else image
-                small = image.resize(size, Image.LANCZOS)
-                out = io.BytesIO()
-                small.save(out, format=image.format or Image.registered_extensions()[f".{ext}"],
-                           **({"quality": 95} if ext == "jpg" else {}))
-                return out.getvalue(), ext, *size
+        data = path.read_bytes()
+        image = Image.open(io.BytesIO(data))  # reads the header only
+        width, height = image.size
+    except UnidentifiedImageError:  # its message names a BytesIO object, not the file
+        raise DataError(f"cannot read image {path}: not a known image format; fix or remove it, then rebuild") from None
     except Exception as err:  # PIL raises many types for unreadable files
         raise DataError(f"cannot read image {path}: {err}; fix or remove it, then rebuild") from None
-    return data, ext, width, height
+    if not max_side or max(width, height) <= max_side:
+        return data, ext, width, height
+    try:
+        scale = max_side / max(width, height)
+        size = (max(1, round(width * scale)), max(1, round(height * scale)))
+        fmt = image.format
+        if ext == "jpg" and image.mode not in ("RGB", "L"):
+            image = image.convert("RGB")
+        small = image.resize(size, Image.Resampling.LANCZOS)
+        out = io.BytesIO()
+        small.save(out, format=fmt, **({"quality": LOSSY_QUALITY} if ext in ("jpg", "webp") else {}))
+    except Exception as err:
+        raise DataError(f"cannot shrink image {path} to max_side {max_side}: {err}; fix or remove it, "
+                        f"or build without max_side") from None
+    return out.getvalue(), ext, *size
 
 
-def _write_shard(out: Path, name: str, samples: list[Sample], classes: list[str], max_side: Optional[int]) -> ShardInfo:
-    import tarfile
+def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    # Fixed metadata: the same input gives the same bytes.
+    info.size, info.mtime, info.mode = len(data), 0, 0o444
+    info.uid = info.gid = 0
+    info.uname = info.gname = "slurmvision"
+    tar.addfile(info, io.BytesIO(data))
 
+
+def _write_shard(out: Path, name: str, split: str, samples: list[Sample], classes: list[str],
+                 max_side: Optional[int]) -> ShardInfo:
     final, tmp = out / name, out / f"{name}.tmp"
-    with open(tmp, "wb") as f:
-        with tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-            for key, path, relative, label in samples:
-                data, ext, width, height = _encoded(path, max_side)
-                meta = {"path": relative, "class": classes[label], "width": width, "height": height}
-                members = {ext: data, "cls": str(label).encode(),
-                           "json": json.dumps(meta, ensure_ascii=False, sort_keys=True).encode()}
-                for suffix in sorted(members):
-                    info = tarfile.TarInfo(f"{key}.{suffix}")
-                    # Fixed metadata: the same input gives the same bytes.
-                    info.size, info.mtime, info.mode = len(members[suffix]), 0, 0o444
-                    info.uname = info.gname = "slurmvision"
-                    tar.addfile(info, io.BytesIO(members[suffix]))
-        f.flush()
-        os.fsync(f.fileno())
-    digest = hashlib.sha256(tmp.read_bytes()).hexdigest()
-    size = tmp.stat().st_size
-    os.replace(tmp, final)
-    return ShardInfo(name, samples[0][0].rsplit("-", 1)[0], len(samples), size, digest)
+    try:
+        with open(tmp, "wb") as f:
+            with tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+                for key, path, relative, label in samples:
+                    data, ext, width, height = _encoded(path, max_side)
+                    members = {ext: data, "cls": str(label).encode(),
+                               "json": _meta(relative, classes[label], width, height)}
+                    for suffix in sorted(members):
+                        _add(tar, f"{key}.{suffix}", members[suffix])
+            f.flush()
+            os.fsync(f.fileno())
+        info = ShardInfo(name, split, len(samples), tmp.stat().st_size, file_sha256(tmp))
+        os.replace(tmp, final)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return info
 
 
-def _chunks(samples: list[Sample], samples_per_shard: Optional[int], shard_size_mb: Optional[float]) -> list[list[Sample]]:
-    if shard_size_mb is None:
-        per = samples_per_shard or DEFAULT_SAMPLES_PER_SHARD
-        return [samples[i:i + per] for i in range(0, len(samples), per)]
-    limit = shard_size_mb * 2**20
-    chunks, current, size = [], [], 0
+def _padded(size: int) -> int:
+    return -(-size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+
+
+def _tar_bytes(members: int) -> int:
+    """File size of a tar whose members take `members` bytes: end marker, then padding to a record."""
+    return -(-(members + 2 * tarfile.BLOCKSIZE) // tarfile.RECORDSIZE) * tarfile.RECORDSIZE
+
+
+def _sample_bytes(sample: Sample, classes: list[str]) -> int:
+    """Bytes one sample takes in the tar: three headers plus padded data (an upper bound for
+    the json, whose width/height are not read here; with max_side the image shrinks)."""
+    _, path, relative, label = sample
+    meta = _meta(relative, classes[label], 10**9, 10**9)
+    return 3 * tarfile.BLOCKSIZE + _padded(path.stat().st_size) + _padded(len(str(label))) + _padded(len(meta))
+
+
+def _chunks(samples: list[Sample], classes: list[str], per: Optional[int],
+            limit: Optional[int]) -> list[list[Sample]]:
+    """Cut a split into shards at `per` samples and/or before `limit` bytes (both apply when given)."""
+    chunks: list[list[Sample]] = []
+    current: list[Sample] = []
+    size = 0
     for sample in samples:
-        cost = sample[1].stat().st_size + 3 * 1024  # image + cls/json members and tar headers
-        if current and size + cost > limit:
+        cost = _sample_bytes(sample, classes) if limit else 0
+        if current and ((per and len(current) >= per) or (limit and _tar_bytes(size + cost) > limit)):
             chunks.append(current)
             current, size = [], 0
         current.append(sample)
@@ -129,39 +192,72 @@ def _chunks(samples: list[Sample], samples_per_shard: Optional[int], shard_size_
     return chunks + ([current] if current else [])
 
 
+def _clear(out: Path, overwrite: bool) -> None:
+    """Remove leftovers of a killed build (`*.tar.tmp`) and, when overwriting, the old shards."""
+    if (out / MANIFEST_NAME).exists():
+        if not overwrite:
+            raise DataError(f"{out} already holds shards ({MANIFEST_NAME}): choose another directory or pass "
+                            f"--overwrite (overwrite=True) to replace them")
+        # The manifest goes first: old shards must never be listed by a manifest once some are gone.
+        (out / MANIFEST_NAME).unlink()
+        for stale in out.glob("*.tar"):
+            stale.unlink()
+    for stale in out.glob("*.tar.tmp"):
+        stale.unlink()
+
+
 def build_shards(src: str | Path, out: str | Path, *, samples_per_shard: Optional[int] = None,
                  shard_size_mb: Optional[float] = None, workers: int = 1, max_side: Optional[int] = None,
                  splits: Optional[Iterable[str]] = None, overwrite: bool = False, progress: bool = True) -> Manifest:
+    """Write `src/<split>/<class>/<image>` as `out/<split>-NNNNNN.tar` shards and `out/manifest.json`.
+
+    A shard ends at `samples_per_shard` samples (1000 if neither limit is given) and/or before
+    it would pass `shard_size_mb` (sized from the source files, so with `max_side` shards
+    come out smaller). `overwrite` replaces existing shards in `out` (all its `*.tar`).
+    """
     src, out = Path(src), Path(out)
-    if samples_per_shard is not None and samples_per_shard < 1 or shard_size_mb is not None and shard_size_mb <= 0:
-        raise DataError("--samples-per-shard and --shard-size-mb must be positive")
-    if (out / MANIFEST_NAME).exists() and not overwrite:
-        raise DataError(f"{out} already holds shards (manifest.json): choose another directory or pass --overwrite")
+    for option, value in (("samples_per_shard", samples_per_shard), ("shard_size_mb", shard_size_mb),
+                          ("max_side", max_side)):
+        if value is not None and not value > 0:
+            raise DataError(f"{option} must be positive (got {value}): give a positive number or leave it out")
+    if workers < 1:
+        raise DataError(f"workers must be at least 1 (got {workers})")
+    if out.exists() and not out.is_dir():
+        raise DataError(f"{out} exists and is not a directory: give a directory for the shards")
     classes, samples = scan(src, splits)
     out.mkdir(parents=True, exist_ok=True)
-    if overwrite:
-        for stale in [*out.glob("*.tar"), *out.glob("*.tar.tmp"), out / MANIFEST_NAME]:
-            stale.unlink(missing_ok=True)
-    jobs = [(f"{split}-{i:06d}.tar", chunk) for split, split_samples in samples.items()
-            for i, chunk in enumerate(_chunks(split_samples, samples_per_shard, shard_size_mb))]
-    total = sum(len(chunk) for _, chunk in jobs)
+    _clear(out, overwrite)
+    per = samples_per_shard or (None if shard_size_mb else DEFAULT_SAMPLES_PER_SHARD)
+    limit = int(shard_size_mb * 2**20) if shard_size_mb else None
+    jobs = [(f"{split}-{i:06d}.tar", split, chunk) for split, split_samples in samples.items()
+            for i, chunk in enumerate(_chunks(split_samples, classes, per, limit))]
     from tqdm import tqdm
 
-    bar = tqdm(total=total, unit="img", desc="shards", disable=not progress)
+    infos: list[Optional[ShardInfo]] = [None] * len(jobs)
+    bar = tqdm(total=sum(len(chunk) for *_, chunk in jobs), unit="img", desc="shards",
+               disable=None if progress else True)  # None: only on a terminal
     try:
-        if workers > 1:
-            with ProcessPoolExecutor(workers) as pool:
-                futures = [pool.submit(_write_shard, out, name, chunk, classes, max_side) for name, chunk in jobs]
-                infos = []
-                for future, (_, chunk) in zip(futures, jobs):
-                    infos.append(future.result())
-                    bar.update(len(chunk))
+        if workers > 1 and len(jobs) > 1:
+            with ProcessPoolExecutor(min(workers, len(jobs))) as pool:
+                futures = {pool.submit(_write_shard, out, name, split, chunk, classes, max_side): i
+                           for i, (name, split, chunk) in enumerate(jobs)}
+                try:
+                    for future in as_completed(futures):
+                        i = futures[future]
+                        infos[i] = future.result()
+                        bar.update(len(jobs[i][2]))
+                except BaseException:
+                    # Fail fast: drop the shards not started instead of building them all first.
+                    pool.shutdown(wait=True, cancel_futures=True)
+                    raise
         else:
-            infos = []
-            for name, chunk in jobs:
-                infos.append(_write_shard(out, name, chunk, classes, max_side))
+            for i, (name, split, chunk) in enumerate(jobs):
+                infos[i] = _write_shard(out, name, split, chunk, classes, max_side)
                 bar.update(len(chunk))
     except BaseException:
+        # Without a manifest the finished shards are orphans: remove them with the partial ones.
+        for name, *_ in jobs:
+            (out / name).unlink(missing_ok=True)
         for partial in out.glob("*.tar.tmp"):
             partial.unlink(missing_ok=True)
         raise

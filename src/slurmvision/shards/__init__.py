@@ -1,0 +1,1 @@
+"""WebDataset shards: build, verify, stats, stream."""
