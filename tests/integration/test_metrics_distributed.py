@@ -1,5 +1,7 @@
 """Metrics summed across 2 real gloo ranks equal the metrics of all the data."""
 
+import os
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -12,12 +14,15 @@ pytestmark = pytest.mark.integration
 
 
 def _rank(rank, port, logits, targets, out):
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
-    metrics = ClassificationMetrics(4)
-    metrics.update(logits[rank::2], targets[rank::2])
-    metrics.all_reduce()
-    out[rank] = metrics.compute()
-    dist.destroy_process_group()
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        metrics = ClassificationMetrics(4)
+        metrics.update(logits[rank::2], targets[rank::2])  # 11 and 10 samples: the halves differ in size
+        metrics.all_reduce()
+        out[rank] = metrics.compute()
+    finally:
+        dist.destroy_process_group()
 
 
 def test_all_reduce_gives_global_metrics():
@@ -30,3 +35,4 @@ def test_all_reduce_gives_global_metrics():
         mp.spawn(_rank, args=(free_port(), logits, targets, out), nprocs=2)
         results = dict(out)
     assert results[0] == results[1] == expected.compute()
+    assert results[0]["samples"] == 21
