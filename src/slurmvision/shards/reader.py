@@ -9,7 +9,6 @@ Images leave the workers as uint8 (normalisation happens on the device).
 
 from __future__ import annotations
 
-import io
 import logging
 import random
 from dataclasses import dataclass, field
@@ -18,6 +17,7 @@ from typing import Iterator, Optional
 
 import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from slurmvision.configs.schema import DataConfig
@@ -40,10 +40,8 @@ class Batch:
     resolution: int
 
 
-def decode_sample(fields: dict[str, bytes], num_classes: int):
-    """(PIL RGB image, label) or raise ValueError naming the problem."""
-    from PIL import Image
-
+def sample_fields(fields: dict[str, bytes], num_classes: int) -> tuple[bytes, int]:
+    """(encoded image, label) or raise ValueError naming the problem."""
     image_ext = next((ext for ext in fields if ext in IMAGE_EXTS), None)
     if image_ext is None:
         raise ValueError(f"no image field (has {', '.join(sorted(fields)) or 'nothing'})")
@@ -55,12 +53,18 @@ def decode_sample(fields: dict[str, bytes], num_classes: int):
         raise ValueError(f"label {fields['cls'][:20]!r} is not an integer") from None
     if not 0 <= label < num_classes:
         raise ValueError(f"label {label} out of range 0..{num_classes - 1}")
+    return fields[image_ext], label
+
+
+def transform_sample(transform, encoded: bytes) -> torch.Tensor:
+    """The transformed image, or ValueError when it does not decode."""
+    from PIL import UnidentifiedImageError
+
     try:
-        image = Image.open(io.BytesIO(fields[image_ext]))
-        image = image.convert("RGB")
-    except Exception as err:  # PIL raises many types for corrupt data
+        return transform(encoded)
+    except (OSError, SyntaxError, UnidentifiedImageError, Image.DecompressionBombError) as err:
+        # What PIL raises for corrupt or truncated data (decoding is lazy, so it can come late).
         raise ValueError(f"image does not decode: {err}") from None
-    return image, label
 
 
 class ShardStream(IterableDataset):
@@ -70,7 +74,7 @@ class ShardStream(IterableDataset):
         self.urls, self.counts, self.names = shards.urls, shards.counts, shards.names
         self.num_classes = shards.num_classes
         self.plan = plan
-        self.transforms = transforms  # resolution -> callable(PIL) -> uint8 CHW tensor
+        self.transforms = transforms  # resolution -> callable(encoded bytes) -> uint8 CHW tensor
         self.seed, self.epoch = seed, epoch
 
     def __len__(self) -> int:
@@ -99,17 +103,18 @@ class ShardStream(IterableDataset):
             for sample_id, s, i in zip(ids.tolist(), shards.tolist(), positions.tolist()):
                 shard = files.setdefault(s, ShardFile(self.urls[s]))
                 key = f"{self.names[s]}#{i}"
-                try:
-                    key, fields = shard.sample(i)
-                    image, label = decode_sample(fields, self.num_classes)
-                except (ValueError, LookupError, OSError) as err:
-                    bad.append((self.names[s], key, str(err)))
-                    continue
                 seed = int(np.random.SeedSequence([self.seed, self.epoch, sample_id]).generate_state(1)[0])
                 random.seed(seed)
                 np.random.seed(seed)
                 torch.manual_seed(seed)
-                images.append(self.transforms[resolution](image))
+                try:
+                    key, fields = shard.sample(i)
+                    encoded, label = sample_fields(fields, self.num_classes)
+                    image = transform_sample(self.transforms[resolution], encoded)
+                except (ValueError, LookupError, OSError) as err:
+                    bad.append((self.names[s], key, str(err)))
+                    continue
+                images.append(image)
                 targets.append(label)
                 keys.append(key)
         random.setstate(py_state)

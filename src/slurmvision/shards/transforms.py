@@ -1,35 +1,105 @@
 """timm's transforms, split where it is fastest: PIL work in the loader workers, the rest on device.
 
-Workers produce uint8 tensors (timm's `use_prefetcher=True` pipelines) — four times less
-to copy than float32; normalisation, random erasing and mixup/cutmix run on the batch on
-the training device.
+Workers turn encoded bytes into uint8 tensors (timm's `use_prefetcher=True` pipelines) —
+four times less to copy than float32; normalisation, random erasing and mixup/cutmix run
+on the batch on the training device.
+
+JPEGs are decoded at a reduced DCT scale (PIL `draft`) whenever the pixels that will be
+used still come out at or above the output size: the random crop is drawn from the image
+header first, so a small crop of a large photo decodes a quarter or an eighth of the
+pixels, at no loss of resolution in the crop.
 """
 
 from __future__ import annotations
 
+import io
+import math
 import random
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
+from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, Mixup, create_transform
 from timm.data.random_erasing import RandomErasing
+from timm.data.transforms import RandomResizedCropAndInterpolation
+from torchvision.transforms import Compose
+from torchvision.transforms.functional import pil_modes_mapping
 
 from slurmvision.configs.schema import DataConfig
 
 
-def train_transform(data: DataConfig, resolution: int):
-    return create_transform(
+def _open(encoded: bytes) -> Image.Image:
+    """The image, not decoded yet (only its header is read)."""
+    return Image.open(io.BytesIO(encoded))
+
+
+def _draft(image: Image.Image, factor: float) -> tuple[float, float]:
+    """Let a JPEG decode at most `factor` times smaller; the (x, y) scale it will decode at."""
+    width, height = image.size
+    if factor >= 2:
+        image.draft("RGB", (math.ceil(width / factor), math.ceil(height / factor)))
+    return image.size[0] / width, image.size[1] / height
+
+
+class DraftRandomResizedCrop:
+    """timm's RandomResizedCropAndInterpolation (its crop sampling and interpolation choice,
+    in the same RNG order) on encoded bytes, decoding only at the resolution the crop needs."""
+
+    def __init__(self, crop: RandomResizedCropAndInterpolation):
+        self.crop = crop
+
+    def __call__(self, encoded: bytes) -> Image.Image:
+        crop = self.crop
+        image = _open(encoded)
+        top, left, height, width = crop.get_params(image, crop.scale, crop.ratio)
+        modes = crop.interpolation if isinstance(crop.interpolation, (tuple, list)) else (crop.interpolation,)
+        interpolation = random.choice(modes) if len(modes) > 1 else modes[0]
+        out_height, out_width = crop.size
+        sx, sy = _draft(image, min(width / out_width, height / out_height))
+        box = (left * sx, top * sy, (left + width) * sx, (top + height) * sy)
+        return image.convert("RGB").resize((out_width, out_height), pil_modes_mapping[interpolation], box=box)
+
+
+class DraftDecode:
+    """Decode for an eval transform whose first step resizes the shorter side to `shorter`."""
+
+    def __init__(self, shorter: int):
+        self.shorter = shorter
+
+    def __call__(self, encoded: bytes) -> Image.Image:
+        image = _open(encoded)
+        _draft(image, min(image.size) / self.shorter)
+        return image.convert("RGB")
+
+
+class EncodedTransform:
+    """bytes -> uint8 CHW tensor: a drafting decode, then the rest of timm's pipeline."""
+
+    def __init__(self, decode: Callable[[bytes], Image.Image], rest: Compose):
+        self.decode, self.rest = decode, rest
+
+    def __call__(self, encoded: bytes) -> torch.Tensor:
+        return self.rest(self.decode(encoded))
+
+
+def train_transform(data: DataConfig, resolution: int) -> EncodedTransform:
+    pipeline = create_transform(
         resolution, is_training=True, use_prefetcher=True, hflip=data.hflip, scale=tuple(data.crop_scale),
         color_jitter=data.color_jitter or None, auto_augment=data.auto_augment,
         interpolation=data.interpolation,
     )
+    first, *rest = pipeline.transforms
+    if not isinstance(first, RandomResizedCropAndInterpolation):
+        raise TypeError(f"timm's training pipeline starts with {type(first).__name__}, expected a random resized crop")
+    return EncodedTransform(DraftRandomResizedCrop(first), Compose(rest))
 
 
-def eval_transform(data: DataConfig, resolution: int):
+def eval_transform(data: DataConfig, resolution: int) -> EncodedTransform:
     interpolation = "bicubic" if data.interpolation == "random" else data.interpolation
-    return create_transform(resolution, is_training=False, use_prefetcher=True,
-                            crop_pct=data.eval_resize_ratio, interpolation=interpolation)
+    pipeline = create_transform(resolution, is_training=False, use_prefetcher=True,
+                                crop_pct=data.eval_resize_ratio, interpolation=interpolation)
+    return EncodedTransform(DraftDecode(math.floor(resolution / data.eval_resize_ratio)), pipeline)
 
 
 class DeviceAugment:
