@@ -37,7 +37,7 @@ def train_cli(run_dir: Path, config, nproc: int, stop_after_step: int | None = N
         while time.monotonic() < deadline and proc.poll() is None:
             if log.exists() and f"step {stop_after_step}/" in log.read_text():
                 break
-            time.sleep(0.2)
+            time.sleep(0.02)
         ranks = subprocess.run(["pgrep", "-f", "multiprocessing.spawn", "-P", str(proc.pid)], capture_output=True, text=True)
         pids = sorted(int(p) for p in ranks.stdout.split())
         os.kill(pids[-1], signal.SIGUSR2)  # one rank only: the others must follow it
@@ -76,10 +76,12 @@ def test_signal_on_one_rank_stops_all_and_resume_is_exact(tiny_shards, tmp_path)
 
 def test_resume_on_fewer_ranks_loses_and_repeats_nothing_at_the_same_global_batch(tiny_shards, tmp_path):
     run = tmp_path / "run"
-    settings = ["trainer.max_steps=6", "data.audit=true", "data.shuffle_buffer=4"]
+    # 12 steps per epoch: the stop lands inside epoch 0 and the change of ranks splits it.
+    settings = ["trainer.max_steps=14", "data.batch_size=3", "data.audit=true", "data.shuffle_buffer=4"]
     config = tiny_config(tiny_shards, run, *settings)
     first = train_cli(run, config, nproc=2, stop_after_step=2)
     assert first.returncode == 3, first.stderr[-3000:]
+    assert json.loads(first.stdout)["step"] < 12
     refused = train_cli(run, config, nproc=1)
     assert refused.returncode == 2 and "global batch" in refused.stderr and "grad_accum" in refused.stderr
     # Same global batch on one rank: twice the accumulation.
