@@ -94,3 +94,30 @@ def test_resume_on_fewer_ranks_loses_and_repeats_nothing_at_the_same_global_batc
     for epoch, epoch_keys in per_epoch.items():
         assert len(epoch_keys) == len(set(epoch_keys)), f"a sample repeated in epoch {epoch}"
     assert len(per_epoch[0]) == 72  # every train sample of epoch 0, across the change from 2 ranks to 1
+
+
+def test_sigterm_to_every_process_of_the_job_stops_cleanly(tiny_shards, tmp_path):
+    """Slurm's preemption signals all the job's processes, loader workers included."""
+    run = tmp_path / "run"
+    config = tiny_config(tiny_shards, run, "trainer.max_steps=60", "trainer.checkpoint_every=100")
+    save_config(config, run)
+    command = [sys.executable, "-m", "slurmvision", "train", str(run / "config.yaml"), "--run-dir", str(run),
+               "--nproc", "2", "--json"]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    log = run / "logs" / "rank-00000.log"
+    deadline = time.monotonic() + 300
+    while not (log.exists() and "step 5/" in log.read_text()) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    # Into the epoch boundary, where the loader starts new workers.
+    time.sleep(0.05)
+    pids = subprocess.run(["pgrep", "-g", str(proc.pid)], capture_output=True, text=True).stdout.split()
+    for pid in map(int, pids):
+        if pid != proc.pid:
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 3, err[-3000:]
+    stopped = json.loads(out)
+    assert stopped["signal"] == "SIGTERM" and inspect_checkpoint(run)["step"] == stopped["step"]

@@ -89,3 +89,19 @@ def test_missing_shard_file_counts_as_bad_data(shards):
     reader = TrainReader(data_config(shards, bad_sample_budget=0.0), seed=1, rank=0, world_size=1)
     with pytest.raises(DataError, match="unreadable shard"):
         list(islice(iter(reader), reader.batches_in_epoch()))
+
+
+def test_loader_workers_outlive_the_job_signals_slurm_sends_to_every_process(shards):
+    """Preemption's SIGTERM reaches the workers too: the trainer, not a dead worker, decides."""
+    import os
+    import signal
+
+    from slurmvision.shards.reader import start_loader
+
+    reader = TrainReader(data_config(shards, workers=2), seed=1, rank=0, world_size=1)
+    loader = start_loader(reader._stream(), workers=2)
+    next(loader)
+    for worker in loader._workers:
+        os.kill(worker.pid, signal.SIGTERM)
+        os.kill(worker.pid, signal.SIGUSR2)
+    assert len(list(loader)) == len(reader._stream()) - 1

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import random
+import signal
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Optional
@@ -106,7 +107,9 @@ class ShardStream(IterableDataset):
                 seed = int(np.random.SeedSequence([self.seed, self.epoch, sample_id]).generate_state(1)[0])
                 random.seed(seed)
                 np.random.seed(seed)
-                torch.manual_seed(seed)
+                # The CPU generator only: torch.manual_seed also queues lazy CUDA seeding with a
+                # stack trace, which costs more than the image's crop.
+                torch.default_generator.manual_seed(seed)
                 try:
                     key, fields = shard.sample(i)
                     encoded, label = sample_fields(fields, self.num_classes)
@@ -165,11 +168,37 @@ class ShardSet:
         return sum(self.counts)
 
 
+# Slurm signals every process of a job (preemption's SIGTERM, the time-limit warning). The
+# training process decides when to stop and saves first; a loader worker killed by the
+# signal would crash it before it could. So workers ignore these signals from birth: the
+# parent blocks them while it forks the workers, which ignore them, then unblock. Workers
+# still exit when the loader closes (the trainer closes it on every way out) or their
+# parent dies, and SIGKILL ends them as always.
+JOB_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)
+
+
+def _ignore_job_signals(_worker_id: int) -> None:
+    for sig in JOB_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, JOB_SIGNALS)
+
+
 def make_loader(stream: ShardStream, workers: int, pin_memory: bool = False) -> DataLoader:
     # Its own generator: a DataLoader otherwise draws its workers' base seed from the global
     # torch RNG, and a resumed run (which creates one at another point) would diverge.
     return DataLoader(stream, batch_size=None, num_workers=min(workers, len(stream)), collate_fn=_collate_single,
-                      pin_memory=pin_memory, generator=torch.Generator().manual_seed(stream.seed))
+                      pin_memory=pin_memory, generator=torch.Generator().manual_seed(stream.seed),
+                      worker_init_fn=_ignore_job_signals)
+
+
+def start_loader(stream: ShardStream, workers: int, pin_memory: bool = False) -> Iterator[Batch]:
+    """The loader's iterator, its workers started with the job's signals blocked (see above);
+    a signal that arrives meanwhile reaches this process once they are unblocked."""
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, JOB_SIGNALS)
+    try:
+        return iter(make_loader(stream, workers, pin_memory))
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
 
 
 def eval_batches(data: DataConfig, split: str, *, rank: int, world_size: int, resolution: Optional[int] = None,
@@ -185,7 +214,7 @@ def eval_batches(data: DataConfig, split: str, *, rank: int, world_size: int, re
     plan = RankPlan(stream=stream, batches=batches, first_batch=0, segment=0)
     dataset = ShardStream(shards, plan, transforms={resolution: eval_transform(data, resolution)}, seed=0, epoch=0)
     if len(dataset):
-        yield from make_loader(dataset, data.workers, pin_memory)
+        yield from start_loader(dataset, data.workers, pin_memory)
 
 
 class TrainReader:
@@ -229,7 +258,7 @@ class TrainReader:
         while True:
             stream = self._stream()
             if len(stream):
-                for batch in make_loader(stream, self.data.workers, self.pin_memory):
+                for batch in start_loader(stream, self.data.workers, self.pin_memory):
                     self.state.segments[-1][1] += 1
                     self._count_bad(batch)
                     yield batch

@@ -27,6 +27,9 @@ def slurm_parameters(cluster: ClusterConfig, job_name: str, comment: str) -> dic
         "signal_delay_s": cluster.signal_delay_s,
         "stderr_to_stdout": False,
         "additional_parameters": {"requeue": True, **cluster.additional},
+        # A rank that dies takes the others with it: without this they could wait in a
+        # collective until the time limit.
+        "srun_args": ["--kill-on-bad-exit=1"],
     }
     if cluster.gpus_per_node:
         params["gpus_per_node"] = cluster.gpus_per_node
