@@ -83,7 +83,7 @@ def cmd_train(args) -> int:
 def cmd_launch(args) -> int:
     from slurmvision.launch.launcher import launch
 
-    launch(_config(args), dry_run=args.dry_run, wait=args.wait)
+    launch(_config(args), dry_run=args.dry_run, wait=args.wait, coordinate=args.coordinate)
     return 0
 
 
@@ -95,8 +95,18 @@ def cmd_status(args) -> int:
 
 
 def cmd_coordinate(args) -> int:
-    raise SlurmVisionError("`slurmvision coordinate` (watch, resubmit, ledger) is not available in this version yet; "
-                           "meanwhile follow a run with `slurmvision status RUN`")
+    import logging
+
+    from slurmvision.errors import RunError
+    from slurmvision.slurm.coordinator import Coordinator
+
+    run = args.run or args.run_dir
+    if not run:
+        raise RunError("give a run directory: slurmvision coordinate RUN_DIR")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    decision = Coordinator(run, poll_s=args.poll).run()
+    print(decision.message)
+    return 0 if decision.action == "finished" else 1
 
 
 def cmd_checkpoint_inspect(args) -> int:
@@ -167,10 +177,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cluster", default="local", help="cluster profile (configs/clusters/): local, devslurm, a100, or a path")
     p.add_argument("--dry-run", action="store_true", help="print the sbatch script and resolved config; submit nothing")
     p.add_argument("--wait", action="store_true", help="wait for the job and print its result")
+    p.add_argument("--coordinate", action="store_true",
+                   help="also start `slurmvision coordinate` for the run in the background (log: RUN/logs/coordinator.log)")
     p.set_defaults(func=cmd_launch)
 
     p = sub.add_parser("coordinate", help="watch a run, resubmit within budgets, keep the ledger")
     p.add_argument("run", nargs="?"), p.add_argument("--run-dir")
+    p.add_argument("--poll", type=float, default=30.0, help="seconds between looks at the run's jobs")
     p.set_defaults(func=cmd_coordinate)
 
     p = sub.add_parser("status", help="a run at a glance")

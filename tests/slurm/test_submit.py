@@ -48,7 +48,7 @@ def test_bad_partition_is_refused_before_submitting(tmp_path):
     config = load_config("digits-demo", ["data.root=/x", "cluster.partition=gpux"], cluster="devslurm", run_dir=tmp_path / "run")
     with pytest.raises(ClusterError, match="partition 'gpux' does not exist.*high, low"):
         submit(config)
-    assert not (tmp_path / "run" / "jobs.jsonl").exists()
+    assert not (tmp_path / "run" / "ledger.sqlite").exists()
 
 
 def test_sbatch_refusal_is_one_clear_line(tmp_path):

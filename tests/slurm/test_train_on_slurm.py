@@ -1,6 +1,11 @@
-"""Training jobs on the real local cluster: launch, status, and a USR2 warning that requeues and resumes."""
+"""Training jobs on the real local cluster: launch and status, the time-limit warning, real
+preemption, a killed rank and a crash that repeats, with the coordinator and its ledger."""
 
+import os
+import shutil
+import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -10,26 +15,32 @@ from slurmvision.evaluate.inspect import inspect_checkpoint
 from slurmvision.launch.launcher import submit, wait_for
 from slurmvision.launch.local import train_here
 from slurmvision.launch.status import run_status
+from slurmvision.slurm.ledger import Ledger
 
 from ..integration.conftest import tiny_config, tiny_shards  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.slurm
 SETTINGS = ["trainer.max_steps=8", "trainer.grad_accum=2", "data.audit=true", "cluster.time_min=10"]
+# Long enough (8 epochs of 3 steps) that a signal or a kill lands mid-run, wherever exactly.
+LONGER = ["trainer.max_steps=24", "trainer.checkpoint_every=5", "cluster.retry_backoff_s=0"]
 
 
 def slurm_config(shards, run_dir, *overrides):
     config = tiny_config(shards, run_dir, *SETTINGS, *overrides)
     from slurmvision.configs import load_cluster
 
-    config.cluster = load_cluster("devslurm")
-    config.cluster.time_min = 10
+    cluster = load_cluster("devslurm")
+    cluster.time_min, cluster.retry_backoff_s, cluster.crash_retries = 10, 0, 1
+    config.cluster = cluster
     return config
 
 
-def sacct_states(job_id: str) -> list[str]:
-    out = subprocess.run(["sacct", "-n", "-X", "-P", "-D", "-j", job_id, "--format=State"],
-                         capture_output=True, text=True, check=True).stdout
-    return [line.split()[0] for line in out.splitlines() if line.strip()]
+@pytest.fixture(scope="module")
+def straight_sha(tiny_shards, tmp_path_factory):  # noqa: F811
+    """params_sha256 of an uninterrupted 2-rank run with the LONGER settings."""
+    run_dir = tmp_path_factory.mktemp("straight")
+    train_here(tiny_config(tiny_shards, run_dir, *SETTINGS, *LONGER), nproc=2)
+    return inspect_checkpoint(run_dir)["params_sha256"]
 
 
 def wait_for_log(path: Path, text: str, timeout: float = 300) -> None:
@@ -37,8 +48,50 @@ def wait_for_log(path: Path, text: str, timeout: float = 300) -> None:
     while time.monotonic() < deadline:
         if path.exists() and text in path.read_text():
             return
-        time.sleep(0.5)
+        time.sleep(0.1)
     raise AssertionError(f"{text!r} never appeared in {path}")
+
+
+def squeue_state(job_id: str) -> str:
+    return subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True).stdout.strip()
+
+
+def start_when_requeued(job_id: str, timeout: float = 120) -> None:
+    """A requeued job waits Slurm's requeue delay (~2 min) before it may start; skip the wait."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if squeue_state(job_id) == "PENDING":
+            time.sleep(3)  # not in the second of the requeue: Slurm would refuse the old job credential
+            subprocess.run(["scontrol", "update", f"jobid={job_id}", "StartTime=now"], capture_output=True)
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"job {job_id} was not requeued")
+
+
+def coordinator(run_dir: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "slurmvision", "coordinate", str(run_dir), "--poll", "1"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def finish(proc: subprocess.Popen, timeout: float = 300) -> tuple[int, str]:
+    out, err = proc.communicate(timeout=timeout)
+    return proc.returncode, out + err
+
+
+def task_pid(run_dir: Path, rank: int) -> int:
+    """The process of one Slurm task of the run's job (submitit starts one per task)."""
+    folder = str((run_dir / "slurm").resolve())
+    pids = subprocess.run(["pgrep", "-f", f"submitit.core._submit {folder}"], capture_output=True, text=True).stdout.split()
+    for pid in pids:
+        try:
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            parent = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1]
+        except OSError:
+            continue
+        # Its loader workers share its command line and environment; the task is their parent.
+        if f"SLURM_PROCID={rank}".encode() in environ and parent not in pids:
+            return int(pid)
+    raise AssertionError(f"no task of rank {rank} among {pids}")
 
 
 def test_launch_trains_and_status_reports_it(tiny_shards, tmp_path):  # noqa: F811
@@ -49,34 +102,76 @@ def test_launch_trains_and_status_reports_it(tiny_shards, tmp_path):  # noqa: F8
     status = run_status(str(tmp_path / "run"))
     assert status["state"] == "finished" and status["step"] == 8
     assert status["jobs"][0]["job_id"] == job.job_id
+    attempt, = status["attempts"]
+    assert attempt["job_id"] == job.job_id and attempt["outcome"] == "finished" and attempt["world_size"] == 2
 
 
-def test_usr2_warning_saves_requeues_and_resumes_bit_for_bit(tiny_shards, tmp_path):  # noqa: F811
-    # Long enough (8 epochs of 3 steps) that the signal lands mid-run, wherever exactly.
-    longer = ["trainer.max_steps=24", "trainer.checkpoint_every=50"]
-    straight = train_here(tiny_config(tiny_shards, tmp_path / "straight", *SETTINGS, *longer), nproc=2)
-
+def test_usr2_warning_saves_requeues_and_resumes_bit_for_bit(tiny_shards, tmp_path, straight_sha):  # noqa: F811
     run_dir = tmp_path / "run"
-    job = submit(slurm_config(tiny_shards, run_dir, *longer))
+    job = submit(slurm_config(tiny_shards, run_dir, *LONGER))
+    watcher = coordinator(run_dir)
     wait_for_log(run_dir / "logs" / "rank-00000.log", "step 2/")
     subprocess.run(["scancel", "--signal=USR2", job.job_id], check=True)
     wait_for_log(run_dir / "logs" / "rank-00000.log", "stopped by SIGUSR2")
-    # The requeued job waits Slurm's requeue delay before it may start; skip the wait.
+    start_when_requeued(job.job_id)
+    code, output = finish(watcher)
+    assert code == 0 and "run finished" in output, output
+    assert inspect_checkpoint(run_dir)["params_sha256"] == straight_sha
+    first, second = Ledger(run_dir).attempts()
+    assert (first["job_id"], first["restart"], second["restart"]) == (job.job_id, 0, 1)
+    assert first["cause"] == "time limit" and first["signal"] == "SIGUSR2" and first["lost_steps"] == 0
+    assert second["step_start"] == first["step_reached"] and second["outcome"] == "finished"
+    assert len(Ledger(run_dir).jobs()) == 1  # Slurm requeued it: nothing resubmitted
+
+
+def test_real_preemption_saves_in_the_grace_time_and_resumes_bit_for_bit(tiny_shards, tmp_path, straight_sha):  # noqa: F811
+    run_dir = tmp_path / "run"
+    job = submit(slurm_config(tiny_shards, run_dir, *LONGER))  # the low, preemptible partition
+    watcher = coordinator(run_dir)
+    wait_for_log(run_dir / "logs" / "rank-00000.log", "step 2/")
+    high = subprocess.run(["sbatch", "--parsable", "-p", "high", "-n", "2", "-o", str(tmp_path / "high.out"),
+                           "--wrap", "sleep 5"], capture_output=True, text=True, check=True).stdout.strip()
+    wait_for_log(run_dir / "logs" / "rank-00000.log", "stopped by SIGTERM")
     deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        state = subprocess.run(["squeue", "-h", "-j", job.job_id, "-o", "%T"], capture_output=True, text=True).stdout.strip()
-        if state == "PENDING":
-            # Not in the second of the requeue: Slurm would refuse the old job credential.
-            time.sleep(3)
-            subprocess.run(["scontrol", "update", f"jobid={job.job_id}", "StartTime=now"], capture_output=True)
-            break
+    while squeue_state(high) and time.monotonic() < deadline:  # the high job runs, then leaves
         time.sleep(0.5)
-    results = wait_for(job)
-    assert results["step"] == 24
-    assert inspect_checkpoint(run_dir)["params_sha256"] == inspect_checkpoint(tmp_path / "straight")["params_sha256"]
-    assert results["top1"] == straight["top1"]
-    # The accounting record lags the job's end by a moment.
-    deadline = time.monotonic() + 60
-    while (states := sacct_states(job.job_id))[-1] != "COMPLETED" and time.monotonic() < deadline:
-        time.sleep(1)
-    assert states[-1] == "COMPLETED" and "REQUEUED" in states, states
+    start_when_requeued(job.job_id)
+    code, output = finish(watcher)
+    assert code == 0 and "run finished" in output, output
+    assert inspect_checkpoint(run_dir)["params_sha256"] == straight_sha
+    first, second = Ledger(run_dir).attempts()
+    assert first["cause"] == "preemption" and first["lost_steps"] == 0 and second["outcome"] == "finished"
+    log = (run_dir / "logs" / "rank-00000.log").read_text()
+    assert "checkpoint saved" in log.split("stopped by SIGTERM")[1].splitlines()[0]
+
+
+def test_killed_rank_is_resubmitted_from_the_last_checkpoint(tiny_shards, tmp_path, straight_sha):  # noqa: F811
+    run_dir = tmp_path / "run"
+    job = submit(slurm_config(tiny_shards, run_dir, *LONGER))
+    watcher = coordinator(run_dir)
+    wait_for_log(run_dir / "logs" / "rank-00000.log", "checkpoint step-00000005")
+    os.kill(task_pid(run_dir, 1), signal.SIGKILL)
+    code, output = finish(watcher)
+    assert code == 0 and "run finished" in output, output
+    # Resumed from a periodic checkpoint: still the uninterrupted run's weights.
+    assert inspect_checkpoint(run_dir)["params_sha256"] == straight_sha
+    jobs = Ledger(run_dir).jobs()
+    assert len(jobs) == 2 and jobs[0]["job_id"] == job.job_id and "crash" in jobs[1]["reason"]
+    first, second = Ledger(run_dir).attempts()
+    assert first["cause"] == "crash" and second["checkpoint"].endswith(f"step-{second['step_start']:08d}")
+    assert first["lost_steps"] == first["step_reached"] - second["step_start"] >= 0
+    assert run_status(str(run_dir))["lost_steps"] == first["lost_steps"]
+
+
+def test_a_crash_that_repeats_at_the_same_step_stops_the_run(tiny_shards, tmp_path):  # noqa: F811
+    shards = tmp_path / "shards"
+    shutil.copytree(tiny_shards, shards)
+    damaged = sorted(shards.glob("train-*.tar"))[-1]
+    damaged.write_bytes(damaged.read_bytes()[:4096])  # most of its samples are gone
+    run_dir = tmp_path / "run"
+    submit(slurm_config(shards, run_dir, "trainer.max_steps=24", "data.bad_sample_budget=0"))
+    code, output = finish(coordinator(run_dir))
+    assert code == 1 and "2 attempts crashed at step" in output and "DataError" in output, output
+    attempts = Ledger(run_dir).attempts()
+    assert [a["cause"] for a in attempts] == ["crash", "crash"]
+    assert attempts[0]["step_reached"] == attempts[1]["step_reached"] < 24

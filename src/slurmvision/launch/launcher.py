@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import time
 from pathlib import Path
 from typing import Optional
 
@@ -11,8 +9,7 @@ from slurmvision.configs import Config, config_hash, load_saved_config, save_con
 from slurmvision.errors import ClusterError, RunError
 from slurmvision.slurm.cluster import validate_cluster
 from slurmvision.slurm.executor import make_executor, sbatch_script
-
-JOBS_FILE = "jobs.jsonl"
+from slurmvision.slurm.ledger import Ledger
 
 
 def run_id(config: Config) -> str:
@@ -35,13 +32,11 @@ def _check_run_dir(config: Config) -> None:
                        f"or compare with `slurmvision config show` and relaunch with the same settings to resume it")
 
 
-def record_job(run_dir: Path, job_id: str, cluster: str) -> None:
-    with open(run_dir / JOBS_FILE, "a") as f:
-        f.write(json.dumps({"job_id": job_id, "cluster": cluster, "submitted": time.time()}) + "\n")
+def submit(config: Config, *, reason: str = "launch", exclude: tuple[str, ...] = ()):
+    """Create (or reuse) the run directory and submit the job; returns the submitit Job.
 
-
-def submit(config: Config):
-    """Create (or reuse) the run directory and submit the job; returns the submitit Job."""
+    `exclude` keeps nodes out of this job only (the coordinator's answer to a node failure).
+    """
     from slurmvision.slurm.job import TrainJob
 
     cluster = config.cluster
@@ -51,6 +46,8 @@ def submit(config: Config):
     run_dir = Path(config.run.dir)
     save_config(config, run_dir)
     executor = make_executor(cluster, run_dir / "slurm", *job_names(config))
+    if exclude and cluster.executor == "slurm":
+        executor.update_parameters(exclude=",".join(sorted({*exclude, *filter(None, [cluster.exclude])})))
     try:
         job = executor.submit(TrainJob(str(run_dir)))
     except Exception as err:  # submitit raises plain exceptions carrying sbatch's message
@@ -59,11 +56,24 @@ def submit(config: Config):
         message = str(err).strip().splitlines()
         raise ClusterError(f"Slurm refused the job: {message[-1] if message else err}. "
                            f"Check the profile {cluster.name!r} (partition, account, qos, time) against `sinfo`") from None
-    record_job(run_dir, str(job.job_id), cluster.name)
+    Ledger(run_dir).add_job(str(job.job_id), cluster.name, reason, exclude)
     return job
 
 
-def launch(config: Config, *, dry_run: bool = False, wait: bool = False) -> Optional[dict]:
+def start_coordinator(run_dir: Path) -> int:
+    """`slurmvision coordinate RUN` detached from this shell (it survives logging out); its pid."""
+    import subprocess
+    import sys
+
+    log_path = run_dir / "logs" / "coordinator.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "a") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "slurmvision", "coordinate", str(run_dir)], stdin=subprocess.DEVNULL,
+                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    return proc.pid
+
+
+def launch(config: Config, *, dry_run: bool = False, wait: bool = False, coordinate: bool = False) -> Optional[dict]:
     run_dir = Path(config.run.dir)
     if dry_run:
         if config.cluster.executor == "slurm":
@@ -77,6 +87,10 @@ def launch(config: Config, *, dry_run: bool = False, wait: bool = False) -> Opti
     print(f"run {run_id(config)}: job {job.job_id} submitted to {config.cluster.name}")
     print(f"  status:      slurmvision status {run_dir}")
     print(f"  tensorboard: tensorboard --logdir {run_dir / 'tb'}")
+    if coordinate:
+        print(f"  coordinator: pid {start_coordinator(run_dir)}, log {run_dir / 'logs' / 'coordinator.log'}")
+    else:
+        print(f"  coordinate:  slurmvision coordinate {run_dir}   (resubmits after crashes and hard time limits)")
     if wait:
         return wait_for(job)
     return None

@@ -1,4 +1,8 @@
-"""`slurmvision status`: a run at a glance, from files in the run directory (no torch)."""
+"""`slurmvision status`: a run at a glance, from the run directory and its ledger (no torch).
+
+Slurm is asked only for the live state and queue position of the newest job; when its
+tools are slow or down, everything else still comes from the ledger and the files.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +12,7 @@ from typing import Optional
 
 from slurmvision.configs import load_saved_config
 from slurmvision.errors import ClusterError, RunError
-from slurmvision.launch.launcher import JOBS_FILE
+from slurmvision.slurm.ledger import Ledger
 
 
 def _latest_checkpoint(run_dir: Path) -> Optional[dict]:
@@ -20,17 +24,21 @@ def _latest_checkpoint(run_dir: Path) -> Optional[dict]:
     return None
 
 
-def _job_state(job_id: str, cluster_executor: str) -> Optional[str]:
-    if cluster_executor != "slurm":
-        return None
+def _live_state(job_id: str) -> tuple[str, Optional[int]]:
+    """(Slurm state, place in the pending queue or None)."""
     from slurmvision.slurm.executor import run_slurm_command
 
     try:
         out = run_slurm_command(["sacct", "-n", "-X", "-P", "-j", job_id, "--format=State"], timeout=10)
+        states = [line.split()[0] for line in out.splitlines() if line.strip()]
+        state = states[-1] if states else "UNKNOWN"
+        position = None
+        if state == "PENDING":
+            queue = run_slurm_command(["squeue", "-h", "-t", "PD", "--sort=-p,i", "-o", "%i"], timeout=10).split()
+            position = queue.index(job_id) + 1 if job_id in queue else None
+        return state, position
     except ClusterError:
-        return "unknown (Slurm unreachable)"
-    states = [line.strip() for line in out.splitlines() if line.strip()]
-    return states[-1] if states else "unknown"
+        return "unknown (Slurm unreachable)", None
 
 
 def run_status(run: Optional[str]) -> dict:
@@ -38,35 +46,58 @@ def run_status(run: Optional[str]) -> dict:
         raise RunError("give a run directory: slurmvision status RUN_DIR")
     run_dir = Path(run)
     config = load_saved_config(run_dir)
-    jobs = []
-    if (run_dir / JOBS_FILE).exists():
-        jobs = [json.loads(line) for line in (run_dir / JOBS_FILE).read_text().splitlines() if line.strip()]
-    for job in jobs[-1:]:
-        job["state"] = _job_state(job["job_id"], config.cluster.executor)
+    ledger = Ledger(run_dir)
+    jobs = ledger.jobs() if ledger.exists() else []
+    attempts = ledger.attempts() if ledger.exists() else []
     checkpoint = _latest_checkpoint(run_dir)
-    step = checkpoint["step"] if checkpoint else 0
+    step = max([a["step_reached"] or 0 for a in attempts] + [checkpoint["step"] if checkpoint else 0])
     evals = sorted((run_dir / "eval").glob("step-*.json")) if (run_dir / "eval").is_dir() else []
     last_eval = json.loads(evals[-1].read_text()) if evals else None
     finished = bool(last_eval and last_eval["step"] >= config.trainer.max_steps)
+    state, position = "not submitted", None
+    if finished:
+        state = "finished"
+    elif jobs:
+        state, position = (_live_state(jobs[-1]["job_id"]) if config.cluster.executor == "slurm"
+                           else ("running" if attempts and not attempts[-1]["outcome"] else "submitted", None))
+    step_time = next((a["step_time"] for a in reversed(attempts) if a["step_time"]), None)
+    eta_s = (config.trainer.max_steps - step) * step_time if step_time and not finished else None
     return {
-        "run": str(run_dir), "name": config.run.name, "cluster": config.cluster.name,
-        "state": "finished" if finished else (jobs[-1]["state"] or "submitted") if jobs else "not submitted",
-        "step": step, "max_steps": config.trainer.max_steps,
+        "run": str(run_dir), "name": config.run.name, "cluster": config.cluster.name, "state": state,
+        "queue_position": position, "step": step, "max_steps": config.trainer.max_steps, "eta_s": eta_s,
         "last_checkpoint": checkpoint,
         "eval": {k: last_eval[k] for k in ("step", "top1", "top5", "f1_macro")} if last_eval else None,
-        "jobs": jobs, "tensorboard": str(run_dir / "tb"),
+        "jobs": jobs, "attempts": attempts,
+        "lost_steps": sum(a["lost_steps"] or 0 for a in attempts),
+        "events": ledger.events(5) if ledger.exists() else [],
+        "tensorboard": str(run_dir / "tb"),
     }
 
 
+def _duration(seconds: float) -> str:
+    hours, rest = divmod(int(seconds), 3600)
+    return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"
+
+
 def format_status(status: dict) -> str:
-    lines = [f"run {status['run']} ({status['name']}) on {status['cluster']}: {status['state']}",
-             f"  progress:   step {status['step']}/{status['max_steps']}"]
+    state = status["state"] + (f" (#{status['queue_position']} in the queue)" if status["queue_position"] else "")
+    progress = f"step {status['step']}/{status['max_steps']}"
+    if status["eta_s"] is not None:
+        progress += f", ETA {_duration(status['eta_s'])} of training"
+    lines = [f"run {status['run']} ({status['name']}) on {status['cluster']}: {state}", f"  progress:   {progress}"]
     if status["last_checkpoint"]:
         lines.append(f"  checkpoint: {status['last_checkpoint']['path']}")
     if status["eval"]:
         e = status["eval"]
         lines.append(f"  eval:       top-1 {e['top1']:.4f} top-5 {e['top5']:.4f} F1 {e['f1_macro']:.4f} at step {e['step']}")
-    for job in status["jobs"]:
-        lines.append(f"  job {job['job_id']} ({job['cluster']})" + (f": {job['state']}" if job.get("state") else ""))
+    if status["attempts"]:
+        lines.append(f"  attempts:   {len(status['attempts'])}, {status['lost_steps']} steps lost in all")
+    for a in status["attempts"]:
+        steps = f"steps {a['step_start']}-{a['step_reached']}" if a["step_start"] is not None else "never trained"
+        end = a["cause"] or a["outcome"] or "running"
+        lost = f", {a['lost_steps']} lost" if a["lost_steps"] else ""
+        lines.append(f"    job {a['job_id']}.{a['restart']} on {a['nodes'] or '?'}: {steps}, {end}{lost}")
+    for event in status["events"]:
+        lines.append(f"  {event['source']}: {event['message']}")
     lines.append(f"  tensorboard --logdir {status['tensorboard']}")
     return "\n".join(lines)

@@ -1,0 +1,208 @@
+"""`slurmvision coordinate`: watch a run's jobs, classify each end, resubmit within budgets.
+
+It keeps no state of its own: everything it knows and decides is in the run's ledger, so
+it can be killed and restarted at any time (under nohup or tmux) and goes on where it
+was. A lock file keeps a second coordinator of the same run from acting twice.
+Slurm requeues preempted jobs and jobs that saved on the time-limit warning by itself;
+the coordinator resubmits what Slurm does not bring back (a hard time limit, a crash, a
+node failure), each resubmission resuming from the newest valid checkpoint.
+Torch-free: it runs on the login node.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+from slurmvision.configs import load_saved_config
+from slurmvision.errors import ClusterError, RunError
+from slurmvision.slurm import causes
+from slurmvision.slurm.causes import SlurmAttempt, classify
+from slurmvision.slurm.ledger import Ledger
+
+log = logging.getLogger("slurmvision.coordinator")
+# Ends that a new job can fix, and those it cannot (a new job would fail the same way).
+RETRIED = (causes.TIME_LIMIT, causes.PREEMPTION, causes.REQUEUE, causes.NODE_FAILURE, causes.CRASH, causes.UNKNOWN)
+ADVICE = {
+    causes.OOM: "out of memory: lower data.batch_size (raise trainer.grad_accum to keep the global batch), "
+                "or set model.grad_checkpointing=true, then relaunch",
+    causes.USER_CANCEL: "the job was cancelled by a user; relaunch the same config to resume it",
+}
+
+
+@dataclass
+class Decision:
+    action: str  # wait, resubmit, finished, stop
+    message: str = ""
+    exclude: tuple[str, ...] = ()
+    delay_s: float = 0.0  # back-off before resubmitting
+
+
+def sacct_attempts(job_id: str) -> list[SlurmAttempt]:
+    """Every attempt of a job, oldest first (`sacct -D` lists the requeued ones too)."""
+    from slurmvision.slurm.executor import run_slurm_command
+
+    out = run_slurm_command(["sacct", "-n", "-X", "-D", "-P", "-j", job_id, "--format=State,NodeList,ExitCode"],
+                            timeout=60)
+    return [SlurmAttempt.parse(line) for line in out.splitlines() if line.strip()]
+
+
+def _log_tail(run_dir: Path, job_id: str, size: int = 4000) -> str:
+    tails = []
+    for path in sorted((run_dir / "slurm").glob(f"{job_id}_*_log.err")):
+        with open(path, "rb") as f:
+            f.seek(max(0, path.stat().st_size - size))
+            tails.append(f.read().decode(errors="replace"))
+    return "\n".join(tails)
+
+
+class Coordinator:
+    def __init__(self, run_dir: str | Path, *, poll_s: float = 30.0,
+                 attempts_of: Callable[[str], list[SlurmAttempt]] = sacct_attempts,
+                 submit: Optional[Callable] = None):
+        self.run_dir = Path(run_dir)
+        self.config = load_saved_config(self.run_dir)
+        self.ledger = Ledger(self.run_dir)
+        self.poll_s = poll_s
+        self.attempts_of = attempts_of
+        self._submit = submit
+
+    def run(self) -> Decision:
+        """Until the run finishes or cannot go on; returns the final decision."""
+        with self._lock():
+            self.ledger.event("coordinator", f"coordinator started (pid {os.getpid()})")
+            while True:
+                decision = self.tick()
+                if decision.action in ("finished", "stop"):
+                    self.ledger.event("coordinator", decision.message)
+                    log.info("%s", decision.message)
+                    return decision
+                time.sleep(self.poll_s)
+
+    def tick(self) -> Decision:
+        """Look once and act once."""
+        jobs = self.ledger.jobs()
+        if not jobs:
+            raise RunError(f"{self.run_dir} has no submitted job: start it with `slurmvision launch`")
+        job = jobs[-1]
+        try:
+            slurm = self.attempts_of(job["job_id"])
+        except ClusterError as err:  # Slurm's tools down or slow: look again next time
+            log.warning("cannot read the state of job %s: %s", job["job_id"], err)
+            return Decision("wait", f"Slurm unreachable: {err}")
+        self._record_causes(job["job_id"], slurm)
+        if self._finished():
+            return Decision("finished", f"run finished: step {self.config.trainer.max_steps} reached")
+        if not slurm or slurm[-1].active:
+            return Decision("wait")
+        if job["handled"]:
+            return Decision("wait")
+        decision = self.decide(job, slurm)
+        if decision.action == "resubmit":
+            # The back-off is kept in the ledger: a restarted coordinator honours it.
+            key = f"resubmit_after:{job['job_id']}"
+            if self.ledger.get(key) is None:
+                self.ledger.put(key, time.time() + decision.delay_s)
+            if time.time() < self.ledger.get(key):
+                return Decision("wait", f"backing off until {time.ctime(self.ledger.get(key))}")
+            new_id = self.resubmit(decision)
+            self.ledger.mark_handled(job["job_id"])
+            decision.message += f"; job {new_id} submitted"
+            self.ledger.event("coordinator", decision.message)
+            log.info("%s", decision.message)
+        elif decision.action == "stop":
+            self.ledger.mark_handled(job["job_id"])
+        return decision
+
+    def _finished(self) -> bool:
+        return any(a["outcome"] == "finished" and (a["step_reached"] or 0) >= self.config.trainer.max_steps
+                   for a in self.ledger.attempts())
+
+    def _record_causes(self, job_id: str, slurm: list[SlurmAttempt]) -> None:
+        ours = {a["restart"]: a for a in self.ledger.attempts() if a["job_id"] == job_id}
+        tail = None
+        for restart, row in enumerate(slurm):
+            attempt = ours.get(restart)
+            # Only the newest row can still be going: older ones (REQUEUED, PREEMPTED) have ended.
+            if row.active and restart == len(slurm) - 1 or attempt and attempt["cause"]:
+                continue
+            if tail is None:
+                tail = _log_tail(self.run_dir, job_id)
+            cause = classify(attempt, row, tail)
+            self.ledger.set_cause(job_id, restart, cause)
+            self.ledger.event("coordinator", f"job {job_id} attempt {restart} ended: {cause} ({row.state})")
+
+    def decide(self, job: dict, slurm: list[SlurmAttempt]) -> Decision:
+        """What to do about a job that has ended for good."""
+        attempts = self.ledger.attempts()
+        last = next((a for a in reversed(attempts) if a["job_id"] == job["job_id"]), None)
+        cause = (last or {}).get("cause") or classify(last, slurm[-1])
+        cluster = self.config.cluster
+        if cause in ADVICE:
+            return Decision("stop", f"run stopped: {ADVICE[cause]}")
+        if cause == causes.FINISHED:
+            return Decision("finished", "run finished")
+        total = len(attempts)
+        if total >= cluster.max_attempts:
+            return Decision("stop", f"run stopped: {total} attempts used (cluster.max_attempts={cluster.max_attempts}); "
+                                    f"the last ended by {cause}. Raise the budget and run `slurmvision coordinate` again")
+        if cause == causes.CRASH:
+            return self._after_crash(attempts, last)
+        exclude = tuple(job["exclude"].split(",")) if job["exclude"] else ()
+        if cause == causes.NODE_FAILURE:
+            failures = sum(a["cause"] == causes.NODE_FAILURE for a in attempts)
+            if failures > cluster.node_failure_retries:
+                return Decision("stop", f"run stopped: {failures} node failures (cluster.node_failure_retries="
+                                        f"{cluster.node_failure_retries}); check the cluster's health")
+            bad = [n for n in slurm[-1].nodes.split(",") if n and n != "None assigned"]
+            exclude = tuple(sorted(set(exclude) | set(bad)))
+            return Decision("resubmit", f"job {job['job_id']} ended by {cause} on {slurm[-1].nodes}; excluding it",
+                            exclude, self._backoff(failures))
+        return Decision("resubmit", f"job {job['job_id']} ended by {cause}", exclude)
+
+    def _after_crash(self, attempts: list[dict], last: Optional[dict]) -> Decision:
+        """Retry a crash; stop when it keeps failing at the same step (a bug, not bad luck)."""
+        crashes = [a for a in attempts if a["cause"] == causes.CRASH]
+        step = (last or {}).get("step_reached")
+        same_step = 0
+        for attempt in reversed(crashes):
+            if attempt["step_reached"] != step:
+                break
+            same_step += 1
+        error = (last or {}).get("error") or "no Python error recorded (a killed process?)"
+        if same_step > self.config.cluster.crash_retries:
+            return Decision("stop", f"run stopped: {same_step} attempts crashed at step {step} "
+                                    f"(cluster.crash_retries={self.config.cluster.crash_retries}): {error}. "
+                                    f"Fix the cause, then relaunch to resume from the last checkpoint")
+        return Decision("resubmit", f"crash at step {step}: {error}", delay_s=self._backoff(same_step))
+
+    def _backoff(self, repeats: int) -> float:
+        """Doubling with each repeat of the same failure, at most an hour."""
+        return min(self.config.cluster.retry_backoff_s * 2 ** max(0, repeats - 1), 3600.0)
+
+    def resubmit(self, decision: Decision) -> str:
+        if self._submit is not None:
+            return self._submit(self.config, reason=decision.message, exclude=decision.exclude)
+        from slurmvision.launch.launcher import submit
+
+        return str(submit(self.config, reason=decision.message, exclude=decision.exclude).job_id)
+
+    @contextmanager
+    def _lock(self):
+        """One coordinator per run; the lock goes with its process, however that ends."""
+        with open(self.run_dir / "coordinator.lock", "a+") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise RunError(f"another coordinator is watching {self.run_dir} "
+                               f"(pid in {self.run_dir / 'coordinator.lock'})") from None
+            f.truncate(0)
+            f.write(str(os.getpid()))
+            f.flush()
+            yield

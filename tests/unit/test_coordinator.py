@@ -1,0 +1,204 @@
+"""Cause classification, the ledger, and the coordinator's decisions on recorded Slurm states.
+
+The coordinator against a real cluster is in tests/slurm; here its rules, one by one.
+"""
+
+import sqlite3
+import time
+
+import pytest
+
+from slurmvision.configs import load_config, save_config
+from slurmvision.errors import RunError
+from slurmvision.slurm import causes
+from slurmvision.slurm.causes import SlurmAttempt, classify
+from slurmvision.slurm.coordinator import Coordinator
+from slurmvision.slurm.ledger import AttemptRecorder, Ledger
+
+pytestmark = pytest.mark.unit
+
+
+def row(state, nodes="node1", code="0:0"):
+    return SlurmAttempt.parse(f"{state}|{nodes}|{code}")
+
+
+@pytest.mark.parametrize("attempt, state, tail, cause", [
+    ({"outcome": "finished"}, "COMPLETED", "", causes.FINISHED),
+    ({"outcome": "stopped", "signal": "SIGUSR2"}, "REQUEUED", "", causes.TIME_LIMIT),
+    ({"outcome": "stopped", "signal": "SIGTERM"}, "PREEMPTED", "", causes.PREEMPTION),
+    ({"outcome": None}, "TIMEOUT", "", causes.TIME_LIMIT),
+    ({"outcome": "stopped", "signal": "SIGTERM"}, "REQUEUED", "", causes.REQUEUE),
+    ({"outcome": "stopped", "signal": "SIGTERM"}, "CANCELLED by 0", "", causes.USER_CANCEL),
+    ({"outcome": None}, "NODE_FAIL", "", causes.NODE_FAILURE),
+    ({"outcome": "failed", "error": "OutOfMemoryError: CUDA out of memory"}, "FAILED", "", causes.OOM),
+    (None, "OUT_OF_MEMORY", "", causes.OOM),
+    ({"outcome": "failed", "error": "RuntimeError: boom"}, "FAILED", "", causes.CRASH),
+    (None, "FAILED", "Killed", causes.CRASH),
+    (None, "FAILED", "slurmstepd: error: Detected 1 oom-kill event", causes.OOM),
+])
+def test_classify(attempt, state, tail, cause):
+    assert classify(attempt, row(state), tail) == cause
+
+
+def test_sacct_rows_parse_and_know_when_active():
+    assert row("CANCELLED by 1234").state == "CANCELLED"
+    assert row("PENDING").active and row("REQUEUED").active and not row("FAILED").active
+    assert SlurmAttempt.parse("").state == "UNKNOWN"
+
+
+def test_ledger_counts_lost_steps_between_attempts(tmp_path):
+    first = AttemptRecorder(tmp_path, "7", 0, every_s=0)
+    first.started(world_size=2, step=0, checkpoint=None)
+    first.progress(10, 0.5, saved=10)
+    first.progress(14, 0.5)  # a hard kill after step 14: steps 11-14 are lost
+    second = AttemptRecorder(tmp_path, "7", 1)
+    second.started(world_size=2, step=10, checkpoint="step-10")
+    second.ended("finished", 20)
+    a, b = Ledger(tmp_path).attempts()
+    assert (a["step_reached"], a["step_saved"], a["lost_steps"]) == (14, 10, 4)
+    assert (b["step_start"], b["outcome"], b["lost_steps"], b["checkpoint"]) == (10, "finished", 0, "step-10")
+
+
+def test_ledger_is_wal_and_shared_between_connections(tmp_path):
+    Ledger(tmp_path).add_job("1", "devslurm")
+    mode = sqlite3.connect(tmp_path / "ledger.sqlite").execute("PRAGMA journal_mode").fetchone()[0]
+    assert mode == "wal"
+    Ledger(tmp_path).put("k", {"a": 1})
+    assert Ledger(tmp_path).get("k") == {"a": 1} and Ledger(tmp_path).jobs()[0]["reason"] == "launch"
+
+
+def test_a_ledger_that_cannot_be_written_costs_a_warning_not_the_run(tmp_path, caplog):
+    recorder = AttemptRecorder(tmp_path / "missing" / "dir", "1", 0)
+    recorder.started(world_size=1, step=0, checkpoint=None)
+    assert "could not write the ledger" in caplog.text
+
+
+class FakeCluster:
+    """Recorded sacct rows per job, and the jobs the coordinator submits."""
+
+    def __init__(self):
+        self.rows: dict[str, list[SlurmAttempt]] = {}
+        self.submitted: list[dict] = []
+        self.down = False
+
+    def attempts_of(self, job_id):
+        if self.down:
+            from slurmvision.errors import ClusterError
+
+            raise ClusterError("`sacct` did not answer in 60s")
+        return self.rows.get(job_id, [row("PENDING")])
+
+    def submit(self, config, reason, exclude):
+        job_id = str(100 + len(self.submitted))
+        self.submitted.append({"job_id": job_id, "reason": reason, "exclude": exclude})
+        Ledger(config.run.dir).add_job(job_id, "devslurm", reason, exclude)
+        return job_id
+
+
+@pytest.fixture
+def run(tmp_path):
+    config = load_config("digits-demo", ["data.root=/x", "trainer.max_steps=20", "cluster.retry_backoff_s=0",
+                                         "cluster.crash_retries=1"], cluster="devslurm", run_dir=tmp_path / "run")
+    save_config(config, tmp_path / "run")
+    Ledger(tmp_path / "run").add_job("1", "devslurm")
+    cluster = FakeCluster()
+    return tmp_path / "run", cluster, Coordinator(tmp_path / "run", poll_s=0, attempts_of=cluster.attempts_of,
+                                                  submit=cluster.submit)
+
+
+def attempt(run_dir, job_id, restart, start, reached, outcome=None, **kwargs):
+    recorder = AttemptRecorder(run_dir, job_id, restart, every_s=0)
+    recorder.started(world_size=2, step=start, checkpoint=None)
+    recorder.progress(reached)
+    if outcome:
+        recorder.ended(outcome, reached, **kwargs)
+
+
+def test_waits_while_the_job_runs_or_slurm_is_down(run):
+    run_dir, cluster, coordinator = run
+    cluster.rows["1"] = [row("RUNNING")]
+    assert coordinator.tick().action == "wait"
+    cluster.down = True
+    assert coordinator.tick().action == "wait" and not cluster.submitted
+
+
+def test_requeued_by_slurm_needs_nothing_then_the_run_finishes(run):
+    run_dir, cluster, coordinator = run
+    attempt(run_dir, "1", 0, 0, 8, "stopped", signal="SIGUSR2")
+    attempt(run_dir, "1", 1, 8, 20, "finished")
+    cluster.rows["1"] = [row("REQUEUED"), row("RUNNING")]
+    assert coordinator.tick().action == "finished"
+    assert not cluster.submitted
+    first = Ledger(run_dir).attempts()[0]
+    assert first["cause"] == causes.TIME_LIMIT and first["lost_steps"] == 0
+
+
+def test_hard_time_limit_is_resubmitted_and_lost_steps_counted(run):
+    run_dir, cluster, coordinator = run
+    attempt(run_dir, "1", 0, 0, 13)  # killed at the limit: no end recorded
+    cluster.rows["1"] = [row("TIMEOUT")]
+    decision = coordinator.tick()
+    assert decision.action == "resubmit" and cluster.submitted[0]["reason"].endswith("ended by time limit")
+    assert coordinator.tick().action == "wait"  # the new job is pending: nothing twice
+    attempt(run_dir, "100", 0, 10, 10)
+    assert Ledger(run_dir).attempts()[0]["lost_steps"] == 3
+
+
+def test_node_failure_excludes_the_node(run):
+    run_dir, cluster, coordinator = run
+    attempt(run_dir, "1", 0, 0, 5)
+    cluster.rows["1"] = [row("NODE_FAIL", nodes="gpu07")]
+    assert coordinator.tick().action == "resubmit"
+    assert cluster.submitted[0]["exclude"] == ("gpu07",)
+
+
+def test_a_crash_repeating_at_the_same_step_stops_the_run(run):
+    run_dir, cluster, coordinator = run
+    attempt(run_dir, "1", 0, 0, 6, "failed", error="RuntimeError: boom")
+    cluster.rows["1"] = [row("FAILED")]
+    assert coordinator.tick().action == "resubmit"
+    attempt(run_dir, "100", 0, 5, 6, "failed", error="RuntimeError: boom")
+    cluster.rows["100"] = [row("FAILED")]
+    decision = coordinator.tick()
+    assert decision.action == "stop" and "2 attempts crashed at step 6" in decision.message
+    assert "RuntimeError: boom" in decision.message and len(cluster.submitted) == 1
+
+
+def test_oom_and_user_cancel_stop_with_advice(run):
+    run_dir, cluster, coordinator = run
+    attempt(run_dir, "1", 0, 0, 2, "failed", error="OutOfMemoryError: CUDA out of memory")
+    cluster.rows["1"] = [row("FAILED")]
+    decision = coordinator.tick()
+    assert decision.action == "stop" and "grad_checkpointing" in decision.message and not cluster.submitted
+
+
+def test_budget_of_attempts(run):
+    run_dir, cluster, coordinator = run
+    coordinator.config.cluster.max_attempts = 2
+    attempt(run_dir, "1", 0, 0, 4, "stopped", signal="SIGUSR2")
+    attempt(run_dir, "1", 1, 4, 6)
+    cluster.rows["1"] = [row("REQUEUED"), row("TIMEOUT")]
+    decision = coordinator.tick()
+    assert decision.action == "stop" and "cluster.max_attempts=2" in decision.message
+
+
+def test_backoff_survives_a_restarted_coordinator(run):
+    run_dir, cluster, coordinator = run
+    coordinator.config.cluster.retry_backoff_s = 3600
+    attempt(run_dir, "1", 0, 0, 6, "failed", error="RuntimeError: flaky")
+    cluster.rows["1"] = [row("FAILED")]
+    assert coordinator.tick().action == "wait"
+    again = Coordinator(run_dir, poll_s=0, attempts_of=cluster.attempts_of, submit=cluster.submit)
+    again.config.cluster.retry_backoff_s = 3600
+    decision = again.tick()
+    assert decision.action == "wait" and "backing off" in decision.message and not cluster.submitted
+    Ledger(run_dir).put("resubmit_after:1", time.time() - 1)
+    assert again.tick().action == "resubmit"
+
+
+def test_one_coordinator_per_run(run):
+    run_dir, cluster, coordinator = run
+    with coordinator._lock():
+        with pytest.raises(RunError, match="another coordinator"):
+            with Coordinator(run_dir)._lock():
+                pass
