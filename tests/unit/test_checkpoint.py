@@ -86,3 +86,26 @@ def test_sigkill_during_a_write_leaves_the_previous_checkpoint_usable(tmp_path):
     assert latest is not None and latest.step >= 2
     assert torch.equal(latest.load_state()["weights"][:3], torch.full((3,), float(latest.step)))
     assert json.loads((latest.path / "meta.json").read_text())["step"] == latest.step
+
+
+def test_a_full_disk_keeps_the_previous_checkpoint_and_says_so(tmp_path, monkeypatch):
+    import errno
+
+    from slurmvision.trainer import checkpoint as module
+
+    manager = CheckpointManager(tmp_path, DistEnv(), keep=2)
+    save(manager, 1, 1.0)
+    real_save = module._save
+
+    def full_disk(obj, path):
+        if path.name == "state.pt":
+            path.write_bytes(b"partial")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_save(obj, path)
+
+    monkeypatch.setattr(module, "_save", full_disk)
+    with pytest.raises(CheckpointError, match="No space left on device.*step-00000001 is still the newest"):
+        save(manager, 2, 2.0)
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith("step-")] == ["step-00000001"]
+    assert (tmp_path / "latest").read_text().strip() == "step-00000001"
+    assert manager.latest_valid().step == 1

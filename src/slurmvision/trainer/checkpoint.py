@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from slurmvision.errors import CheckpointError
-from slurmvision.trainer.distributed import DistEnv, barrier
+from slurmvision.trainer.distributed import DistEnv, all_reduce_sum, barrier
 from slurmvision.trainer.manifest import FORMAT_VERSION, MANIFEST, META, STATE, find_checkpoint, rank_file, sha256_file, verify
 
 log = logging.getLogger(__name__)
@@ -94,9 +94,9 @@ class Checkpoint:
 
 
 class CheckpointManager:
-    def __init__(self, directory: str | Path, env: DistEnv, keep: int):
+    def __init__(self, directory: str | Path, env: DistEnv, keep: int, device: torch.device = torch.device("cpu")):
         self.dir = Path(directory)
-        self.env, self.keep = env, keep
+        self.env, self.keep, self.device = env, keep, device
 
     def candidates(self) -> list[Path]:
         if not self.dir.is_dir():
@@ -121,9 +121,24 @@ class CheckpointManager:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         barrier()
-        _save(per_rank, tmp / rank_file(self.env.rank))
-        if self.env.is_main:
-            _save(shared, tmp / STATE)
+        error = None
+        try:
+            _save(per_rank, tmp / rank_file(self.env.rank))
+            if self.env.is_main:
+                _save(shared, tmp / STATE)
+        except OSError as err:  # a full disk or quota, a vanished file system
+            error = err
+        # Every rank learns of any rank's failure: none may wait in a barrier for a save that
+        # will not come, and none may commit a checkpoint that misses a rank's file.
+        failed, = all_reduce_sum([float(error is not None)], self.device)
+        if failed:
+            if self.env.is_main:
+                shutil.rmtree(tmp, ignore_errors=True)
+            kept = self.candidates()
+            reason = f"{error.strerror or error} on this rank" if error else f"it failed on {int(failed)} other rank(s)"
+            raise CheckpointError(f"could not write checkpoint {final.name}: {reason}. Nothing was replaced: "
+                                  f"{kept[0].name if kept else 'no earlier checkpoint'} is still the newest. "
+                                  f"Free space in {self.dir} (or lower trainer.keep_checkpoints), then resume")
         barrier()
         if self.env.is_main:
             self._commit(tmp, final, meta)
