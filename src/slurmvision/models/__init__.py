@@ -6,25 +6,29 @@ import logging
 
 import torch
 
-from slurmvision.configs.schema import ModelConfig
+from slurmvision.configs.schema import DistillConfig, ModelConfig
 from slurmvision.errors import CheckpointError, ConfigError
 
 log = logging.getLogger(__name__)
 
 
-def build_model(config: ModelConfig, num_classes: int) -> torch.nn.Module:
+def _create(key: str, name: str, kwargs_key: str, **kwargs) -> torch.nn.Module:
     import timm
 
-    if not timm.is_model(config.name):
+    if not timm.is_model(name):
         import difflib
 
-        close = difflib.get_close_matches(config.name, timm.list_models(), n=3)
-        raise ConfigError(f"model.name={config.name!r} is not a timm model" + (f"; did you mean {', '.join(close)}?" if close else ""))
+        close = difflib.get_close_matches(name, timm.list_models(), n=3)
+        raise ConfigError(f"{key}={name!r} is not a timm model" + (f"; did you mean {', '.join(close)}?" if close else ""))
     try:
-        model = timm.create_model(config.name, pretrained=config.pretrained, num_classes=num_classes,
-                                  drop_path_rate=config.drop_path, **config.kwargs)
+        return timm.create_model(name, **kwargs)
     except TypeError as err:
-        raise ConfigError(f"model.kwargs do not fit {config.name}: {err}") from None
+        raise ConfigError(f"{kwargs_key} do not fit {name}: {err}") from None
+
+
+def build_model(config: ModelConfig, num_classes: int) -> torch.nn.Module:
+    model = _create("model.name", config.name, "model.kwargs", pretrained=config.pretrained, num_classes=num_classes,
+                    drop_path_rate=config.drop_path, **config.kwargs)
     if config.finetune_from:
         load_finetune_weights(model, config.finetune_from)
     if config.grad_checkpointing:
@@ -38,20 +42,43 @@ def build_model(config: ModelConfig, num_classes: int) -> torch.nn.Module:
     return model
 
 
-def load_finetune_weights(model: torch.nn.Module, path: str) -> None:
-    """Start from saved weights; tensors whose shape differs (the classifier head) stay freshly initialised."""
+def build_teacher(config: DistillConfig, num_classes: int) -> torch.nn.Module:
+    """The frozen teacher of distillation, with its trained weights (all of them must fit)."""
+    teacher = _create("model.distill.teacher", config.teacher, "model.distill.teacher_kwargs",
+                      num_classes=num_classes, **config.teacher_kwargs)
+    state = load_weights(config.teacher_weights, "model.distill.teacher_weights")
+    try:
+        teacher.load_state_dict(state)
+    except RuntimeError as err:
+        first = next((line.strip() for line in str(err).splitlines()[1:] if line.strip()), str(err))
+        raise CheckpointError(f"model.distill.teacher_weights={config.teacher_weights} do not fit the teacher "
+                              f"{config.teacher} with {num_classes} classes ({first}); set model.distill.teacher and "
+                              f"model.distill.teacher_kwargs as the teacher was trained") from None
+    log.info("distilling from %s (%s), temperature %g, weight %g", config.teacher, config.teacher_weights,
+             config.temperature, config.weight)
+    return teacher.eval().requires_grad_(False)
+
+
+def load_weights(path: str, key: str) -> dict:
+    """Model weights from a slurmvision run or checkpoint directory (its EMA weights if it kept
+    them), or a state-dict file."""
     from pathlib import Path
 
     source = Path(path)
     if source.is_dir():
         from slurmvision.trainer.checkpoint import open_checkpoint
 
-        state = open_checkpoint(source).load_state()["model"]
-    elif source.is_file():
+        state = open_checkpoint(source).load_state()
+        return state.get("ema") or state["engine"]["model"]  # the weights the run was evaluated with
+    if source.is_file():
         state = torch.load(source, map_location="cpu", weights_only=True)
-        state = state.get("model", state.get("state_dict", state))
-    else:
-        raise CheckpointError(f"model.finetune_from={path} does not exist: give a checkpoint directory or a weights file")
+        return state.get("model", state.get("state_dict", state))
+    raise CheckpointError(f"{key}={path} does not exist: give a checkpoint directory or a weights file")
+
+
+def load_finetune_weights(model: torch.nn.Module, path: str) -> None:
+    """Start from saved weights; tensors whose shape differs (the classifier head) stay freshly initialised."""
+    state = load_weights(path, "model.finetune_from")
     own = model.state_dict()
     usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
     skipped = sorted(set(own) - set(usable))
