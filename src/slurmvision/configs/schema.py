@@ -79,13 +79,16 @@ class DataConfig:
 @dataclass
 class DistillConfig:
     teacher: Optional[str] = None  # a timm model name; None disables distillation
-    teacher_weights: Optional[str] = None  # a slurmvision checkpoint or a state-dict file
+    teacher_kwargs: dict[str, Any] = field(default_factory=dict)  # extra timm.create_model arguments
+    teacher_weights: Optional[str] = None  # a slurmvision run/checkpoint directory or a state-dict file
     temperature: float = 4.0
     weight: float = 0.5  # loss = (1 - weight) * task + weight * KL
 
     def __post_init__(self) -> None:
         _check(self.temperature > 0, "model.distill.temperature", self.temperature, "must be > 0")
         _check(0.0 <= self.weight <= 1.0, "model.distill.weight", self.weight, "must be in [0, 1]")
+        _check(not self.teacher or bool(self.teacher_weights), "model.distill.teacher_weights", self.teacher_weights,
+               "the teacher needs its trained weights (a run directory or a weights file)")
 
 
 @dataclass
@@ -139,7 +142,7 @@ class OptimConfig:
 @dataclass
 class TrainerConfig:
     engine: str = "ddp"
-    zero_stage: int = 0  # DeepSpeed only
+    zero_stage: int = 0  # DeepSpeed ZeRO stage 0, 1 or 2 (stage 3 partitions the weights: not supported)
     precision: str = "fp32"
     grad_accum: int = 1
     max_steps: int = 1000  # optimizer steps
@@ -155,7 +158,7 @@ class TrainerConfig:
     def __post_init__(self) -> None:
         _choice("trainer.engine", self.engine, ("ddp", "deepspeed"))
         _choice("trainer.precision", self.precision, ("fp32", "fp16", "bf16"))
-        _choice("trainer.zero_stage", self.zero_stage, (0, 1, 2, 3))
+        _choice("trainer.zero_stage", self.zero_stage, (0, 1, 2))
         for key in ("grad_accum", "max_steps", "checkpoint_every", "keep_checkpoints", "log_every", "nonfinite_budget"):
             _check(getattr(self, key) >= 1, f"trainer.{key}", getattr(self, key), "must be >= 1")
         _check(self.eval_every >= 0, "trainer.eval_every", self.eval_every, "must be >= 0")
@@ -183,10 +186,17 @@ class ClusterConfig:
     signal_delay_s: int = 120
     setup: list[str] = field(default_factory=list)  # shell lines run before the job (module load ...)
     additional: dict[str, Any] = field(default_factory=dict)  # extra sbatch options
+    # The coordinator's budgets: attempts in all (requeues count), crashes at the same step,
+    # node failures; the back-off doubles with each repeat.
     max_attempts: int = 10
+    crash_retries: int = 2
+    node_failure_retries: int = 3
+    retry_backoff_s: float = 30.0
 
     def __post_init__(self) -> None:
         _choice("cluster.executor", self.executor, ("local", "slurm"))
+        for key in ("crash_retries", "node_failure_retries", "retry_backoff_s"):
+            _check(getattr(self, key) >= 0, f"cluster.{key}", getattr(self, key), "must be >= 0")
         _choice("cluster.signal", self.signal, ("USR1", "USR2", "TERM", "INT"))
         for key in ("nodes", "tasks_per_node", "cpus_per_task", "time_min", "max_attempts"):
             _check(getattr(self, key) >= 1, f"cluster.{key}", getattr(self, key), "must be >= 1")
@@ -221,5 +231,3 @@ class Config:
     def __post_init__(self) -> None:
         if self.trainer.engine == "ddp" and self.trainer.zero_stage:
             raise ConfigError(f"trainer.zero_stage={self.trainer.zero_stage} needs trainer.engine=deepspeed")
-        if self.model.distill.teacher and (self.data.mixup or self.data.cutmix):
-            raise ConfigError("model.distill.teacher with data.mixup/cutmix is not supported: set data.mixup=0 data.cutmix=0")

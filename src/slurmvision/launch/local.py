@@ -13,6 +13,13 @@ from slurmvision.errors import RunError, SlurmVisionError
 
 
 def _rank_main(rank: int, nproc: int, port: int, config: Config, queue) -> None:
+    import os
+    import sys
+
+    # The command's stdout carries its result (--json); whatever a rank or a library prints
+    # (DeepSpeed reports its op builds there) goes to stderr with the logs.
+    sys.stdout.flush()
+    os.dup2(2, 1)
     from slurmvision.trainer.distributed import DistEnv
     from slurmvision.trainer.loop import train
 

@@ -91,7 +91,9 @@ class DDPEngine:
             self.scaler.load_state_dict(state["scaler"])
 
 
-def build_engine(model: torch.nn.Module, config: Config, device: torch.device) -> DDPEngine:
+def build_engine(model: torch.nn.Module, config: Config, device: torch.device, local_rank: int = 0):
     if config.trainer.engine == "deepspeed":
-        raise ConfigError("trainer.engine=deepspeed is not available in this version yet (tracked in issue #5); use trainer.engine=ddp")
+        from slurmvision.trainer.deepspeed_engine import DeepSpeedEngine
+
+        return DeepSpeedEngine(model, config, device, local_rank)
     return DDPEngine(model, config, device)

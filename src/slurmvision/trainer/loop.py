@@ -16,9 +16,10 @@ import torch.nn.functional as F
 from slurmvision.configs import Config, config_hash, to_dict
 from slurmvision.configs.compare import meaningful_changes
 from slurmvision.errors import CheckpointError, DataError, RunError
-from slurmvision.models import build_model
+from slurmvision.models import build_model, build_teacher
 from slurmvision.shards.reader import LoaderState, ShardSet, TrainReader
 from slurmvision.shards.transforms import DeviceAugment
+from slurmvision.slurm.ledger import AttemptRecorder
 from slurmvision.trainer import distributed
 from slurmvision.trainer.checkpoint import CheckpointManager, params_sha256, rng_state, set_rng_state
 from slurmvision.trainer.distributed import DistEnv, all_reduce_sum
@@ -47,6 +48,12 @@ def loss_fn(logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float)
     return F.cross_entropy(logits.float(), targets, label_smoothing=label_smoothing)
 
 
+def distill_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Hinton's soft-target KL(teacher || student) at a temperature, scaled by T² to keep its gradients' size."""
+    return F.kl_div(F.log_softmax(student.float() / temperature, dim=-1), F.log_softmax(teacher.float() / temperature, dim=-1),
+                    reduction="batchmean", log_target=True) * temperature ** 2
+
+
 class Trainer:
     def __init__(self, config: Config, env: DistEnv, device: torch.device):
         self.config, self.env, self.device = config, env, device
@@ -55,14 +62,16 @@ class Trainer:
         self.num_classes = config.model.num_classes or ShardSet.load(config.data.root, config.data.train_split).num_classes
         seed_everything(trainer.seed, 0)  # the same initial weights on every rank
         self.model = build_model(config.model, self.num_classes)
-        self.engine = build_engine(self.model, config, device)
+        self.engine = build_engine(self.model, config, device, env.local_rank)
+        distill = config.model.distill
+        self.teacher = build_teacher(distill, self.num_classes).to(device) if distill.teacher else None
         self.ema = None
         if config.model.ema_decay:
             from timm.utils import ModelEmaV3
 
             self.ema = ModelEmaV3(self.model, decay=config.model.ema_decay)
-        self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", env, trainer.keep_checkpoints)
-        self.step, self.samples_seen = 0, 0
+        self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", env, trainer.keep_checkpoints, device)
+        self.step, self.samples_seen, self.resumed_from = 0, 0, None
         loader_state = self._resume()
         self.reader = TrainReader(config.data, seed=trainer.seed, rank=env.rank, world_size=env.world_size,
                                   state=loader_state, pin_memory=device.type == "cuda")
@@ -72,6 +81,9 @@ class Trainer:
         self.augment = DeviceAugment(config.data, self.num_classes, device, trainer.seed, env.rank)
         self.monitor = Monitor(self.run_dir, env, self.step, trainer.max_steps, to_dict(config))
         self.stop = StopRequest().install()
+        self.record = AttemptRecorder(self.run_dir, env.job_id, env.restart_count) if env.is_main else None
+        if self.record:
+            self.record.started(world_size=env.world_size, step=self.step, checkpoint=self.resumed_from)
 
     def _resume(self) -> Optional[LoaderState]:
         checkpoint = self.checkpoints.latest_valid()
@@ -90,6 +102,7 @@ class Trainer:
         else:  # a new world size: ranks draw fresh, still reproducible, random streams
             seed_everything(self.config.trainer.seed, 2, self.step, self.env.rank)
         log.info("resumed from %s (step %d)", checkpoint.path, self.step)
+        self.resumed_from = str(checkpoint.path)
         self._trim_audit()
         return LoaderState.from_dict(shared["loader"])
 
@@ -108,8 +121,17 @@ class Trainer:
                               "use a new --run-dir, or pass trainer.allow_config_change=true")
 
     def fit(self) -> dict:
-        trainer, data = self.config.trainer, self.config.data
         batches = iter(self.reader)
+        try:
+            return self._fit(batches)
+        finally:
+            # Shut the loader workers down by the loader's own protocol on any way out: they
+            # ignore SIGTERM (see shards.reader), so multiprocessing's exit-time terminate()
+            # would wait for them forever.
+            batches.close()
+
+    def _fit(self, batches) -> dict:
+        trainer, data = self.config.trainer, self.config.data
         last_save, bad_steps = time.monotonic(), 0
         while self.step < trainer.max_steps:
             started = time.monotonic()
@@ -157,6 +179,8 @@ class Trainer:
             self.step += 1
             self.samples_seen += int(images_total)
             elapsed = time.monotonic() - started
+            if self.record:
+                self.record.progress(self.step, elapsed)
             if self.step % trainer.log_every == 0 or self.step == trainer.max_steps:
                 loss = loss_total / self.env.world_size / trainer.grad_accum
                 self.monitor.scalars(self.step, {
@@ -175,6 +199,8 @@ class Trainer:
             self.save()
         results = self.evaluate()
         self.monitor.close()
+        if self.record:
+            self.record.ended("finished", self.step)
         return results
 
     def _stop(self, agreed_signal: str, position: dict) -> dict:
@@ -188,6 +214,8 @@ class Trainer:
         log.warning("stopped by %s (this rank: %s) at step %d: checkpoint saved %.1fs after the signal", agreed_signal,
                     self.stop.name, self.step, waited + time.monotonic() - started)
         self.monitor.close()
+        if self.record:
+            self.record.ended("stopped", self.step, signal=agreed_signal)
         return {"interrupted": True, "signal": agreed_signal, "step": self.step}
 
     def _micro_step(self, batch, micro: int, sync: bool) -> float:
@@ -199,7 +227,13 @@ class Trainer:
         if self.config.model.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         with self.engine.forward_context(sync):
-            loss = loss_fn(self.engine.model(images), targets, self.config.data.label_smoothing)
+            logits = self.engine.model(images)
+            loss = loss_fn(logits, targets, self.config.data.label_smoothing)
+            if self.teacher is not None:
+                distill = self.config.model.distill
+                with torch.no_grad():
+                    teacher_logits = self.teacher(images)
+                loss = (1 - distill.weight) * loss + distill.weight * distill_loss(logits, teacher_logits, distill.temperature)
             if empty:
                 loss = loss * 0.0
         self.engine.backward(loss / self.config.trainer.grad_accum)
@@ -218,6 +252,8 @@ class Trainer:
                 "config_hash": config_hash(self.config), "params_sha256": params_sha256(self.model),
                 "version": VERSION, "time": time.time()}
         path = self.checkpoints.save(self.step, shared, {"rng": rng_state()}, meta)
+        if self.record:
+            self.record.progress(self.step, saved=self.step)
         log.info("checkpoint %s saved in %.1fs", path.name, time.monotonic() - started)
 
     def evaluate(self) -> dict:
@@ -264,7 +300,13 @@ def train(config: Config, env: Optional[DistEnv] = None) -> dict:
     run_dir = Path(config.run.dir)
     setup_logging(env, run_dir / "logs" / f"rank-{env.rank:05d}.log")
     device = distributed.init(env)
+    trainer = None
     try:
-        return Trainer(config, env, device).fit()
+        trainer = Trainer(config, env, device)
+        return trainer.fit()
+    except Exception as err:
+        if trainer is not None and trainer.record:  # for the coordinator: where and why it failed
+            trainer.record.ended("failed", trainer.step, error=f"{type(err).__name__}: {err}"[:2000])
+        raise
     finally:
         distributed.shutdown()
