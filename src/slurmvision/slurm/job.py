@@ -9,13 +9,17 @@ from __future__ import annotations
 import logging
 import os
 import subprocess
+import time
 from pathlib import Path
 
 log = logging.getLogger(__name__)
 # The time-limit warning (`--signal`) means "save and come back": we requeue. SIGTERM comes
-# from preemption (Slurm requeues by itself under PreemptMode=REQUEUE) or from a user's
-# scancel (which must stay cancelled), so it is not requeued here.
+# from preemption (Slurm requeues the job when it ends it after the grace time, under
+# PreemptMode=REQUEUE), `scontrol requeue`, or a user's scancel (which must stay
+# cancelled): after saving we wait for Slurm to end the job, so that Slurm, which knows
+# which it was, decides. A job that exited by itself would count as completed.
 REQUEUE_ON = ("SIGUSR1", "SIGUSR2")
+SIGTERM_WAIT_S = 600  # longer than any grace time or KillWait; then exit anyway
 
 
 def requeue(job_id: str) -> bool:
@@ -36,8 +40,12 @@ class TrainJob:
         result = train(load_saved_config(self.run_dir))
         job_id = os.environ.get("SLURM_JOB_ID")
         if result.get("interrupted") and job_id and os.environ.get("SUBMITIT_EXECUTOR") == "slurm":
-            if os.environ.get("SLURM_PROCID") == "0" and result["signal"] in REQUEUE_ON:
-                requeue(job_id)
+            if result["signal"] in REQUEUE_ON:
+                if os.environ.get("SLURM_PROCID") == "0":
+                    requeue(job_id)
+            else:
+                log.warning("checkpoint saved; waiting for Slurm to end job %s (a preempted job is requeued)", job_id)
+                time.sleep(SIGTERM_WAIT_S)
             # No return value: submitit would take it as the job's final result, and the
             # requeued attempt is the one that finishes the run.
             raise SystemExit(0)
