@@ -141,6 +141,7 @@ def test_real_preemption_saves_in_the_grace_time_and_resumes_bit_for_bit(tiny_sh
     assert inspect_checkpoint(run_dir)["params_sha256"] == straight_sha
     first, second = Ledger(run_dir).attempts()
     assert first["cause"] == "preemption" and first["lost_steps"] == 0 and second["outcome"] == "finished"
+    assert len(Ledger(run_dir).jobs()) == 1  # Slurm requeued it: nothing resubmitted
     log = (run_dir / "logs" / "rank-00000.log").read_text()
     assert "checkpoint saved" in log.split("stopped by SIGTERM")[1].splitlines()[0]
 

@@ -80,6 +80,10 @@ class FakeCluster:
         self.rows: dict[str, list[SlurmAttempt]] = {}
         self.submitted: list[dict] = []
         self.down = False
+        self.in_queue: set[str] = set()
+
+    def queued(self, job_id):
+        return job_id in self.in_queue
 
     def attempts_of(self, job_id):
         if self.down:
@@ -103,7 +107,7 @@ def run(tmp_path):
     Ledger(tmp_path / "run").add_job("1", "devslurm")
     cluster = FakeCluster()
     return tmp_path / "run", cluster, Coordinator(tmp_path / "run", poll_s=0, attempts_of=cluster.attempts_of,
-                                                  submit=cluster.submit)
+                                                  queued=cluster.queued, submit=cluster.submit)
 
 
 def attempt(run_dir, job_id, restart, start, reached, outcome=None, **kwargs):
@@ -188,7 +192,7 @@ def test_backoff_survives_a_restarted_coordinator(run):
     attempt(run_dir, "1", 0, 0, 6, "failed", error="RuntimeError: flaky")
     cluster.rows["1"] = [row("FAILED")]
     assert coordinator.tick().action == "wait"
-    again = Coordinator(run_dir, poll_s=0, attempts_of=cluster.attempts_of, submit=cluster.submit)
+    again = Coordinator(run_dir, poll_s=0, attempts_of=cluster.attempts_of, queued=cluster.queued, submit=cluster.submit)
     again.config.cluster.retry_backoff_s = 3600
     decision = again.tick()
     assert decision.action == "wait" and "backing off" in decision.message and not cluster.submitted
@@ -202,3 +206,14 @@ def test_one_coordinator_per_run(run):
         with pytest.raises(RunError, match="another coordinator"):
             with Coordinator(run_dir)._lock():
                 pass
+
+
+def test_a_preempted_job_that_slurm_requeues_is_left_to_slurm(run):
+    run_dir, cluster, coordinator = run
+    attempt(run_dir, "1", 0, 0, 5, "stopped", signal="SIGTERM")
+    cluster.rows["1"] = [row("PREEMPTED")]  # sacct before the requeued attempt shows up
+    cluster.in_queue.add("1")
+    assert coordinator.tick().action == "wait" and not cluster.submitted
+    assert Ledger(run_dir).attempts()[0]["cause"] == causes.PREEMPTION
+    cluster.in_queue.clear()  # PreemptMode=CANCEL: gone for good, so resubmit
+    assert coordinator.tick().action == "resubmit"

@@ -53,6 +53,14 @@ def sacct_attempts(job_id: str) -> list[SlurmAttempt]:
     return [SlurmAttempt.parse(line) for line in out.splitlines() if line.strip()]
 
 
+def in_queue(job_id: str) -> bool:
+    """Whether Slurm still holds the job (pending, running, or requeued after an end that
+    sacct already shows, such as PREEMPTED)."""
+    from slurmvision.slurm.executor import run_slurm_command
+
+    return bool(run_slurm_command(["squeue", "-h", "-j", job_id, "-o", "%i"], timeout=60).strip())
+
+
 def _log_tail(run_dir: Path, job_id: str, size: int = 4000) -> str:
     tails = []
     for path in sorted((run_dir / "slurm").glob(f"{job_id}_*_log.err")):
@@ -65,12 +73,12 @@ def _log_tail(run_dir: Path, job_id: str, size: int = 4000) -> str:
 class Coordinator:
     def __init__(self, run_dir: str | Path, *, poll_s: float = 30.0,
                  attempts_of: Callable[[str], list[SlurmAttempt]] = sacct_attempts,
-                 submit: Optional[Callable] = None):
+                 queued: Callable[[str], bool] = in_queue, submit: Optional[Callable] = None):
         self.run_dir = Path(run_dir)
         self.config = load_saved_config(self.run_dir)
         self.ledger = Ledger(self.run_dir)
         self.poll_s = poll_s
-        self.attempts_of = attempts_of
+        self.attempts_of, self.queued = attempts_of, queued
         self._submit = submit
 
     def run(self) -> Decision:
@@ -93,13 +101,15 @@ class Coordinator:
         job = jobs[-1]
         try:
             slurm = self.attempts_of(job["job_id"])
+            # A job Slurm still queues is not over, whatever its last accounting row says.
+            ended = bool(slurm) and not slurm[-1].active and not self.queued(job["job_id"])
         except ClusterError as err:  # Slurm's tools down or slow: look again next time
             log.warning("cannot read the state of job %s: %s", job["job_id"], err)
             return Decision("wait", f"Slurm unreachable: {err}")
         self._record_causes(job["job_id"], slurm)
         if self._finished():
             return Decision("finished", f"run finished: step {self.config.trainer.max_steps} reached")
-        if not slurm or slurm[-1].active:
+        if not ended:
             return Decision("wait")
         if job["handled"]:
             return Decision("wait")

@@ -44,6 +44,7 @@ class TrainJob:
                 if os.environ.get("SLURM_PROCID") == "0":
                     requeue(job_id)
             else:
+                # Slurm shows a job in its preemption grace time as RUNNING, like a cancelled one.
                 log.warning("checkpoint saved; waiting for Slurm to end job %s (a preempted job is requeued)", job_id)
                 time.sleep(SIGTERM_WAIT_S)
             # No return value: submitit would take it as the job's final result, and the
