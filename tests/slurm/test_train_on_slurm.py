@@ -149,9 +149,13 @@ def test_real_preemption_saves_in_the_grace_time_and_resumes_bit_for_bit(tiny_sh
 def test_killed_rank_is_resubmitted_from_the_last_checkpoint(tiny_shards, tmp_path, straight_sha):  # noqa: F811
     run_dir = tmp_path / "run"
     job = submit(slurm_config(tiny_shards, run_dir, *LONGER))
-    watcher = coordinator(run_dir)
+    first_watcher = coordinator(run_dir)
     wait_for_log(run_dir / "logs" / "rank-00000.log", "checkpoint step-00000005")
+    # The coordinator dies too; a new one takes over from the ledger.
+    first_watcher.kill()
+    first_watcher.wait()
     os.kill(task_pid(run_dir, 1), signal.SIGKILL)
+    watcher = coordinator(run_dir)
     code, output = finish(watcher)
     assert code == 0 and "run finished" in output, output
     # Resumed from a periodic checkpoint: still the uninterrupted run's weights.
@@ -176,3 +180,4 @@ def test_a_crash_that_repeats_at_the_same_step_stops_the_run(tiny_shards, tmp_pa
     attempts = Ledger(run_dir).attempts()
     assert [a["cause"] for a in attempts] == ["crash", "crash"]
     assert attempts[0]["step_reached"] == attempts[1]["step_reached"] < 24
+

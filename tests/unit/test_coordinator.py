@@ -166,6 +166,9 @@ def test_a_crash_repeating_at_the_same_step_stops_the_run(run):
     decision = coordinator.tick()
     assert decision.action == "stop" and "2 attempts crashed at step 6" in decision.message
     assert "RuntimeError: boom" in decision.message and len(cluster.submitted) == 1
+    again = Coordinator(run_dir, poll_s=0, attempts_of=cluster.attempts_of, queued=cluster.queued, submit=cluster.submit)
+    assert again.tick().message == decision.message  # a restarted coordinator reports the stop, submits nothing
+    assert len(cluster.submitted) == 1
 
 
 def test_oom_and_user_cancel_stop_with_advice(run):

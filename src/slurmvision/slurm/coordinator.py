@@ -111,8 +111,8 @@ class Coordinator:
             return Decision("finished", f"run finished: step {self.config.trainer.max_steps} reached")
         if not ended:
             return Decision("wait")
-        if job["handled"]:
-            return Decision("wait")
+        if job["handled"]:  # stopped earlier: say so again (a relaunch submits a new job)
+            return Decision("stop", self.ledger.get("stopped", "run stopped"))
         decision = self.decide(job, slurm)
         if decision.action == "resubmit":
             # The back-off is kept in the ledger: a restarted coordinator honours it.
@@ -127,6 +127,7 @@ class Coordinator:
             self.ledger.event("coordinator", decision.message)
             log.info("%s", decision.message)
         elif decision.action == "stop":
+            self.ledger.put("stopped", decision.message)
             self.ledger.mark_handled(job["job_id"])
         return decision
 

@@ -9,17 +9,21 @@ from __future__ import annotations
 import logging
 import os
 import subprocess
-import time
 from pathlib import Path
 
 log = logging.getLogger(__name__)
-# The time-limit warning (`--signal`) means "save and come back": we requeue. SIGTERM comes
-# from preemption (Slurm requeues the job when it ends it after the grace time, under
-# PreemptMode=REQUEUE), `scontrol requeue`, or a user's scancel (which must stay
-# cancelled): after saving we wait for Slurm to end the job, so that Slurm, which knows
-# which it was, decides. A job that exited by itself would count as completed.
-REQUEUE_ON = ("SIGUSR1", "SIGUSR2")
-SIGTERM_WAIT_S = 600  # longer than any grace time or KillWait; then exit anyway
+# After saving on a signal, rank 0 requeues the job when Slurm would not bring it back by
+# itself. The time-limit warning (`--signal`, USR1/USR2) means "save and come back". On
+# SIGTERM the job's state tells why: a scancel, an `scontrol requeue` or the time limit
+# has already ended the job (COMPLETING), and Slurm's decision stands; a job still RUNNING
+# is being preempted (Slurm shows the grace time as RUNNING) and is requeued now, handing
+# the nodes over at once. A preempted job that exited by itself would count as completed.
+WARNING_SIGNALS = ("SIGUSR1", "SIGUSR2")
+
+
+def job_state(job_id: str) -> str:
+    result = subprocess.run(["scontrol", "show", "job", job_id], capture_output=True, text=True)
+    return next((word.split("=", 1)[1] for word in result.stdout.split() if word.startswith("JobState=")), "UNKNOWN")
 
 
 def requeue(job_id: str) -> bool:
@@ -40,14 +44,23 @@ class TrainJob:
         result = train(load_saved_config(self.run_dir))
         job_id = os.environ.get("SLURM_JOB_ID")
         if result.get("interrupted") and job_id and os.environ.get("SUBMITIT_EXECUTOR") == "slurm":
-            if result["signal"] in REQUEUE_ON:
-                if os.environ.get("SLURM_PROCID") == "0":
-                    requeue(job_id)
-            else:
-                # Slurm shows a job in its preemption grace time as RUNNING, like a cancelled one.
-                log.warning("checkpoint saved; waiting for Slurm to end job %s (a preempted job is requeued)", job_id)
-                time.sleep(SIGTERM_WAIT_S)
+            if os.environ.get("SLURM_PROCID") == "0":
+                self._come_back(job_id, result["signal"])
             # No return value: submitit would take it as the job's final result, and the
             # requeued attempt is the one that finishes the run.
             raise SystemExit(0)
         return result
+
+    def _come_back(self, job_id: str, signal: str) -> None:
+        if signal in WARNING_SIGNALS:
+            requeue(job_id)
+            return
+        state = job_state(job_id)
+        if state != "RUNNING":
+            log.info("job %s is %s: Slurm has ended it, not requeueing", job_id, state)
+            return
+        from slurmvision.slurm.ledger import Ledger
+
+        # sacct will show REQUEUED: keep the cause that only this moment tells.
+        Ledger(self.run_dir).set_cause(job_id, int(os.environ.get("SLURM_RESTART_COUNT", 0)), "preemption")
+        requeue(job_id)
