@@ -105,3 +105,15 @@ def test_loader_workers_outlive_the_job_signals_slurm_sends_to_every_process(sha
         os.kill(worker.pid, signal.SIGTERM)
         os.kill(worker.pid, signal.SIGUSR2)
     assert len(list(loader)) == len(reader._stream()) - 1
+
+
+def test_shards_stream_through_a_pipe_command_as_from_a_directory(shards):
+    """Remote storage: data.root may be any URL webdataset opens, here a `pipe:` command."""
+    local = take(TrainReader(data_config(shards), seed=1, rank=0, world_size=2), 4)
+    piped = take(TrainReader(data_config(f"pipe:cat {shards}/{{}}"), seed=1, rank=0, world_size=2), 4)
+    assert [(k, r) for k, r, _ in piped] == [(k, r) for k, r, _ in local]
+    assert all(torch.equal(a, b) for (_, _, a), (_, _, b) in zip(piped, local))
+    with pytest.raises(DataError, match="without"):
+        TrainReader(data_config(f"pipe:cat {shards}"), seed=1, rank=0, world_size=2)
+    with pytest.raises(DataError, match="cannot read"):
+        TrainReader(data_config(f"pipe:cat {shards}/missing-{{}}"), seed=1, rank=0, world_size=2)

@@ -89,14 +89,20 @@ class Manifest:
 
     @classmethod
     def load(cls, directory_or_file: str | Path) -> "Manifest":
-        path = Path(directory_or_file)
-        if path.name != MANIFEST_NAME and (path.is_dir() or not path.exists()):
-            path = path / MANIFEST_NAME
-        if not path.is_file():
-            raise DataError(f"no {MANIFEST_NAME} in {path.parent}: build shards with "
-                            f"`slurmvision shards build SRC {path.parent}`")
+        """From a shards directory (or its manifest file), or a remote root (see `shard_url`)."""
+        if is_remote(str(directory_or_file)):
+            path = shard_url(str(directory_or_file), MANIFEST_NAME)
+            text = _read_remote(path)
+        else:
+            path = Path(directory_or_file)
+            if path.name != MANIFEST_NAME and (path.is_dir() or not path.exists()):
+                path = path / MANIFEST_NAME
+            if not path.is_file():
+                raise DataError(f"no {MANIFEST_NAME} in {path.parent}: build shards with "
+                                f"`slurmvision shards build SRC {path.parent}`")
+            text = None
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
+            data = json.loads(text if text is not None else path.read_text(encoding="utf-8"))
         except (OSError, ValueError) as err:  # ValueError covers JSON and UTF-8 decoding
             raise DataError(f"{path} is not a valid manifest ({err}): rebuild the shards") from None
         # The version decides the layout, so check it before reading anything else.
@@ -108,3 +114,31 @@ class Manifest:
             return cls.from_json(data)
         except (KeyError, TypeError, ValueError) as err:
             raise DataError(f"{path} is not a valid manifest ({type(err).__name__}: {err}): rebuild the shards") from None
+
+
+def is_remote(root: str) -> bool:
+    return "://" in root or root.startswith("pipe:")
+
+
+def shard_url(root: str, name: str) -> str:
+    """Where file `name` of a shard set lives. `root` is a directory, a URL prefix that
+    webdataset can open (`https://host/shards`, `s3://...` with its handlers), or a
+    `pipe:` command with `{}` where the file name goes (`pipe:aws s3 cp s3://b/shards/{} -`)."""
+    if "{}" in root:
+        return root.replace("{}", name)
+    if root.startswith("pipe:"):
+        raise DataError(f"data.root={root!r} is a pipe: command without {{}}: put {{}} where the file name goes, "
+                        f"e.g. 'pipe:cat /shards/{{}}'")
+    if is_remote(root):
+        return root.rstrip("/") + "/" + name
+    return str(Path(root) / name)
+
+
+def _read_remote(url: str) -> str:
+    import webdataset
+
+    try:
+        with webdataset.gopen(url, "rb") as stream:
+            return stream.read().decode("utf-8")
+    except Exception as err:  # gopen raises what the transport raises (I/O, a failed command)
+        raise DataError(f"cannot read {url}: {err}; check data.root and that the shards are reachable") from None

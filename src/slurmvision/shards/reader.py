@@ -13,7 +13,6 @@ import logging
 import random
 import signal
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Iterator, Optional
 
 import numpy as np
@@ -23,7 +22,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from slurmvision.configs.schema import DataConfig
 from slurmvision.errors import DataError
-from slurmvision.shards.manifest import Manifest
+from slurmvision.shards.manifest import Manifest, shard_url
 from slurmvision.shards.plan import BatchSchedule, RankPlan, locate, plan_rank
 from slurmvision.shards.tario import IMAGE_EXTS, ShardFile
 
@@ -160,7 +159,7 @@ class ShardSet:
     def load(cls, root: str, split: str) -> "ShardSet":
         manifest = Manifest.load(root)
         shards = manifest.shards_for(split)
-        return cls([str(Path(root) / s.name) for s in shards], [s.count for s in shards],
+        return cls([shard_url(str(root), s.name) for s in shards], [s.count for s in shards],
                    [s.name for s in shards], len(manifest.classes))
 
     @property

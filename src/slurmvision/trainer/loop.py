@@ -211,8 +211,16 @@ class Trainer:
         started = time.monotonic()
         self.save(position)
         waited = started - self.stop.received_at if self.stop.received_at else 0.0
-        log.warning("stopped by %s (this rank: %s) at step %d: checkpoint saved %.1fs after the signal", agreed_signal,
-                    self.stop.name, self.step, waited + time.monotonic() - started)
+        took = waited + time.monotonic() - started
+        cluster = self.config.cluster
+        # The warning comes signal_delay_s before the time limit; for SIGTERM Slurm's grace time applies.
+        budget = (f" of the {cluster.signal_delay_s}s the warning leaves" if agreed_signal != "SIGTERM"
+                  and cluster.executor == "slurm" else "")
+        log.warning("stopped by %s (this rank: %s) at step %d: checkpoint saved %.1fs after the signal%s", agreed_signal,
+                    self.stop.name, self.step, took, budget)
+        if budget and cluster.signal_delay_s and took > 0.8 * cluster.signal_delay_s:
+            log.warning("saving took %.0f%% of the warning's lead time: raise cluster.signal_delay_s",
+                        100 * took / cluster.signal_delay_s)
         self.monitor.close()
         if self.record:
             self.record.ended("stopped", self.step, signal=agreed_signal)
