@@ -36,22 +36,26 @@ def state(job_id: str) -> str:
     return subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True).stdout.strip()
 
 
-def attempts_from_sacct(job_id: str) -> list[tuple[datetime, datetime]]:
-    rows = slurm("sacct", "-n", "-X", "-D", "-P", "-j", job_id, "--format=Start,End")
-    return [tuple(datetime.fromisoformat(t) for t in line.split("|")) for line in rows.splitlines() if "Unknown" not in line]
+def attempt_windows(job_id: str, timeout: float = 120) -> list[tuple[datetime, datetime]]:
+    """(start, end) of every attempt of the job; accounting lags the job's end by a moment."""
+    deadline = time.monotonic() + timeout
+    while True:
+        rows = slurm("sacct", "-n", "-X", "-D", "-P", "-j", job_id, "--format=Start,End").splitlines()
+        if all("Unknown" not in row for row in rows) or time.monotonic() > deadline:
+            return [tuple(datetime.fromisoformat(t) for t in row.split("|")) for row in rows if "Unknown" not in row]
+        time.sleep(2)
 
 
-def first_steps(log: Path) -> list[datetime]:
-    """When each attempt logged its first step (attempts append to the same log; each logs
-    its schedule once before training)."""
-    firsts, waiting = [], False
+def attempt_steps(log: Path) -> list[list[tuple[datetime, int]]]:
+    """The (time, step) lines of each attempt, from the rank-0 log every attempt appends to
+    (each logs its schedule once before training)."""
+    attempts: list[list[tuple[datetime, int]]] = []
     for line in log.read_text().splitlines():
         if "[rank 0]" in line and "peak lr" in line:
-            waiting = True
-        elif waiting and (match := STEP_LINE.match(line)):
-            firsts.append(datetime.strptime(match.group(1), "%Y-%m-%d %H:%M:%S,%f"))
-            waiting = False
-    return firsts
+            attempts.append([])
+        elif attempts and (match := STEP_LINE.match(line)):
+            attempts[-1].append((datetime.strptime(match.group(1), "%Y-%m-%d %H:%M:%S,%f"), int(match.group(2))))
+    return [a for a in attempts if a]
 
 
 def main() -> int:
@@ -97,15 +101,17 @@ def main() -> int:
             time.sleep(0.5)
 
         attempts = Ledger(run_dir).attempts()
-        windows = attempts_from_sacct(job_id)
-        starts = first_steps(log)
+        windows = attempt_windows(job_id)
+        steps = attempt_steps(log)
         allocated = sum((end - start).total_seconds() for start, end in windows)
-        overheads = [(first - start).total_seconds() for (start, _), first in zip(windows, starts)]
-        step_time = sorted(a["step_time"] for a in attempts if a["step_time"])[len(attempts) // 2]
+        overheads = [(a[0][0] - start).total_seconds() for (start, _), a in zip(windows, steps)]
+        intervals = sorted((t2 - t1).total_seconds() for a in steps for (t1, _), (t2, _) in zip(a, a[1:]))
+        step_time = intervals[len(intervals) // 2]
         lost = [a["lost_steps"] or 0 for a in attempts[:-1]]
-        useful = args.max_steps * step_time
+        # Training time: first to last step of each attempt, plus its first step, less what was redone.
+        useful = sum((a[-1][0] - a[0][0]).total_seconds() + step_time for a in steps) - sum(lost) * step_time
         goodput = useful / allocated
-        goodput_without_restarts = useful / (allocated - sum(overheads))
+        cost = (allocated - useful) / max(preemptions, 1)
 
     command = " ".join(["python", "benchmarks/goodput.py", *sys.argv[1:]])
     text = f"""{SECTION}
@@ -120,11 +126,14 @@ a `high` job preempting every {args.preempt_every:.0f} s of training; {time.strf
 | steps lost per preemption | {', '.join(map(str, lost)) or 'none'} | 0 |
 | restart overhead, job start to first step (s) | {', '.join(f'{o:.1f}' for o in overheads)} | <= 30 |
 | goodput | {goodput:.1%} | >= 98% |
-| goodput without the restart overheads | {goodput_without_restarts:.1%} | |
+| allocated time not training, per preemption (s) | {cost:.1f} | |
 
-Useful time is {args.max_steps} steps x the median step time ({step_time:.3f} s); allocated time is the
-sum of the attempts' sacct Start..End. The restart overhead (interpreter, imports, model,
-loader workers, resume) is the part of each attempt before its first step.
+Useful time is each attempt's first to last step (median step {step_time:.3f} s), less the steps
+redone; allocated time is the sum of the attempts' sacct Start..End. The restart overhead
+(interpreter, imports, model, loader workers, resume) is each attempt's time before its first
+step; the rest of the gap is the save and exit after the signal, and the last evaluation.
+Goodput depends on the interval: a fixed cost of c seconds per preemption every T seconds of
+training gives about T / (T + c).
 """
     old = args.results.read_text() if args.results.exists() else "# Benchmark results\n"
     head, _, rest = old.partition(SECTION)
