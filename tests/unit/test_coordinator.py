@@ -220,3 +220,10 @@ def test_a_preempted_job_that_slurm_requeues_is_left_to_slurm(run):
     assert Ledger(run_dir).attempts()[0]["cause"] == causes.PREEMPTION
     cluster.in_queue.clear()  # PreemptMode=CANCEL: gone for good, so resubmit
     assert coordinator.tick().action == "resubmit"
+
+
+def test_a_run_without_slurm_has_nothing_to_coordinate(tmp_path):
+    config = load_config("digits-demo", ["data.root=/x"], cluster="local", run_dir=tmp_path / "run")
+    save_config(config, tmp_path / "run")
+    with pytest.raises(RunError, match="nothing to coordinate"):
+        Coordinator(tmp_path / "run")

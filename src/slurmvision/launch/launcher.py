@@ -87,10 +87,11 @@ def launch(config: Config, *, dry_run: bool = False, wait: bool = False, coordin
     print(f"run {run_id(config)}: job {job.job_id} submitted to {config.cluster.name}")
     print(f"  status:      slurmvision status {run_dir}")
     print(f"  tensorboard: tensorboard --logdir {run_dir / 'tb'}")
-    if coordinate:
-        print(f"  coordinator: pid {start_coordinator(run_dir)}, log {run_dir / 'logs' / 'coordinator.log'}")
-    else:
-        print(f"  coordinate:  slurmvision coordinate {run_dir}   (resubmits after crashes and hard time limits)")
+    if config.cluster.executor == "slurm":  # without Slurm there is nothing to coordinate
+        if coordinate:
+            print(f"  coordinator: pid {start_coordinator(run_dir)}, log {run_dir / 'logs' / 'coordinator.log'}")
+        else:
+            print(f"  coordinate:  slurmvision coordinate {run_dir}   (resubmits after crashes and hard time limits)")
     if wait:
         return wait_for(job)
     return None

@@ -76,6 +76,9 @@ class Coordinator:
                  queued: Callable[[str], bool] = in_queue, submit: Optional[Callable] = None):
         self.run_dir = Path(run_dir)
         self.config = load_saved_config(self.run_dir)
+        if self.config.cluster.executor != "slurm":
+            raise RunError(f"{self.run_dir} runs on the {self.config.cluster.name!r} profile without Slurm: there is "
+                           "nothing to coordinate (follow it with `slurmvision status`); launch with a Slurm profile")
         self.ledger = Ledger(self.run_dir)
         self.poll_s = poll_s
         self.attempts_of, self.queued = attempts_of, queued
