@@ -181,3 +181,20 @@ def test_a_crash_that_repeats_at_the_same_step_stops_the_run(tiny_shards, tmp_pa
     assert [a["cause"] for a in attempts] == ["crash", "crash"]
     assert attempts[0]["step_reached"] == attempts[1]["step_reached"] < 24
 
+
+
+def test_hard_time_limit_is_resubmitted_from_the_save_at_the_limit(tiny_shards, tmp_path):  # noqa: F811
+    """No warning before the limit: Slurm's SIGTERM at the limit is all the job gets."""
+    run_dir = tmp_path / "run"
+    config = slurm_config(tiny_shards, run_dir, "trainer.max_steps=3000", "trainer.checkpoint_every=500",
+                          "trainer.log_every=100", "data.audit=false")
+    config.cluster.time_min, config.cluster.signal_delay_s = 1, 0
+    job = submit(config)
+    code, output = finish(coordinator(run_dir), timeout=600)
+    assert code == 0 and "run finished" in output, output
+    jobs, attempts = Ledger(run_dir).jobs(), Ledger(run_dir).attempts()
+    assert jobs[0]["job_id"] == job.job_id and "ended by time limit" in jobs[1]["reason"]
+    first = attempts[0]
+    assert first["cause"] == "time limit" and first["signal"] == "SIGTERM" and 0 < first["step_reached"] < 3000
+    assert first["lost_steps"] == 0 and attempts[1]["step_start"] == first["step_reached"]
+    assert attempts[-1]["outcome"] == "finished"
