@@ -1,4 +1,4 @@
-"""The DeepSpeed engine on 2 CPU ranks (gloo, DS_ACCELERATOR=cpu): ZeRO-1 and ZeRO-2 learn,
+"""The DeepSpeed engine on 2 CPU ranks (gloo, DS_ACCELERATOR=cpu): ZeRO-1 (bf16) and ZeRO-2 learn,
 stop and resume bit for bit, and resume on another world size."""
 
 import json
@@ -19,10 +19,10 @@ def losses(run_dir):
     return [float(line.split("loss ")[1].split()[0]) for line in log.splitlines() if "progress" in line and "loss " in line]
 
 
-def test_zero1_learns(tiny_shards, tmp_path):
+def test_zero1_learns_in_bf16(tiny_shards, tmp_path):
     run = tmp_path / "run"
-    done = train_cli(run, tiny_config(tiny_shards, run, *DEEPSPEED, "trainer.zero_stage=1", "trainer.max_steps=20",
-                                      "optim.lr=3e-3", "data.batch_size=12"), nproc=2)
+    done = train_cli(run, tiny_config(tiny_shards, run, *DEEPSPEED, "trainer.zero_stage=1", "trainer.precision=bf16",
+                                      "trainer.max_steps=20", "optim.lr=3e-3", "data.batch_size=12"), nproc=2)
     assert done.returncode == 0, done.stderr[-3000:]
     assert json.loads(done.stdout)["top1"] >= 0.8
     assert losses(run)[-1] < losses(run)[0]

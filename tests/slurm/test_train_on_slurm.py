@@ -124,6 +124,22 @@ def test_usr2_warning_saves_requeues_and_resumes_bit_for_bit(tiny_shards, tmp_pa
     assert len(Ledger(run_dir).jobs()) == 1  # Slurm requeued it: nothing resubmitted
 
 
+
+def test_a_warning_to_one_rank_is_enough(tiny_shards, tmp_path, straight_sha):  # noqa: F811
+    """Only rank 1 gets the signal: all ranks stop at the same step, save, and rank 0 requeues."""
+    run_dir = tmp_path / "run"
+    job = submit(slurm_config(tiny_shards, run_dir, *LONGER))
+    watcher = coordinator(run_dir)
+    wait_for_log(run_dir / "logs" / "rank-00000.log", "step 2/")
+    os.kill(task_pid(run_dir, 1), signal.SIGUSR2)
+    wait_for_log(run_dir / "logs" / "rank-00000.log", "stopped by SIGUSR2 (this rank: none)")
+    start_when_requeued(job.job_id)
+    code, output = finish(watcher)
+    assert code == 0 and "run finished" in output, output
+    assert inspect_checkpoint(run_dir)["params_sha256"] == straight_sha
+    first, second = Ledger(run_dir).attempts()
+    assert first["cause"] == "time limit" and first["lost_steps"] == 0 and len(Ledger(run_dir).jobs()) == 1
+
 def test_real_preemption_saves_in_the_grace_time_and_resumes_bit_for_bit(tiny_shards, tmp_path, straight_sha):  # noqa: F811
     run_dir = tmp_path / "run"
     job = submit(slurm_config(tiny_shards, run_dir, *LONGER))  # the low, preemptible partition

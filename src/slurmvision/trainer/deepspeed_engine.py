@@ -1,5 +1,5 @@
-"""The DeepSpeed engine: ZeRO stage 0/1/2, fp16 with dynamic loss scaling, bf16, behind the
-loop's engine interface (see trainer.engine).
+"""The DeepSpeed engine: ZeRO stage 0/1/2, fp32 or bf16 (autocast), behind the loop's engine
+interface (see trainer.engine).
 
 Gradient accumulation is the loop's (DeepSpeed's `managed_gradient_accumulation=false`):
 every micro-step calls `backward`, the step calls `step` once, as with DDP.
@@ -22,8 +22,6 @@ import torch.distributed as dist
 from slurmvision.configs.schema import Config
 from slurmvision.errors import ConfigError, RunError
 
-_DTYPES = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
-_SCALER_FIELDS = ("cur_scale", "cur_iter", "last_overflow_iter", "cur_hysteresis")
 
 
 def deepspeed_config(config: Config) -> dict:
@@ -36,9 +34,10 @@ def deepspeed_config(config: Config) -> dict:
         "zero_optimization": {"stage": trainer.zero_stage},
         # timm's AdamW with parameter groups (no decay on norms and biases) is the optimizer.
         "zero_allow_untested_optimizer": True,
-        "fp16": {"enabled": precision == "fp16", "loss_scale": 0, "initial_scale_power": 16,
-                 "loss_scale_window": 1000, "hysteresis": 2, "min_loss_scale": 1},
-        "bf16": {"enabled": precision == "bf16"},
+        # bf16 through torch autocast inside DeepSpeed's forward: fp32 weights, as with DDP.
+        # (DeepSpeed's own bf16 casts the weights but not the buffers, which breaks models
+        # such as Swin V2 whose attention uses fp32 coordinate tables.)
+        "torch_autocast": {"enabled": precision == "bf16", "dtype": "bfloat16"},
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
     }
@@ -58,12 +57,9 @@ class DeepSpeedEngine:
         from slurmvision.trainer.engine import build_optimizer
 
         trainer = config.trainer
-        self.dtype = _DTYPES[trainer.precision]
-        if self.dtype is torch.float16 and device.type == "cpu":
-            raise ConfigError("trainer.precision=fp16 needs a GPU; use bf16 or fp32 on CPU")
-        if self.dtype is not None and not trainer.zero_stage:
-            raise ConfigError(f"trainer.precision={trainer.precision} with DeepSpeed needs trainer.zero_stage=1 or 2 "
-                              "(stage 0 is plain data parallelism: trainer.engine=ddp does it with any precision)")
+        if trainer.precision == "fp16":
+            raise ConfigError("trainer.precision=fp16 is not supported with trainer.engine=deepspeed: use "
+                              "trainer.precision=bf16 (A100 and newer), or fp16 with trainer.engine=ddp")
         if device.type == "cpu":
             os.environ.setdefault("DS_ACCELERATOR", "cpu")
         import deepspeed
@@ -87,10 +83,7 @@ class DeepSpeedEngine:
 
     @contextlib.contextmanager
     def forward_context(self, sync: bool):
-        # DeepSpeed holds fp16/bf16 weights; autocast gives their ops matching inputs and
-        # keeps the numerically sensitive ones (norms, softmax) in fp32.
-        with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype is not None):
-            yield
+        yield  # DeepSpeed's forward applies the autocast of its config; accumulation is the loop's
 
     def backward(self, loss: torch.Tensor) -> None:
         self.model.backward(loss, scale_wrt_gas=False)  # the loop already divides by grad_accum
@@ -112,9 +105,7 @@ class DeepSpeedEngine:
 
     @property
     def loss_scale(self) -> Optional[float]:
-        if self.dtype is not torch.float16:
-            return None
-        return float(self.zero.loss_scale)
+        return None  # fp32 weights: no loss scaling
 
     def state_dict(self) -> dict:
         """World-size-independent state; a collective (every rank calls it, rank 0 saves it)."""
@@ -136,14 +127,10 @@ class DeepSpeedEngine:
             steps.append(slot["step"].clone().cpu() if torch.is_tensor(slot.get("step")) else torch.tensor(0.0))
         # The fp32 master weights are the model: evaluation and fine-tuning read "model".
         model = {n: master.get(n, t).cpu() for n, t in self.module.state_dict().items()}
-        state = {"model": model, "optimizer_state": moments, "optimizer_steps": steps}
-        if self.dtype is torch.float16:
-            scaler = self.zero.loss_scaler
-            state["loss_scaler"] = {f: float(getattr(scaler, f)) for f in _SCALER_FIELDS if hasattr(scaler, f)}
-        return state
+        return {"model": model, "optimizer_state": moments, "optimizer_steps": steps}
 
     def load_state_dict(self, state: dict) -> None:
-        self.module.load_state_dict(state["model"])  # the working (fp16/bf16/fp32) weights
+        self.module.load_state_dict(state["model"])
         if ("optimizer" in state) != (self.zero is None):
             saved = "a plain optimizer (ZeRO stage 0)" if "optimizer" in state else "ZeRO-partitioned optimizer state"
             raise RunError(f"this checkpoint holds {saved}: resume it with the trainer.zero_stage it was saved with")
@@ -166,8 +153,6 @@ class DeepSpeedEngine:
             if keys:  # saved before the first step, the optimizer had no state yet
                 slot = {k: own_slice([state["optimizer_state"][names[id(p)]][k] for p in params]) for k in keys}
                 self.zero.optimizer.state[partition] = {**slot, "step": state["optimizer_steps"][i].clone()}
-        for field, value in state.get("loss_scaler", {}).items():
-            setattr(self.zero.loss_scaler, field, type(getattr(self.zero.loss_scaler, field))(value))
 
     def _gather(self, partition: torch.Tensor) -> torch.Tensor:
         """The whole flat tensor of a ZeRO partition, from every rank's slice (a collective)."""
