@@ -33,7 +33,8 @@ def test_login_commands_do_not_import_torch(argv):
 def test_login_modules_do_not_import_torch():
     loaded = run_and_list_modules(
         "import slurmvision.cli, slurmvision.configs, slurmvision.launch.launcher, slurmvision.launch.status, "
-        "slurmvision.slurm.executor, slurmvision.slurm.cluster, slurmvision.slurm.job, slurmvision.evaluate.inspect")
+        "slurmvision.slurm.executor, slurmvision.slurm.cluster, slurmvision.slurm.job, slurmvision.evaluate.inspect, "
+        "slurmvision.slurm.coordinator, slurmvision.slurm.ledger, slurmvision.slurm.causes")
     assert not [m for m in HEAVY if m in loaded]
 
 
