@@ -26,6 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
+from results import write_section  # benchmarks/ is on the path of a script run from it
+
 RESOLUTION = 224
 BATCH = 64
 COLOR_JITTER = 0.4
@@ -136,14 +138,6 @@ def bench_decode_only(images: Path, shards: Path, workers: int) -> float:
     return seen / (time.perf_counter() - start)
 
 
-def write_results(path: Path, text: str) -> None:
-    """Replace this benchmark's section of RESULTS.md, keep the others."""
-    old = path.read_text() if path.exists() else "# Benchmark results\n"
-    head, _, rest = old.partition(SECTION)
-    tail = rest[rest.find("\n## "):] if "\n## " in rest else ""
-    path.write_text(head.rstrip() + "\n\n" + text.rstrip() + "\n" + tail)
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=3000)
@@ -186,7 +180,7 @@ longer side), timm training transform at {RESOLUTION} (RandomResizedCrop, flip, 
 (b) / (a) = {speedup:.2f} (target >= 1.5: {'met' if speedup >= 1.5 else 'NOT met'});
 (b) / (c) = {of_limit:.0%} (target >= 85%: {'met' if of_limit >= 0.85 else 'NOT met'}).
 """
-    write_results(args.results, text)
+    write_section(args.results, text)
     print(text)
     return 0
 

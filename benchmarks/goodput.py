@@ -24,6 +24,8 @@ import time
 from datetime import datetime
 from pathlib import Path
 
+from results import write_section  # benchmarks/ is on the path of a script run from it
+
 SECTION = "## Goodput under preemption"
 STEP_LINE = re.compile(r"^(\S+ \S+) \[rank 0\] INFO slurmvision.progress: step (\d+)/")
 
@@ -135,10 +137,7 @@ step; the rest of the gap is the save and exit after the signal, and the last ev
 Goodput depends on the interval: a fixed cost of c seconds per preemption every T seconds of
 training gives about T / (T + c).
 """
-    old = args.results.read_text() if args.results.exists() else "# Benchmark results\n"
-    head, _, rest = old.partition(SECTION)
-    tail = rest[rest.find("\n## "):] if "\n## " in rest else ""
-    args.results.write_text(head.rstrip() + "\n\n" + text.rstrip() + "\n" + tail)
+    write_section(args.results, text)
     print(text)
     return 0
 

@@ -18,6 +18,8 @@ import sys
 import time
 from pathlib import Path
 
+from results import write_section  # benchmarks/ is on the path of a script run from it
+
 SECTION = "## Gradient checkpointing"
 
 
@@ -93,10 +95,7 @@ AdamW, mean of {args.steps} steps after a warm-up; {time.strftime('%Y-%m-%d')}. 
 
 Memory {on['peak_mib'] / max(off['peak_mib'], 1e-9):.0%} of the plain step, time {on['step_s'] / off['step_s']:.2f}x.
 """
-    old = args.results.read_text() if args.results.exists() else "# Benchmark results\n"
-    head, _, rest = old.partition(SECTION)
-    tail = rest[rest.find("\n## "):] if "\n## " in rest else ""
-    args.results.write_text(head.rstrip() + "\n\n" + text.rstrip() + "\n" + tail)
+    write_section(args.results, text)
     print(text)
     return 0
 
