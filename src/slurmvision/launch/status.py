@@ -26,12 +26,12 @@ def _latest_checkpoint(run_dir: Path) -> Optional[dict]:
 
 def _live_state(job_id: str) -> tuple[str, Optional[int]]:
     """(Slurm state, place in the pending queue or None)."""
+    from slurmvision.slurm.coordinator import sacct_attempts
     from slurmvision.slurm.executor import run_slurm_command
 
     try:
-        out = run_slurm_command(["sacct", "-n", "-X", "-P", "-j", job_id, "--format=State"], timeout=10)
-        states = [line.split()[0] for line in out.splitlines() if line.strip()]
-        state = states[-1] if states else "UNKNOWN"
+        attempts = sacct_attempts(job_id, timeout=10)
+        state = attempts[-1].state if attempts else "UNKNOWN"
         position = None
         if state == "PENDING":
             queue = run_slurm_command(["squeue", "-h", "-t", "PD", "--sort=-p,i", "-o", "%i"], timeout=10).split()

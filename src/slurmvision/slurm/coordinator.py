@@ -27,8 +27,7 @@ from slurmvision.slurm.causes import SlurmAttempt, classify
 from slurmvision.slurm.ledger import Ledger
 
 log = logging.getLogger("slurmvision.coordinator")
-# Ends that a new job can fix, and those it cannot (a new job would fail the same way).
-RETRIED = (causes.TIME_LIMIT, causes.PREEMPTION, causes.REQUEUE, causes.NODE_FAILURE, causes.CRASH, causes.UNKNOWN)
+# Ends a new job would meet again: the run stops with this advice. Every other end is retried.
 ADVICE = {
     causes.OOM: "out of memory: lower data.batch_size (raise trainer.grad_accum to keep the global batch), "
                 "or set model.grad_checkpointing=true, then relaunch",
@@ -44,12 +43,12 @@ class Decision:
     delay_s: float = 0.0  # back-off before resubmitting
 
 
-def sacct_attempts(job_id: str) -> list[SlurmAttempt]:
+def sacct_attempts(job_id: str, timeout: float = 60) -> list[SlurmAttempt]:
     """Every attempt of a job, oldest first (`sacct -D` lists the requeued ones too)."""
     from slurmvision.slurm.executor import run_slurm_command
 
     out = run_slurm_command(["sacct", "-n", "-X", "-D", "-P", "-j", job_id, "--format=State,NodeList,ExitCode"],
-                            timeout=60)
+                            timeout=timeout)
     return [SlurmAttempt.parse(line) for line in out.splitlines() if line.strip()]
 
 

@@ -11,6 +11,8 @@ import os
 import subprocess
 from pathlib import Path
 
+from slurmvision.slurm.causes import PREEMPTION, WARNING_SIGNALS
+
 log = logging.getLogger(__name__)
 # After saving on a signal, rank 0 requeues the job when Slurm would not bring it back by
 # itself. The time-limit warning (`--signal`, USR1/USR2) means "save and come back". On
@@ -18,7 +20,6 @@ log = logging.getLogger(__name__)
 # has already ended the job (COMPLETING), and Slurm's decision stands; a job still RUNNING
 # is being preempted (Slurm shows the grace time as RUNNING) and is requeued now, handing
 # the nodes over at once. A preempted job that exited by itself would count as completed.
-WARNING_SIGNALS = ("SIGUSR1", "SIGUSR2")
 
 
 def job_state(job_id: str) -> str:
@@ -62,5 +63,5 @@ class TrainJob:
         from slurmvision.slurm.ledger import Ledger
 
         # sacct will show REQUEUED: keep the cause that only this moment tells.
-        Ledger(self.run_dir).set_cause(job_id, int(os.environ.get("SLURM_RESTART_COUNT", 0)), "preemption")
+        Ledger(self.run_dir).set_cause(job_id, int(os.environ.get("SLURM_RESTART_COUNT", 0)), PREEMPTION)
         requeue(job_id)

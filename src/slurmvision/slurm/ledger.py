@@ -59,6 +59,7 @@ CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 class Ledger:
     def __init__(self, run_dir: str | Path):
         self.path = Path(run_dir) / LEDGER_NAME
+        self._ready = False  # WAL mode and the tables, set up by this object's first connection
 
     @contextmanager
     def _db(self) -> Iterator[sqlite3.Connection]:
@@ -67,9 +68,11 @@ class Ledger:
         db = sqlite3.connect(self.path, timeout=60, isolation_level=None)
         try:
             db.row_factory = sqlite3.Row
-            db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA busy_timeout=60000")
-            db.executescript(SCHEMA)
+            if not self._ready:
+                db.execute("PRAGMA journal_mode=WAL")  # kept by the file from then on
+                db.executescript(SCHEMA)
+                self._ready = True
             db.execute("BEGIN IMMEDIATE")
             yield db
             db.execute("COMMIT")
