@@ -42,7 +42,7 @@ def measure(model_name: str, batch: int, size: int, checkpointing: bool, steps: 
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        return float(loss)
+        return float(loss.detach())
 
     step()  # warm-up: allocator, optimizer state
     if device == "cuda":

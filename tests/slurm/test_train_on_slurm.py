@@ -106,13 +106,20 @@ def test_launch_trains_and_status_reports_it(tiny_shards, tmp_path):  # noqa: F8
     assert attempt["job_id"] == job.job_id and attempt["outcome"] == "finished" and attempt["world_size"] == 2
 
 
-def test_usr2_warning_saves_requeues_and_resumes_bit_for_bit(tiny_shards, tmp_path, straight_sha):  # noqa: F811
+@pytest.mark.parametrize("to_one_rank", [False, True], ids=["scancel", "rank-1-only"])
+def test_usr2_warning_saves_requeues_and_resumes_bit_for_bit(tiny_shards, tmp_path, straight_sha, to_one_rank):  # noqa: F811
+    """`scancel --signal=USR2` reaches every rank; sent to rank 1 alone it is enough too: all
+    ranks stop at the same step, save, and rank 0 requeues."""
     run_dir = tmp_path / "run"
     job = submit(slurm_config(tiny_shards, run_dir, *LONGER))
     watcher = coordinator(run_dir)
     wait_for_log(run_dir / "logs" / "rank-00000.log", "step 2/")
-    subprocess.run(["scancel", "--signal=USR2", job.job_id], check=True)
-    wait_for_log(run_dir / "logs" / "rank-00000.log", "stopped by SIGUSR2")
+    if to_one_rank:
+        os.kill(task_pid(run_dir, 1), signal.SIGUSR2)
+    else:
+        subprocess.run(["scancel", "--signal=USR2", job.job_id], check=True)
+    wait_for_log(run_dir / "logs" / "rank-00000.log",
+                 "stopped by SIGUSR2 (this rank: none)" if to_one_rank else "stopped by SIGUSR2")
     start_when_requeued(job.job_id)
     code, output = finish(watcher)
     assert code == 0 and "run finished" in output, output
@@ -123,22 +130,6 @@ def test_usr2_warning_saves_requeues_and_resumes_bit_for_bit(tiny_shards, tmp_pa
     assert second["step_start"] == first["step_reached"] and second["outcome"] == "finished"
     assert len(Ledger(run_dir).jobs()) == 1  # Slurm requeued it: nothing resubmitted
 
-
-
-def test_a_warning_to_one_rank_is_enough(tiny_shards, tmp_path, straight_sha):  # noqa: F811
-    """Only rank 1 gets the signal: all ranks stop at the same step, save, and rank 0 requeues."""
-    run_dir = tmp_path / "run"
-    job = submit(slurm_config(tiny_shards, run_dir, *LONGER))
-    watcher = coordinator(run_dir)
-    wait_for_log(run_dir / "logs" / "rank-00000.log", "step 2/")
-    os.kill(task_pid(run_dir, 1), signal.SIGUSR2)
-    wait_for_log(run_dir / "logs" / "rank-00000.log", "stopped by SIGUSR2 (this rank: none)")
-    start_when_requeued(job.job_id)
-    code, output = finish(watcher)
-    assert code == 0 and "run finished" in output, output
-    assert inspect_checkpoint(run_dir)["params_sha256"] == straight_sha
-    first, second = Ledger(run_dir).attempts()
-    assert first["cause"] == "time limit" and first["lost_steps"] == 0 and len(Ledger(run_dir).jobs()) == 1
 
 def test_real_preemption_saves_in_the_grace_time_and_resumes_bit_for_bit(tiny_shards, tmp_path, straight_sha):  # noqa: F811
     run_dir = tmp_path / "run"
