@@ -39,8 +39,8 @@ def tiny_shards(tmp_path_factory) -> Path:
     return base / "shards"
 
 
-def tiny_config(shards: Path, run_dir: Path, *overrides: str):
+def tiny_config(shards: Path, run_dir: Path, *overrides: str, model=TINY_MODEL):
     return load_config("digits-demo", [
         f"data.root={shards}", "data.batch_size=6", "data.workers=1", "data.shuffle_buffer=8", "data.img_size=16",
-        "trainer.log_every=1", "trainer.checkpoint_every=3", "optim.warmup_steps=2", *TINY_MODEL, *overrides,
+        "trainer.log_every=1", "trainer.checkpoint_every=3", "optim.warmup_steps=2", *model, *overrides,
     ], cluster="local", run_dir=run_dir)

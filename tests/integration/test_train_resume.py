@@ -12,6 +12,7 @@ import pytest
 
 from slurmvision.configs import save_config
 from slurmvision.evaluate.inspect import inspect_checkpoint
+from slurmvision.launch import local
 from slurmvision.launch.local import train_here
 
 from .conftest import tiny_config
@@ -72,6 +73,46 @@ def test_signal_on_one_rank_stops_all_and_resume_is_exact(tiny_shards, tmp_path)
     assert inspect_checkpoint(split)["params_sha256"] == inspect_checkpoint(straight)["params_sha256"]
     assert audit(split) == audit(straight)
     assert json.loads(resumed.stdout)["top1"] == json.loads(done.stdout)["top1"]
+
+
+BATCHNORM_MODEL = ["model.name=resnet10t", "model.kwargs={stem_width: 8}", "model.kwargs.channels=[8,16,16,16]"]
+
+
+def _rank_signalled_mid_step(rank, nproc, port, config, queue):
+    """A rank of `train --nproc` whose rank 1 gets SIGUSR2 after the first micro-batch of step 4."""
+    from slurmvision.trainer.loop import Trainer
+
+    micro_step = Trainer._micro_step
+
+    def signalled(self, batch, micro, sync):
+        loss = micro_step(self, batch, micro, sync)
+        if rank == 1 and self.step == 3 and micro == 0:
+            os.kill(os.getpid(), signal.SIGUSR2)
+        return loss
+
+    Trainer._micro_step = signalled
+    local._rank_main(rank, nproc, port, config, queue)
+
+
+def test_a_step_that_cannot_finish_in_time_is_cut_and_saved_from_its_start(tiny_shards, tmp_path, monkeypatch):
+    """No time left after the warning (signal_delay_s=0): the step in flight is not finished."""
+    settings = [*RESUME_SETTINGS, "model.drop_path=0.1", "cluster.signal_delay_s=0"]
+    straight = tmp_path / "straight"
+    done = train_cli(straight, tiny_config(tiny_shards, straight, *settings, model=BATCHNORM_MODEL), nproc=2)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    split = tmp_path / "split"
+    config = tiny_config(tiny_shards, split, *settings, model=BATCHNORM_MODEL)
+    monkeypatch.setattr(local, "_rank_main", _rank_signalled_mid_step)
+    stopped = train_here(config, nproc=2)
+    assert stopped == {"interrupted": True, "signal": "SIGUSR2", "step": 3}
+    assert "step 4 cannot finish before the SIGUSR2 deadline" in (split / "logs" / "rank-00000.log").read_text()
+    resumed = train_cli(split, config, nproc=2)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+
+    # BatchNorm statistics are in the hash: the cut step's forward passes were undone.
+    assert inspect_checkpoint(split)["params_sha256"] == inspect_checkpoint(straight)["params_sha256"]
+    assert audit(split) == audit(straight)
 
 
 def test_resume_on_fewer_ranks_loses_and_repeats_nothing_at_the_same_global_batch(tiny_shards, tmp_path):

@@ -56,13 +56,13 @@ def squeue_state(job_id: str) -> str:
     return subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True).stdout.strip()
 
 
-def start_when_requeued(job_id: str, timeout: float = 120) -> None:
+def start_when_requeued(job_id: str, *updates: str, timeout: float = 120) -> None:
     """A requeued job waits Slurm's requeue delay (~2 min) before it may start; skip the wait."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if squeue_state(job_id) == "PENDING":
             time.sleep(3)  # not in the second of the requeue: Slurm would refuse the old job credential
-            subprocess.run(["scontrol", "update", f"jobid={job_id}", "StartTime=now"], capture_output=True)
+            subprocess.run(["scontrol", "update", f"jobid={job_id}", *updates, "StartTime=now"], capture_output=True)
             return
         time.sleep(0.5)
     raise AssertionError(f"job {job_id} was not requeued")
@@ -195,7 +195,7 @@ def test_hard_time_limit_is_resubmitted_from_the_save_at_the_limit(tiny_shards, 
     run_dir = tmp_path / "run"
     config = slurm_config(tiny_shards, run_dir, "trainer.max_steps=3000", "trainer.checkpoint_every=500",
                           "trainer.log_every=100", "data.audit=false")
-    config.cluster.time_min, config.cluster.signal_delay_s = 1, 0
+    config.cluster.time_min, config.cluster.signal_delay_s, config.cluster.stop_before_limit = 1, 0, False
     job = submit(config)
     code, output = finish(coordinator(run_dir), timeout=600)
     assert code == 0 and "run finished" in output, output
@@ -205,3 +205,21 @@ def test_hard_time_limit_is_resubmitted_from_the_save_at_the_limit(tiny_shards, 
     assert first["cause"] == "time limit" and first["signal"] == "SIGTERM" and 0 < first["step_reached"] < 3000
     assert first["lost_steps"] == 0 and attempts[1]["step_start"] == first["step_reached"]
     assert attempts[-1]["outcome"] == "finished"
+
+
+def test_the_job_stops_by_itself_before_a_time_limit_its_warning_would_miss(tiny_shards, tmp_path):  # noqa: F811
+    """No warning, but the trainer knows the job's end time (squeue) and its step and save times."""
+    run_dir = tmp_path / "run"
+    config = slurm_config(tiny_shards, run_dir, "trainer.max_steps=3000", "trainer.checkpoint_every=500",
+                          "trainer.log_every=100", "data.audit=false")
+    config.cluster.time_min, config.cluster.signal_delay_s = 1, 0
+    job = submit(config)
+    watcher = coordinator(run_dir)
+    wait_for_log(run_dir / "logs" / "rank-00000.log", "stopped by time limit ahead")
+    start_when_requeued(job.job_id, "TimeLimit=10")  # room to finish
+    code, output = finish(watcher, timeout=600)
+    assert code == 0 and "run finished" in output, output
+    first, second = Ledger(run_dir).attempts()
+    assert first["cause"] == "time limit" and first["signal"] == "time limit ahead" and 0 < first["step_reached"] < 3000
+    assert first["lost_steps"] == 0 and second["step_start"] == first["step_reached"]
+    assert second["outcome"] == "finished" and len(Ledger(run_dir).jobs()) == 1  # requeued by itself, in time

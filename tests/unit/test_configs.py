@@ -16,6 +16,17 @@ def test_recipe_profile_and_overrides_merge_in_order():
     assert config.run.name == "swinv2-tiny-a100" and config.data.root == "/shards"
 
 
+def test_a_mapping_given_whole_replaces_a_free_form_one_and_merges_into_a_section():
+    """For another model than the recipe's: model.kwargs={} drops the recipe's model arguments."""
+    recipe = load_config("digits-demo", ["data.root=/x"], cluster="local").model.kwargs
+    assert "window_size" in recipe
+    config = load_config("digits-demo", ["data.root=/x", "model.name=resnet10t", "model.kwargs={stem_width: 8}",
+                                         "model.kwargs.channels=[8,16,16,16]"], cluster="local")
+    assert config.model.kwargs == {"stem_width": 8, "channels": [8, 16, 16, 16]}
+    config = load_config("digits-demo", ["data.root=/x", "data={batch_size: 3}"], cluster="local")
+    assert config.data.batch_size == 3 and config.data.img_size == 32  # a section keeps its other keys
+
+
 @pytest.mark.parametrize("override,expected", [
     ("optim.lrr=1", "unknown key 'optim.lrr'.*did you mean optim.lr"),
     ("trainer.max_step=3", "did you mean trainer.max_steps"),

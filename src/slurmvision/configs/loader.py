@@ -124,11 +124,18 @@ def load_config(
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like section.key=value, e.g. optim.lr=1e-3")
-    try:
-        dotlist = OmegaConf.from_dotlist(overrides)
-    except OmegaConfBaseException as err:
-        raise _config_error(err, "the command line") from None
-    merged = _merge(merged, dotlist, "the command line")
+    for item in overrides:
+        try:
+            dotlist = OmegaConf.from_dotlist([item])
+        except OmegaConfBaseException as err:
+            raise _config_error(err, "the command line") from None
+        key = item.split("=", 1)[0]
+        current = OmegaConf.select(merged, key, default=None)
+        if OmegaConf.is_dict(OmegaConf.select(dotlist, key)) and OmegaConf.is_dict(current) \
+                and OmegaConf.get_type(current) is dict:
+            # `key={...}` replaces a free-form mapping (e.g. a recipe's model.kwargs for another model).
+            OmegaConf.update(merged, key, {}, merge=False)
+        merged = _merge(merged, dotlist, "the command line")
     if run_dir is not None:
         merged.run.dir = str(run_dir)
     return to_config(merged)

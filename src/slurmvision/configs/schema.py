@@ -184,6 +184,10 @@ class ClusterConfig:
     exclude: Optional[str] = None
     signal: str = "USR2"  # sent signal_delay_s before the time limit
     signal_delay_s: int = 120
+    sigterm_grace_s: int = 30  # SIGTERM to SIGKILL: the partition's GraceTime on preemption, else KillWait
+    # Stop at the last step boundary where a step and a save still fit before the time limit,
+    # for steps too long for the warning's lead time.
+    stop_before_limit: bool = True
     setup: list[str] = field(default_factory=list)  # shell lines run before the job (module load ...)
     additional: dict[str, Any] = field(default_factory=dict)  # extra sbatch options
     # The coordinator's budgets: attempts in all (requeues count), crashes at the same step,
@@ -195,7 +199,7 @@ class ClusterConfig:
 
     def __post_init__(self) -> None:
         _choice("cluster.executor", self.executor, ("local", "slurm"))
-        for key in ("crash_retries", "node_failure_retries", "retry_backoff_s"):
+        for key in ("crash_retries", "node_failure_retries", "retry_backoff_s", "sigterm_grace_s"):
             _check(getattr(self, key) >= 0, f"cluster.{key}", getattr(self, key), "must be >= 0")
         _choice("cluster.signal", self.signal, ("USR1", "USR2", "TERM", "INT"))
         for key in ("nodes", "tasks_per_node", "cpus_per_task", "time_min", "max_attempts"):

@@ -15,7 +15,10 @@ USER_CANCEL, NODE_FAILURE, OOM, CRASH, UNKNOWN = "user cancel", "node failure", 
 ACTIVE_STATES = {"PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "COMPLETING", "CONFIGURING",
                  "SUSPENDED", "RESIZING", "STAGE_OUT", "SIGNALING", "RESV_DEL_HOLD", "SPECIAL_EXIT"}
 OOM_MARKS = ("CUDA out of memory", "OutOfMemoryError", "out of memory", "oom-kill", "oom_kill")
-WARNING_SIGNALS = ("SIGUSR1", "SIGUSR2")
+# The trainer's own stop when the next step would not finish before the time limit.
+LIMIT_AHEAD = "time limit ahead"
+# Stops that mean "save and come back": the time-limit warning (`--signal`), or the above.
+WARNING_SIGNALS = ("SIGUSR1", "SIGUSR2", LIMIT_AHEAD)
 
 
 @dataclass(frozen=True)

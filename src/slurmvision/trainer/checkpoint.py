@@ -29,9 +29,12 @@ from slurmvision.trainer.manifest import FORMAT_VERSION, MANIFEST, META, STATE, 
 
 log = logging.getLogger(__name__)
 def params_sha256(model: torch.nn.Module) -> str:
-    """A hash of the parameters by name in sorted order: equal hashes mean bitwise equal weights."""
+    """A hash of the parameters and persistent buffers (BatchNorm statistics) by name in sorted order.
+
+    Equal hashes mean bitwise equal models.
+    """
     digest = hashlib.sha256()
-    for name, param in sorted(model.named_parameters()):
+    for name, param in sorted(model.state_dict().items()):
         digest.update(name.encode())
         digest.update(param.detach().float().cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()

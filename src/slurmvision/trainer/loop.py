@@ -19,9 +19,11 @@ from slurmvision.errors import CheckpointError, DataError, RunError
 from slurmvision.models import build_model, build_teacher
 from slurmvision.shards.reader import LoaderState, ShardSet, TrainReader
 from slurmvision.shards.transforms import DeviceAugment
+from slurmvision.slurm.causes import LIMIT_AHEAD
 from slurmvision.slurm.ledger import AttemptRecorder
 from slurmvision.trainer import distributed
 from slurmvision.trainer.checkpoint import CheckpointManager, params_sha256, rng_state, set_rng_state
+from slurmvision.trainer.deadline import StepTimes, TimeLimit, stop_deadline
 from slurmvision.trainer.distributed import DistEnv, all_reduce_sum
 from slurmvision.trainer.engine import build_engine
 from slurmvision.trainer.evaluation import evaluate
@@ -81,6 +83,11 @@ class Trainer:
         self.augment = DeviceAugment(config.data, self.num_classes, device, trainer.seed, env.rank)
         self.monitor = Monitor(self.run_dir, env, self.step, trainer.max_steps, to_dict(config))
         self.stop = StopRequest().install()
+        self.times = StepTimes()
+        stop_before_limit = env.is_main and config.cluster.executor == "slurm" and config.cluster.stop_before_limit
+        self.time_limit = TimeLimit(env.job_id if stop_before_limit else None)
+        # Buffers a forward pass changes (BatchNorm statistics): a step cut short puts them back.
+        self.persistent_buffers = [b for name, b in self.model.named_buffers() if name in self.model.state_dict()]
         self.record = AttemptRecorder(self.run_dir, env.job_id, env.restart_count) if env.is_main else None
         if self.record:
             self.record.started(world_size=env.world_size, step=self.step, checkpoint=self.resumed_from)
@@ -144,22 +151,35 @@ class Trainer:
             except DataError as err:
                 error = err
             time_due = trainer.checkpoint_every_minutes and time.monotonic() - last_save > trainer.checkpoint_every_minutes * 60
+            evaluates_next = bool(trainer.eval_every) and (self.step + 1) % trainer.eval_every == 0
+            limit_ahead = self.time_limit.too_close(self.times, evaluates_next)
             # All ranks agree at each step boundary, before the step's collectives: one rank's
             # data error or stop signal is enough to stop every rank at the same step.
-            errors, due, warnings, terms = all_reduce_sum(
+            errors, due, warnings, terms, ahead = all_reduce_sum(
                 [float(error is not None), float(bool(time_due) and self.env.is_main), float(self.stop.is_warning),
-                 float(self.stop.requested and not self.stop.is_warning)], self.device)
+                 float(self.stop.requested and not self.stop.is_warning), float(limit_ahead)], self.device)
             if errors:
                 if error is not None:
                     raise error
                 raise DataError("another rank stopped on bad data; see its log for the samples")
             if warnings or terms:
                 return self._stop("SIGUSR2" if warnings else "SIGTERM", position)
+            if ahead:
+                log.warning("the time limit is near: one more step and a save (about %.0fs) would not fit; stopping at "
+                            "step %d", self.times.next_step_and_save(evaluates_next), self.step)
+                return self._stop(LIMIT_AHEAD, position)
             data_wait = time.monotonic() - started
             loss_sum, images = 0.0, 0
+            # The last safe point, should the step have to be cut short: the state at its start.
+            step_start = (rng_state(), [b.clone() for b in self.persistent_buffers]) if len(step_batches) > 1 else None
             for i, batch in enumerate(step_batches):
+                micro_started = time.monotonic()
                 loss_sum += self._micro_step(batch, i, sync=i == len(step_batches) - 1)
+                self.times.micro.append(time.monotonic() - micro_started)
                 images += len(batch.keys)
+                agreed_signal = self._cut_short(len(step_batches) - 1 - i) if i < len(step_batches) - 1 else None
+                if agreed_signal:
+                    return self._stop_mid_step(agreed_signal, position, step_start, done=i + 1)
             self._audit(step_batches)
             loss_total, nonfinite, images_total, bad_total = all_reduce_sum(
                 [loss_sum, float(not math.isfinite(loss_sum)), images, sum(len(b.bad) for b in step_batches)], self.device)
@@ -179,6 +199,7 @@ class Trainer:
             self.step += 1
             self.samples_seen += int(images_total)
             elapsed = time.monotonic() - started
+            self.times.steps.append(elapsed)
             if self.record:
                 self.record.progress(self.step, elapsed)
             if self.step % trainer.log_every == 0 or self.step == trainer.max_steps:
@@ -203,24 +224,40 @@ class Trainer:
             self.record.ended("finished", self.step)
         return results
 
-    def _stop(self, agreed_signal: str, position: dict) -> dict:
+    def _cut_short(self, micro_left: int) -> Optional[str]:
+        """Between micro-steps: the agreed signal if some rank would miss its deadline by finishing the step."""
+        deadline = stop_deadline(self.stop, self.config.cluster)
+        late = deadline is not None and time.monotonic() + self.times.to_finish(micro_left) > deadline
+        warnings, late_ranks = all_reduce_sum([float(self.stop.is_warning), float(late)], self.device)
+        if not late_ranks:
+            return None
+        return "SIGUSR2" if warnings else "SIGTERM"
+
+    def _stop_mid_step(self, agreed_signal: str, position: dict, step_start: tuple, done: int) -> dict:
+        rng, buffers = step_start
+        for buffer, saved in zip(self.persistent_buffers, buffers):
+            buffer.copy_(saved)
+        log.warning("step %d cannot finish before the %s deadline: saving the state from its start instead (the %d "
+                    "micro-batch(es) done are redone after the restart)", self.step + 1, agreed_signal, done)
+        return self._stop(agreed_signal, position, rng)
+
+    def _stop(self, agreed_signal: str, position: dict, rng: Optional[dict] = None) -> dict:
         """Save this step on every rank and report; the caller (Slurm job, local run) requeues or exits.
 
         Every rank reports the same signal: a time-limit warning if any rank got one.
         """
         started = time.monotonic()
-        self.save(position)
+        self.save(position, rng)
         waited = started - self.stop.received_at if self.stop.received_at else 0.0
         took = waited + time.monotonic() - started
         cluster = self.config.cluster
-        # The warning comes signal_delay_s before the time limit; for SIGTERM Slurm's grace time applies.
-        budget = (f" of the {cluster.signal_delay_s}s the warning leaves" if agreed_signal != "SIGTERM"
-                  and cluster.executor == "slurm" else "")
-        log.warning("stopped by %s (this rank: %s) at step %d: checkpoint saved %.1fs after the signal%s", agreed_signal,
-                    self.stop.name, self.step, took, budget)
-        if budget and cluster.signal_delay_s and took > 0.8 * cluster.signal_delay_s:
-            log.warning("saving took %.0f%% of the warning's lead time: raise cluster.signal_delay_s",
-                        100 * took / cluster.signal_delay_s)
+        lead = cluster.signal_delay_s if agreed_signal == "SIGUSR2" else cluster.sigterm_grace_s
+        log.warning("stopped by %s (this rank: %s) at step %d: checkpoint saved %.1fs after the signal", agreed_signal,
+                    self.stop.name, self.step, took)
+        if agreed_signal != LIMIT_AHEAD and cluster.executor == "slurm" and took > 0.8 * lead:
+            key = "signal_delay_s" if agreed_signal == "SIGUSR2" else "sigterm_grace_s (and the partition's GraceTime)"
+            log.warning("saving took %.0f%% of the %ds Slurm leaves after %s: raise cluster.%s", 100 * took / lead, lead,
+                        agreed_signal, key)
         self.monitor.close()
         if self.record:
             self.record.ended("stopped", self.step, signal=agreed_signal)
@@ -247,8 +284,8 @@ class Trainer:
         self.engine.backward(loss / self.config.trainer.grad_accum)
         return float(loss.detach())
 
-    def save(self, position: Optional[dict] = None) -> None:
-        """Collective checkpoint; `position` is the data position if not the reader's current one."""
+    def save(self, position: Optional[dict] = None, rng: Optional[dict] = None) -> None:
+        """Collective checkpoint; `position` and `rng` are the data position and RNG states if not the current ones."""
         started = time.monotonic()
         shared = {"engine": self.engine.state_dict(), "step": self.step, "samples_seen": self.samples_seen,
                   "loader": position or self.reader.state.to_dict(), "version": VERSION, "global_batch": self.global_batch,
@@ -259,14 +296,17 @@ class Trainer:
                 "world_size": self.env.world_size, "engine": self.config.trainer.engine,
                 "config_hash": config_hash(self.config), "params_sha256": params_sha256(self.model),
                 "version": VERSION, "time": time.time()}
-        path = self.checkpoints.save(self.step, shared, {"rng": rng_state()}, meta)
+        path = self.checkpoints.save(self.step, shared, {"rng": rng or rng_state()}, meta)
         if self.record:
             self.record.progress(self.step, saved=self.step)
-        log.info("checkpoint %s saved in %.1fs", path.name, time.monotonic() - started)
+        self.times.save_s = time.monotonic() - started
+        log.info("checkpoint %s saved in %.1fs", path.name, self.times.save_s)
 
     def evaluate(self) -> dict:
+        started = time.monotonic()
         model = self.ema.module if self.ema is not None else self.model
         results = evaluate(model, self.config, self.env, self.device, self.num_classes)
+        self.times.eval_s = time.monotonic() - started
         results.update(step=self.step, params_sha256=params_sha256(self.model))
         image = results.pop("confusion_image", None)
         self.monitor.eval(self.step, results, image)

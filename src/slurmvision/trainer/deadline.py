@@ -1,0 +1,98 @@
+"""Deadlines a step must meet, and the measured times the loop plans with.
+
+Slurm kills a job a fixed time after its signal: `cluster.signal_delay_s` after the
+time-limit warning, the grace time (`cluster.sigterm_grace_s`) after SIGTERM. A step already
+running when the signal comes may not finish in that time (long steps, much gradient
+accumulation). Two rules keep the work anyway:
+- between micro-steps, if finishing the step and then saving would miss the deadline, the
+  loop cuts the step and saves the state from its start, the last safe point;
+- at a step boundary, if one more step and a save no longer fit before the job's time
+  limit, the loop stops there by itself instead of waiting for a warning that comes too late.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import time
+from collections import deque
+from datetime import datetime
+from typing import Optional
+
+from slurmvision.configs.schema import ClusterConfig
+from slurmvision.trainer.signals import StopRequest
+
+log = logging.getLogger(__name__)
+SAFETY = 1.5  # measured times vary (multi-scale batches, a busy file system)
+MARGIN_S = 10.0  # process exit and the requeue itself
+
+
+class StepTimes:
+    """Recent durations of micro-steps, steps, saves and evaluations on this rank."""
+
+    def __init__(self, window: int = 50):
+        self.micro: deque[float] = deque(maxlen=window)
+        self.steps: deque[float] = deque(maxlen=window)
+        self.save_s = 0.0
+        self.eval_s = 0.0
+
+    def to_finish(self, micro_left: int) -> float:
+        """Seconds to finish a step with `micro_left` micro-steps to go, then save."""
+        return SAFETY * (micro_left * max(self.micro, default=0.0) + self.save_s)
+
+    def next_step_and_save(self, evaluates: bool) -> float:
+        return SAFETY * (max(self.steps, default=0.0) + self.save_s + (self.eval_s if evaluates else 0.0)) + MARGIN_S
+
+
+def stop_deadline(stop: StopRequest, cluster: ClusterConfig) -> Optional[float]:
+    """The monotonic time by which a stop signal's checkpoint must be written (None: no signal)."""
+    if stop.received_at is None:
+        return None
+    return stop.received_at + (cluster.signal_delay_s if stop.is_warning else cluster.sigterm_grace_s)
+
+
+def parse_end_time(text: str) -> Optional[float]:
+    """An end time as Slurm prints it (`squeue -o %e`, local time) or as epoch seconds."""
+    text = text.strip()
+    if text.isdigit():
+        return float(text)
+    try:
+        return datetime.fromisoformat(text).timestamp()
+    except ValueError:  # "N/A", "Unknown", or no such job
+        return None
+
+
+class TimeLimit:
+    """When Slurm will end this job (wall-clock epoch seconds), if it has a time limit."""
+
+    def __init__(self, job_id: Optional[str]):
+        self.job_id = job_id
+        self.end = self._query()
+
+    def _query(self) -> Optional[float]:
+        # Slurm >= 23.02 exports the end time; older versions are asked through squeue.
+        if "SLURM_JOB_END_TIME" in os.environ:
+            return parse_end_time(os.environ["SLURM_JOB_END_TIME"])
+        if not self.job_id:
+            return None
+        try:
+            out = subprocess.run(["squeue", "-h", "-j", self.job_id, "-o", "%e"], capture_output=True, text=True,
+                                 timeout=30).stdout
+        except (OSError, subprocess.TimeoutExpired) as err:
+            log.warning("cannot read the job's end time (%s): stopping before the time limit relies on its warning", err)
+            return None
+        return parse_end_time(out.splitlines()[0] if out else "")
+
+    def too_close(self, times: StepTimes, evaluates: bool) -> bool:
+        """Whether the next step and a save would end after the time limit.
+
+        Asks Slurm again before saying yes: `scontrol update TimeLimit` may have moved it.
+        """
+        if self.end is None or not times.steps:
+            return False
+        needed = times.next_step_and_save(evaluates)
+        if self.end - time.time() >= needed:
+            return False
+        self.end = self._query()
+        return self.end is not None and self.end - time.time() < needed
