@@ -63,6 +63,21 @@ def test_train_crops_match_timms_pipeline(crop_scale):
         assert (a.float() - b.float()).abs().mean() < 6, seed
 
 
+@pytest.mark.parametrize("interpolation", ["bicubic", "bilinear", "nearest"])
+def test_an_undrafted_crop_is_resized_as_pil_does(interpolation):
+    """PNGs are never drafted: the crop is whole pixels, resized by torch's kernels (PIL's for nearest)."""
+    data = DataConfig(root="x", hflip=0.5, color_jitter=0.0, interpolation=interpolation)
+    ours = train_transform(data, 96)
+    from timm.data import create_transform
+
+    theirs = create_transform(96, is_training=True, use_prefetcher=True, hflip=0.5, color_jitter=None,
+                              interpolation=interpolation)
+    encoded = photo(320, 240, fmt="PNG")
+    for seed in range(6):
+        a, b = drafted(ours, encoded, seed), reference(theirs, encoded, seed)
+        assert (a.float() - b.float()).abs().mean() < 0.05 and (a.int() - b.int()).abs().max() <= 2, seed
+
+
 def test_random_interpolation_and_randaugment_run_on_bytes():
     data = DataConfig(root="x", interpolation="random", auto_augment="rand-m9-mstd0.5-inc1")
     transform = train_transform(data, 48)
@@ -98,3 +113,33 @@ def test_undecodable_bytes_are_a_value_error(damage):
     encoded = b"not an image at all" if damage == "garbage" else encoded[: len(encoded) // 3]
     with pytest.raises(ValueError, match="does not decode"):
         transform_sample(train_transform(DataConfig(root="x"), 32), encoded)
+
+
+def test_batch_colour_jitter_is_torchvisions_per_sample():
+    from torchvision.transforms import functional as TF
+
+    from slurmvision.shards.transforms import BatchColorJitter
+
+    images = torch.from_numpy(np.stack([np.asarray(Image.open(io.BytesIO(photo(64, 48))))] * 3)).permute(0, 3, 1, 2)
+    factors = torch.tensor([[1.3, 0.7, 1.1], [0.6, 1.4, 0.8], [1.0, 1.0, 1.0]])
+    order = torch.tensor([[0, 1, 2], [2, 0, 1], [1, 2, 0]])
+    ours = BatchColorJitter.apply(images.float(), factors, order)
+    adjust = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation)
+    for i in range(3):
+        expected = images[i].float() / 255
+        for op in order[i]:
+            expected = adjust[op](expected, float(factors[i, op]))
+        assert torch.allclose(ours[i] / 255, expected, atol=1e-5), i
+    assert torch.equal(ours[2], images[2].float())  # factors of 1 change nothing
+
+
+def test_batch_colour_jitter_draws_each_samples_factors_and_order():
+    from slurmvision.shards.transforms import BatchColorJitter
+
+    torch.manual_seed(0)
+    images = torch.full((512, 3, 4, 4), 60.0)
+    images[:, 0] = 120.0  # a colour: saturation changes it too
+    out = BatchColorJitter(0.4)(images)
+    ratios = out[:, 0, 0, 0] / 120
+    assert len(set(ratios.tolist())) > 500 and ratios.min() < 0.6 and ratios.max() > 1.4
+    assert out.min() >= 0 and out.max() <= 255
