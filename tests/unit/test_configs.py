@@ -42,6 +42,14 @@ def test_bad_overrides_name_the_key(override, expected):
         load_config("digits-demo", ["data.root=/x", override], cluster="local")
 
 
+def test_zero3_refuses_an_ema_it_would_have_to_keep_whole():
+    with pytest.raises(ConfigError, match="model.ema_decay=0 or use trainer.zero_stage=2"):
+        load_config("digits-demo", ["data.root=/x", "trainer.engine=deepspeed", "trainer.zero_stage=3",
+                                    "model.ema_decay=0.999"], cluster="local")
+    assert load_config("digits-demo", ["data.root=/x", "trainer.engine=deepspeed", "trainer.zero_stage=3"],
+                       cluster="local").trainer.zero_stage == 3
+
+
 def test_unknown_recipe_and_profile_suggest_names():
     with pytest.raises(ConfigError, match="did you mean 'digits-demo'"):
         load_config("digits-dem", [])

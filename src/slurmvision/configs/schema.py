@@ -142,7 +142,7 @@ class OptimConfig:
 @dataclass
 class TrainerConfig:
     engine: str = "ddp"
-    zero_stage: int = 0  # DeepSpeed ZeRO stage 0, 1 or 2 (stage 3 partitions the weights: not supported)
+    zero_stage: int = 0  # DeepSpeed ZeRO stage 0, 1, 2 or 3 (3 also partitions the weights)
     precision: str = "fp32"
     grad_accum: int = 1
     max_steps: int = 1000  # optimizer steps
@@ -158,7 +158,7 @@ class TrainerConfig:
     def __post_init__(self) -> None:
         _choice("trainer.engine", self.engine, ("ddp", "deepspeed"))
         _choice("trainer.precision", self.precision, ("fp32", "fp16", "bf16"))
-        _choice("trainer.zero_stage", self.zero_stage, (0, 1, 2))
+        _choice("trainer.zero_stage", self.zero_stage, (0, 1, 2, 3))
         for key in ("grad_accum", "max_steps", "checkpoint_every", "keep_checkpoints", "log_every", "nonfinite_budget"):
             _check(getattr(self, key) >= 1, f"trainer.{key}", getattr(self, key), "must be >= 1")
         _check(self.eval_every >= 0, "trainer.eval_every", self.eval_every, "must be >= 0")
@@ -235,3 +235,6 @@ class Config:
     def __post_init__(self) -> None:
         if self.trainer.engine == "ddp" and self.trainer.zero_stage:
             raise ConfigError(f"trainer.zero_stage={self.trainer.zero_stage} needs trainer.engine=deepspeed")
+        if self.trainer.zero_stage == 3 and self.model.ema_decay:
+            raise ConfigError("model.ema_decay keeps a full copy of the weights on every rank, which ZeRO-3 "
+                              "partitions: set model.ema_decay=0 or use trainer.zero_stage=2")

@@ -1,4 +1,4 @@
-"""The DeepSpeed engine: ZeRO stage 0/1/2, fp32 or bf16 (autocast), behind the loop's engine
+"""The DeepSpeed engine: ZeRO stage 0/1/2/3, fp32 or bf16 (autocast), behind the loop's engine
 interface (see trainer.engine).
 
 Gradient accumulation is the loop's (DeepSpeed's `managed_gradient_accumulation=false`):
@@ -8,12 +8,15 @@ Checkpoints hold no DeepSpeed files and do not depend on the world size: the ful
 weights and the full optimizer state of every parameter, gathered from the ZeRO partitions
 (DeepSpeed's flat fp32 groups) on save and cut into the new ranks' partitions on load.
 A run saved on 2 ranks resumes on 1 or on 4, which DeepSpeed's own checkpoints cannot.
+ZeRO 1/2 cut one flat group into equal slices, one per rank; ZeRO-3 cuts every parameter
+into equal (padded) slices and concatenates a rank's slices.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 from typing import Optional
 
 import torch
@@ -21,7 +24,6 @@ import torch.distributed as dist
 
 from slurmvision.configs.schema import Config
 from slurmvision.errors import ConfigError, RunError
-
 
 
 def deepspeed_config(config: Config) -> dict:
@@ -64,6 +66,10 @@ class DeepSpeedEngine:
             os.environ.setdefault("DS_ACCELERATOR", "cpu")
         import deepspeed
 
+        # DeepSpeed calls torch.distributed's deprecated *_tensor collectives every step, and
+        # each call would print the deprecation again into the rank's log.
+        warnings.filterwarnings("ignore", category=FutureWarning, message=r"`torch\.distributed\.\w+` is deprecated")
+
         self.config, self.device = config, device
         model.to(device)
         if config.model.channels_last:
@@ -78,8 +84,9 @@ class DeepSpeedEngine:
         self.module = self.model.module
         if config.model.compile:
             self.model.compile()
-        # ZeRO 1/2 keep fp32 master weights and optimizer state as flat, per-rank partitions.
+        # ZeRO keeps fp32 master weights and optimizer state as flat, per-rank partitions.
         self.zero = self.model.optimizer if trainer.zero_stage else None
+        self.stage = trainer.zero_stage
 
     @contextlib.contextmanager
     def forward_context(self, sync: bool):
@@ -107,55 +114,111 @@ class DeepSpeedEngine:
     def loss_scale(self) -> Optional[float]:
         return None  # fp32 weights: no loss scaling
 
+    def _groups(self) -> list[tuple[list[torch.nn.Parameter], torch.Tensor]]:
+        """(parameters, this rank's flat fp32 partition of them) for each ZeRO group."""
+        if self.stage == 3:
+            return list(zip(self.zero.fp16_groups, self.zero.fp32_partitioned_groups_flat))
+        return list(zip(self.zero.round_robin_bit16_groups, self.zero.single_partition_of_fp32_groups))
+
+    def _split(self, params: list[torch.nn.Parameter], slices: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Every parameter's full tensor from all ranks' flat partitions, in the group's order."""
+        if self.stage == 3:
+            fulls, offset = [], 0
+            for param in params:
+                size = param.ds_tensor.numel()
+                fulls.append(torch.cat([s[offset:offset + size] for s in slices])[:param.ds_numel].view(param.ds_shape))
+                offset += size
+            return fulls
+        flat, offset, fulls = torch.cat(slices), 0, []
+        for param in params:
+            fulls.append(flat[offset:offset + param.numel()].view_as(param))
+            offset += param.numel()
+        return fulls
+
+    def _own_slice(self, params: list[torch.nn.Parameter], fulls: list[torch.Tensor], partition: torch.Tensor) -> torch.Tensor:
+        """This rank's flat partition of the given full tensors (the inverse of `_split`)."""
+        rank, world = dist.get_rank(), dist.get_world_size()
+        pad = torch.nn.functional.pad
+        if self.stage == 3:
+            pieces = []
+            for param, full in zip(params, fulls):
+                size = param.ds_tensor.numel()
+                pieces.append(pad(full.reshape(-1).float(), (0, size * world - full.numel()))[rank * size:(rank + 1) * size])
+            flat = torch.cat(pieces)
+            return pad(flat, (0, partition.numel() - flat.numel())).to(partition.device)
+        size = partition.numel()
+        flat = pad(torch.cat([t.reshape(-1).float() for t in fulls]), (0, size * world - sum(t.numel() for t in fulls)))
+        return flat[rank * size:(rank + 1) * size].to(partition.device)
+
+    def model_state(self) -> dict:
+        """The full model state dict (a collective with ZeRO-3, whose ranks hold slices of the weights)."""
+        if self.stage != 3:
+            return self.module.state_dict()
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(self.module.parameters())):
+            return {n: t.detach().clone().cpu() for n, t in self.module.state_dict().items()}
+
+    def eval_module(self, build) -> torch.nn.Module:
+        """A module to evaluate with: ranks evaluate different numbers of batches, which ZeRO-3's
+        per-layer gathers cannot, so under ZeRO-3 a full copy is built with `build()`."""
+        if self.stage != 3:
+            return self.module
+        module = build()
+        module.load_state_dict(self.model_state())
+        return module.to(self.device)
+
     def state_dict(self) -> dict:
         """World-size-independent state; a collective (every rank calls it, rank 0 saves it)."""
         if self.zero is None:  # ZeRO 0 in fp32: a plain, replicated optimizer
             return {"model": self.module.state_dict(), "optimizer": self.model.optimizer.state_dict()}
         names = {id(p): n for n, p in self.module.named_parameters()}
-        master, moments, steps = {}, {}, []
-        for i, params in enumerate(self.zero.round_robin_bit16_groups):
-            partition = self.zero.single_partition_of_fp32_groups[i]
+        moments, steps = {}, []
+        # ZeRO 1/2: the fp32 master weights are the model's; ZeRO-3 gathers them from the partitions.
+        model = self.model_state() if self.stage == 3 else {}
+        for params, partition in self._groups():
             slot = self.zero.optimizer.state.get(partition, {})
             keys = sorted(k for k, v in slot.items() if torch.is_tensor(v) and v.shape == partition.shape)
-            fulls = {key: self._gather(tensor) for key, tensor in [("master", partition), *((k, slot[k]) for k in keys)]}
-            offset = 0
-            for param in params:
-                name, size = names[id(param)], param.numel()
-                master[name] = fulls["master"][offset:offset + size].view_as(param).clone()
-                moments[name] = {k: fulls[k][offset:offset + size].view_as(param).clone() for k in keys}
-                offset += size
+            gathered = [*([("master", partition)] if self.stage != 3 else []), *((k, slot[k]) for k in keys)]
+            fulls = {key: self._split(params, self._gather(tensor)) for key, tensor in gathered}
+            for j, param in enumerate(params):
+                name = names[id(param)]
+                if self.stage != 3:
+                    model[name] = fulls["master"][j].clone()
+                moments[name] = {k: fulls[k][j].clone() for k in keys}
             steps.append(slot["step"].clone().cpu() if torch.is_tensor(slot.get("step")) else torch.tensor(0.0))
-        # The fp32 master weights are the model: evaluation and fine-tuning read "model".
-        model = {n: master.get(n, t).cpu() for n, t in self.module.state_dict().items()}
+        # Frozen parameters and buffers are not in the optimizer's groups.
+        model = {n: model.get(n, t).cpu() for n, t in self.module.state_dict().items()} if self.stage != 3 else model
         return {"model": model, "optimizer_state": moments, "optimizer_steps": steps}
 
     def load_state_dict(self, state: dict) -> None:
-        self.module.load_state_dict(state["model"])
+        if self.stage == 3:
+            import deepspeed
+
+            # Every rank loads the full weights; leaving the context re-partitions them.
+            with deepspeed.zero.GatheredParameters(list(self.module.parameters()), modifier_rank=0):
+                self.module.load_state_dict(state["model"])
+        else:
+            self.module.load_state_dict(state["model"])
         if ("optimizer" in state) != (self.zero is None):
             saved = "a plain optimizer (ZeRO stage 0)" if "optimizer" in state else "ZeRO-partitioned optimizer state"
             raise RunError(f"this checkpoint holds {saved}: resume it with the trainer.zero_stage it was saved with")
         if self.zero is None:
             self.model.optimizer.load_state_dict(state["optimizer"])
             return
-        rank, world = dist.get_rank(), dist.get_world_size()
         names = {id(p): n for n, p in self.module.named_parameters()}
-        for i, params in enumerate(self.zero.round_robin_bit16_groups):
-            partition = self.zero.single_partition_of_fp32_groups[i]
-            size = partition.numel()
-
-            def own_slice(tensors: list[torch.Tensor]) -> torch.Tensor:
-                flat = torch.cat([t.reshape(-1).float() for t in tensors])
-                flat = torch.nn.functional.pad(flat, (0, size * world - flat.numel()))
-                return flat[rank * size:(rank + 1) * size].to(partition.device)
-
-            partition.data.copy_(own_slice([state["model"][names[id(p)]] for p in params]))
+        steps = state["optimizer_steps"]
+        for i, (params, partition) in enumerate(self._groups()):
+            partition.data.copy_(self._own_slice(params, [state["model"][names[id(p)]] for p in params], partition))
             keys = state["optimizer_state"][names[id(params[0])]].keys()
             if keys:  # saved before the first step, the optimizer had no state yet
-                slot = {k: own_slice([state["optimizer_state"][names[id(p)]][k] for p in params]) for k in keys}
-                self.zero.optimizer.state[partition] = {**slot, "step": state["optimizer_steps"][i].clone()}
+                slot = {k: self._own_slice(params, [state["optimizer_state"][names[id(p)]][k] for p in params], partition)
+                        for k in keys}
+                # Every group steps together: a checkpoint from another stage may group differently.
+                self.zero.optimizer.state[partition] = {**slot, "step": steps[min(i, len(steps) - 1)].clone()}
 
-    def _gather(self, partition: torch.Tensor) -> torch.Tensor:
-        """The whole flat tensor of a ZeRO partition, from every rank's slice (a collective)."""
+    def _gather(self, partition: torch.Tensor) -> list[torch.Tensor]:
+        """Every rank's slice of a ZeRO partition (a collective)."""
         parts = [torch.empty_like(partition) for _ in range(dist.get_world_size())]
         dist.all_gather(parts, partition.contiguous())
-        return torch.cat(parts).cpu()
+        return [part.cpu() for part in parts]

@@ -294,7 +294,7 @@ class Trainer:
             shared["ema"] = self.ema.module.state_dict()
         meta = {"step": self.step, "epoch": shared["loader"]["epoch"], "samples_seen": self.samples_seen,
                 "world_size": self.env.world_size, "engine": self.config.trainer.engine,
-                "config_hash": config_hash(self.config), "params_sha256": params_sha256(self.model),
+                "config_hash": config_hash(self.config), "params_sha256": params_sha256(shared["engine"]["model"]),
                 "version": VERSION, "time": time.time()}
         path = self.checkpoints.save(self.step, shared, {"rng": rng or rng_state()}, meta)
         if self.record:
@@ -304,10 +304,11 @@ class Trainer:
 
     def evaluate(self) -> dict:
         started = time.monotonic()
-        model = self.ema.module if self.ema is not None else self.model
+        model = self.ema.module if self.ema is not None else \
+            self.engine.eval_module(lambda: build_model(self.config.model, self.num_classes))
         results = evaluate(model, self.config, self.env, self.device, self.num_classes)
         self.times.eval_s = time.monotonic() - started
-        results.update(step=self.step, params_sha256=params_sha256(self.model))
+        results.update(step=self.step, params_sha256=params_sha256(self.engine.model_state()))
         image = results.pop("confusion_image", None)
         self.monitor.eval(self.step, results, image)
         if self.env.is_main:
