@@ -51,6 +51,14 @@ def test_bad_partition_is_refused_before_submitting(tmp_path):
     assert not (tmp_path / "run" / "ledger.sqlite").exists()
 
 
+def test_a_grace_time_longer_than_the_partitions_is_refused(tmp_path):
+    """The low partition kills a preempted job 30 s after SIGTERM: planning with 90 s would lose the save."""
+    config = load_config("digits-demo", ["data.root=/x", "cluster.sigterm_grace_s=90"], cluster="devslurm",
+                         run_dir=tmp_path / "run")
+    with pytest.raises(ClusterError, match="partition 'low' kills a preempted job 30s after.*cluster.sigterm_grace_s=30"):
+        submit(config)
+
+
 def test_sbatch_refusal_is_one_clear_line(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "slurmvision", "launch", "digits-demo", "data.root=/x", "--cluster", "devslurm",

@@ -1,0 +1,27 @@
+"""What sinfo and scontrol print, read into the numbers a profile is checked against."""
+
+import pytest
+
+from slurmvision.slurm.cluster import parse_gpus, parse_grace_times, parse_time_limit
+
+pytestmark = pytest.mark.unit
+
+
+@pytest.mark.parametrize("text,minutes", [
+    ("infinite", None), ("UNLIMITED", None), ("30", 30), ("1:00:00", 60), ("2-00:00:00", 2880), ("1-12", 2160),
+    ("1-12:30", 2190), ("45:30", 46), ("0:00:30", 1),
+])
+def test_time_limits_in_every_slurm_form(text, minutes):
+    assert parse_time_limit(text) == minutes
+
+
+def test_gpus_per_node_from_gres():
+    assert parse_gpus("gpu:a100:8(S:0-1)") == 8
+    assert parse_gpus("gpu:4,shard:16") == 4
+    assert parse_gpus("(null)") == 0
+
+
+def test_grace_times_from_scontrol_one_liners():
+    out = ("PartitionName=low AllowGroups=ALL Default=YES GraceTime=30 Hidden=NO MaxTime=UNLIMITED PreemptMode=REQUEUE\n"
+           "PartitionName=high AllowGroups=ALL Default=NO GraceTime=0 PreemptMode=REQUEUE\n\n")
+    assert parse_grace_times(out) == {"low": 30, "high": 0}
