@@ -223,3 +223,27 @@ def test_the_job_stops_by_itself_before_a_time_limit_its_warning_would_miss(tiny
     assert first["cause"] == "time limit" and first["signal"] == "time limit ahead" and 0 < first["step_reached"] < 3000
     assert first["lost_steps"] == 0 and second["step_start"] == first["step_reached"]
     assert second["outcome"] == "finished" and len(Ledger(run_dir).jobs()) == 1  # requeued by itself, in time
+
+
+def test_node_failure_is_recorded_and_the_run_resumes_bit_for_bit(tiny_shards, tmp_path, straight_sha):  # noqa: F811
+    """The node goes DOWN under the job (what slurmctld does to a failed node): Slurm ends the
+    attempt as NODE_FAIL and requeues the job; the ledger says "node failure"."""
+    run_dir = tmp_path / "run"
+    job = submit(slurm_config(tiny_shards, run_dir, *LONGER))
+    watcher = coordinator(run_dir)
+    wait_for_log(run_dir / "logs" / "rank-00000.log", "step 2/")
+    node = subprocess.run(["squeue", "-h", "-j", job.job_id, "-o", "%N"], capture_output=True, text=True).stdout.strip()
+    try:
+        subprocess.run(["scontrol", "update", f"nodename={node}", "state=down", "reason=slurmvision-test"], check=True)
+        deadline = time.monotonic() + 60
+        while squeue_state(job.job_id) not in ("PENDING", "") and time.monotonic() < deadline:
+            time.sleep(0.5)
+    finally:
+        subprocess.run(["scontrol", "update", f"nodename={node}", "state=resume"], check=True)
+    start_when_requeued(job.job_id)
+    code, output = finish(watcher)
+    assert code == 0 and "run finished" in output, output
+    assert inspect_checkpoint(run_dir)["params_sha256"] == straight_sha
+    first, second = Ledger(run_dir).attempts()
+    assert first["cause"] == "node failure" and second["step_start"] <= first["step_reached"]
+    assert second["outcome"] == "finished" and len(Ledger(run_dir).jobs()) == 1  # Slurm requeued it
