@@ -73,6 +73,13 @@ def test_a_ledger_that_cannot_be_written_costs_a_warning_not_the_run(tmp_path, c
     assert "could not write the ledger" in caplog.text
 
 
+def test_only_rank_0_records(tmp_path):
+    other_rank = AttemptRecorder(tmp_path, "1", 0, enabled=False)
+    other_rank.started(world_size=2, step=0, checkpoint=None)
+    other_rank.ended("finished", 5)
+    assert not list(tmp_path.iterdir())
+
+
 class FakeCluster:
     """Recorded sacct rows per job, and the jobs the coordinator submits."""
 

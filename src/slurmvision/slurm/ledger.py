@@ -167,16 +167,20 @@ class AttemptRecorder:
     `every_s` seconds, and at each checkpoint), and how it ended. A ledger that cannot be
     written (a full or read-only disk) costs a warning, never the training."""
 
-    def __init__(self, run_dir: str | Path, job_id: Optional[str], restart: int, every_s: float = 2.0):
+    def __init__(self, run_dir: str | Path, job_id: Optional[str], restart: int, every_s: float = 2.0,
+                 enabled: bool = True):
         import socket
 
-        self.ledger = Ledger(run_dir)
+        # Only rank 0 records; the other ranks hold a recorder that writes nothing.
+        self.ledger = Ledger(run_dir) if enabled else None
         self.job_id = job_id or f"local-{int(time.time() * 1000)}"
         self.restart, self.every_s = restart, every_s
         self.nodes = os.environ.get("SLURM_JOB_NODELIST") or socket.gethostname()
         self._last = 0.0
 
     def _write(self, method: str, **kwargs) -> None:
+        if self.ledger is None:
+            return
         try:
             getattr(self.ledger, method)(self.job_id, self.restart, **kwargs)
         except sqlite3.Error as err:

@@ -88,9 +88,8 @@ class Trainer:
         self.time_limit = TimeLimit(env.job_id if stop_before_limit else None)
         # Buffers a forward pass changes (BatchNorm statistics): a step cut short puts them back.
         self.persistent_buffers = [b for name, b in self.model.named_buffers() if name in self.model.state_dict()]
-        self.record = AttemptRecorder(self.run_dir, env.job_id, env.restart_count) if env.is_main else None
-        if self.record:
-            self.record.started(world_size=env.world_size, step=self.step, checkpoint=self.resumed_from)
+        self.record = AttemptRecorder(self.run_dir, env.job_id, env.restart_count, enabled=env.is_main)
+        self.record.started(world_size=env.world_size, step=self.step, checkpoint=self.resumed_from)
 
     def _resume(self) -> Optional[LoaderState]:
         checkpoint = self.checkpoints.latest_valid()
@@ -200,8 +199,7 @@ class Trainer:
             self.samples_seen += int(images_total)
             elapsed = time.monotonic() - started
             self.times.steps.append(elapsed)
-            if self.record:
-                self.record.progress(self.step, elapsed)
+            self.record.progress(self.step, elapsed)
             if self.step % trainer.log_every == 0 or self.step == trainer.max_steps:
                 loss = loss_total / self.env.world_size / trainer.grad_accum
                 self.monitor.scalars(self.step, {
@@ -220,8 +218,7 @@ class Trainer:
             self.save()
         results = self.evaluate()
         self.monitor.close()
-        if self.record:
-            self.record.ended("finished", self.step)
+        self.record.ended("finished", self.step)
         return results
 
     def _cut_short(self, micro_left: int) -> Optional[str]:
@@ -259,8 +256,7 @@ class Trainer:
             log.warning("saving took %.0f%% of the %ds Slurm leaves after %s: raise cluster.%s", 100 * took / lead, lead,
                         agreed_signal, key)
         self.monitor.close()
-        if self.record:
-            self.record.ended("stopped", self.step, signal=agreed_signal)
+        self.record.ended("stopped", self.step, signal=agreed_signal)
         return {"interrupted": True, "signal": agreed_signal, "step": self.step}
 
     def _micro_step(self, batch, micro: int, sync: bool) -> float:
@@ -297,8 +293,7 @@ class Trainer:
                 "config_hash": config_hash(self.config), "params_sha256": params_sha256(shared["engine"]["model"]),
                 "version": VERSION, "time": time.time()}
         path = self.checkpoints.save(self.step, shared, {"rng": rng or rng_state()}, meta)
-        if self.record:
-            self.record.progress(self.step, saved=self.step)
+        self.record.progress(self.step, saved=self.step)
         self.times.save_s = time.monotonic() - started
         log.info("checkpoint %s saved in %.1fs", path.name, self.times.save_s)
 
@@ -354,7 +349,7 @@ def train(config: Config, env: Optional[DistEnv] = None) -> dict:
         trainer = Trainer(config, env, device)
         return trainer.fit()
     except Exception as err:
-        if trainer is not None and trainer.record:  # for the coordinator: where and why it failed
+        if trainer is not None:  # for the coordinator: where and why it failed
             trainer.record.ended("failed", trainer.step, error=f"{type(err).__name__}: {err}"[:2000])
         raise
     finally:
