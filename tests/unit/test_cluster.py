@@ -2,7 +2,7 @@
 
 import pytest
 
-from slurmvision.slurm.cluster import parse_gpus, parse_grace_times, parse_time_limit
+from slurmvision.slurm.cluster import parse_gpus, parse_kill_wait, parse_time_limit
 
 pytestmark = pytest.mark.unit
 
@@ -21,7 +21,7 @@ def test_gpus_per_node_from_gres():
     assert parse_gpus("(null)") == 0
 
 
-def test_grace_times_from_scontrol_one_liners():
-    out = ("PartitionName=low AllowGroups=ALL Default=YES GraceTime=30 Hidden=NO MaxTime=UNLIMITED PreemptMode=REQUEUE\n"
-           "PartitionName=high AllowGroups=ALL Default=NO GraceTime=0 PreemptMode=REQUEUE\n\n")
-    assert parse_grace_times(out) == {"low": 30, "high": 0}
+def test_kill_wait_from_scontrol_show_config():
+    out = "Configuration data as of 2026-11-23T16:00:00\nJobRequeue              = 1\nKillWait                = 10 sec\n"
+    assert parse_kill_wait(out) == 10
+    assert parse_kill_wait("KillOnBadExit = 0\n") is None

@@ -50,14 +50,15 @@ def test_stops_before_the_limit_only_when_a_step_and_a_save_no_longer_fit(monkey
     times.save_s = 10.0
     assert not limit.too_close(times, False)  # 1.5 * 30 + 10 = 55 s needed, 100 s left
     times.eval_s = 40.0
+    monkeypatch.setattr(TimeLimit, "_ask_slurm", lambda self: None)  # Slurm unreachable: keep what we knew
     assert limit.too_close(times, True)  # the next step evaluates: 115 s needed
-    # An extended time limit (scontrol update) is read again before stopping.
-    monkeypatch.setenv("SLURM_JOB_END_TIME", str(int(now + 3600)))
-    assert not limit.too_close(times, True)
+    # An extended time limit (scontrol update) is asked for before stopping.
+    monkeypatch.setattr(TimeLimit, "_ask_slurm", lambda self: now + 3600)
+    assert not limit.too_close(times, True) and limit.end == now + 3600
 
 
-def test_without_a_known_end_time_nothing_is_anticipated(monkeypatch):
-    monkeypatch.delenv("SLURM_JOB_END_TIME", raising=False)
+def test_without_a_slurm_job_nothing_is_anticipated(monkeypatch):
+    monkeypatch.setenv("SLURM_JOB_END_TIME", str(int(time.time() + 10)))  # e.g. a local run inside an allocation
     limit = TimeLimit(None)
     times = StepTimes()
     times.steps.append(1e6)

@@ -184,7 +184,7 @@ class ClusterConfig:
     exclude: Optional[str] = None
     signal: str = "USR2"  # sent signal_delay_s before the time limit
     signal_delay_s: int = 120
-    sigterm_grace_s: int = 30  # SIGTERM to SIGKILL: the partition's GraceTime on preemption, else KillWait
+    sigterm_grace_s: int = 30  # SIGTERM to SIGKILL: Slurm's KillWait (preemption adds the partition's GraceTime)
     # Stop at the last step boundary where a step and a save still fit before the time limit,
     # for steps too long for the warning's lead time.
     stop_before_limit: bool = True

@@ -133,7 +133,7 @@ class BatchColorJitter:
 
     Taken out of the loader workers, where three PIL passes over every image were about a third
     of a worker's time; on a GPU the batch takes microseconds. The same distribution: each
-    sample draws its factors uniformly from [1 - strength, 1 + strength] and its own order of
+    sample draws its factors uniformly from [max(0, 1 - strength), 1 + strength] and its own order of
     the three adjustments, and values are clamped after each, on 0..255 floats.
     """
 
@@ -142,7 +142,8 @@ class BatchColorJitter:
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         n = len(images)
-        factors = 1 + self.strength * (2 * torch.rand(n, 3, device=images.device) - 1)
+        low, high = max(0.0, 1 - self.strength), 1 + self.strength
+        factors = low + (high - low) * torch.rand(n, 3, device=images.device)
         order = torch.argsort(torch.rand(n, 3, device=images.device), dim=1)
         return self.apply(images, factors, order)
 

@@ -42,14 +42,10 @@ def parse_gpus(gres: str) -> int:
     return sum(int(m.group(1)) for m in re.finditer(r"gpu(?::[^:,(]+)?:(\d+)", gres))
 
 
-def parse_grace_times(scontrol_oneliners: str) -> dict[str, int]:
-    """Seconds from SIGTERM to SIGKILL on preemption (GraceTime), per partition."""
-    found = {}
-    for line in scontrol_oneliners.splitlines():
-        fields = dict(word.split("=", 1) for word in line.split() if "=" in word)
-        if "PartitionName" in fields and fields.get("GraceTime", "").isdigit():
-            found[fields["PartitionName"]] = int(fields["GraceTime"])
-    return found
+def parse_kill_wait(scontrol_config: str) -> Optional[int]:
+    """KillWait from `scontrol show config`: seconds from a SIGTERM to the SIGKILL."""
+    match = re.search(r"^KillWait\s*=\s*(\d+)", scontrol_config, re.MULTILINE)
+    return int(match.group(1)) if match else None
 
 
 def partitions() -> dict[str, Partition]:
@@ -85,11 +81,13 @@ def validate_cluster(cluster: ClusterConfig) -> None:
     if partition.time_limit_min is not None and cluster.time_min > partition.time_limit_min:
         raise ClusterError(f"cluster.time_min={cluster.time_min} exceeds partition {partition.name!r}'s limit of "
                            f"{partition.time_limit_min} min: lower it (checkpoints make long runs span several jobs)")
-    grace = parse_grace_times(run_slurm_command(["scontrol", "show", "partition", "--oneliner"])).get(partition.name, 0)
-    if grace and cluster.sigterm_grace_s > grace:
-        raise ClusterError(f"cluster.sigterm_grace_s={cluster.sigterm_grace_s} but partition {partition.name!r} kills a "
-                           f"preempted job {grace}s after its SIGTERM (GraceTime): set cluster.sigterm_grace_s={grace}, or "
-                           "a step planned to finish in the grace time would be killed")
+    # The shortest time Slurm leaves after a SIGTERM: scancel, requeue and the time limit give
+    # KillWait; preemption gives the partition's GraceTime first, then KillWait.
+    kill_wait = parse_kill_wait(run_slurm_command(["scontrol", "show", "config"]))
+    if kill_wait is not None and cluster.sigterm_grace_s > kill_wait:
+        raise ClusterError(f"cluster.sigterm_grace_s={cluster.sigterm_grace_s} but this cluster kills a job {kill_wait}s "
+                           f"after its SIGTERM (KillWait): set cluster.sigterm_grace_s={kill_wait}, or a step planned "
+                           "to finish in that time would be killed mid-save")
     if cluster.gpus_per_node > partition.gpus_per_node:
         raise ClusterError(f"cluster.gpus_per_node={cluster.gpus_per_node} but nodes of partition {partition.name!r} have "
                            f"{partition.gpus_per_node} GPUs: lower it or choose another partition")

@@ -68,17 +68,17 @@ class TimeLimit:
 
     def __init__(self, job_id: Optional[str]):
         self.job_id = job_id
-        self.end = self._query()
+        # Slurm >= 23.02 exports the end time at the start; older versions are asked.
+        exported = os.environ.get("SLURM_JOB_END_TIME") if job_id else None
+        self.end = parse_end_time(exported) if exported else self._ask_slurm()
 
-    def _query(self) -> Optional[float]:
-        # Slurm >= 23.02 exports the end time; older versions are asked through squeue.
-        if "SLURM_JOB_END_TIME" in os.environ:
-            return parse_end_time(os.environ["SLURM_JOB_END_TIME"])
+    def _ask_slurm(self) -> Optional[float]:
         if not self.job_id:
             return None
         try:
+            # Epoch seconds whatever the user's SLURM_TIME_FORMAT.
             out = subprocess.run(["squeue", "-h", "-j", self.job_id, "-o", "%e"], capture_output=True, text=True,
-                                 timeout=30).stdout
+                                 timeout=30, env={**os.environ, "SLURM_TIME_FORMAT": "%s"}).stdout
         except (OSError, subprocess.TimeoutExpired) as err:
             log.warning("cannot read the job's end time (%s): stopping before the time limit relies on its warning", err)
             return None
@@ -94,5 +94,5 @@ class TimeLimit:
         needed = times.next_step_and_save(evaluates)
         if self.end - time.time() >= needed:
             return False
-        self.end = self._query()
-        return self.end is not None and self.end - time.time() < needed
+        self.end = self._ask_slurm() or self.end
+        return self.end - time.time() < needed

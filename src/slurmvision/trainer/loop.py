@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -74,6 +75,7 @@ class Trainer:
             self.ema = ModelEmaV3(self.model, decay=config.model.ema_decay)
         self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", env, trainer.keep_checkpoints, device)
         self.step, self.samples_seen, self.resumed_from = 0, 0, None
+        self.times = StepTimes()
         loader_state = self._resume()
         self.reader = TrainReader(config.data, seed=trainer.seed, rank=env.rank, world_size=env.world_size,
                                   state=loader_state, pin_memory=device.type == "cuda")
@@ -83,7 +85,6 @@ class Trainer:
         self.augment = DeviceAugment(config.data, self.num_classes, device, trainer.seed, env.rank)
         self.monitor = Monitor(self.run_dir, env, self.step, trainer.max_steps, to_dict(config))
         self.stop = StopRequest().install()
-        self.times = StepTimes()
         stop_before_limit = env.is_main and config.cluster.executor == "slurm" and config.cluster.stop_before_limit
         self.time_limit = TimeLimit(env.job_id if stop_before_limit else None)
         # Buffers a forward pass changes (BatchNorm statistics): a step cut short puts them back.
@@ -102,6 +103,8 @@ class Trainer:
         if self.ema is not None and "ema" in shared:
             self.ema.module.load_state_dict(shared["ema"])
         self.step, self.samples_seen = int(shared["step"]), int(shared["samples_seen"])
+        # What the last attempt measured: a stop soon after this restart plans with it.
+        self.times.save_s, self.times.eval_s = (float(checkpoint.meta.get(k, 0.0)) for k in ("last_save_s", "last_eval_s"))
         own = checkpoint.load_rank(self.env.rank)
         if own is not None and checkpoint.meta["world_size"] == self.env.world_size:
             set_rng_state(own["rng"])
@@ -145,7 +148,8 @@ class Trainer:
             position = self.reader.state.to_dict()
             step_batches, error = [], None
             try:
-                for _ in range(trainer.grad_accum):
+                # A rank with a stop pending fetches nothing: its flag alone stops every rank below.
+                for _ in range(0 if self.stop.requested else trainer.grad_accum):
                     step_batches.append(next(batches))
             except DataError as err:
                 error = err
@@ -180,8 +184,9 @@ class Trainer:
                 if agreed_signal:
                     return self._stop_mid_step(agreed_signal, position, step_start, done=i + 1)
             self._audit(step_batches)
-            loss_total, nonfinite, images_total, bad_total = all_reduce_sum(
-                [loss_sum, float(not math.isfinite(loss_sum)), images, sum(len(b.bad) for b in step_batches)], self.device)
+            loss_total, nonfinite, images_total, bad_total, stopping = all_reduce_sum(
+                [loss_sum, float(not math.isfinite(loss_sum)), images, sum(len(b.bad) for b in step_batches),
+                 float(self.stop.requested)], self.device)
             lr = self.lr_at(self.step)
             if nonfinite:
                 self.engine.skip()
@@ -209,6 +214,8 @@ class Trainer:
                     "train/bad_samples": bad_total, "train/gpu_mem_gib": self.monitor.memory(self.device),
                 })
                 self.monitor.progress(self.step, loss, images_total / elapsed)
+            if stopping:  # a stop is pending: its save comes at the next boundary, nothing else before it
+                continue
             if self.step % trainer.checkpoint_every == 0 or due:
                 self.save()
                 last_save = time.monotonic()
@@ -252,9 +259,10 @@ class Trainer:
         log.warning("stopped by %s (this rank: %s) at step %d: checkpoint saved %.1fs after the signal", agreed_signal,
                     self.stop.name, self.step, took)
         if agreed_signal != LIMIT_AHEAD and cluster.executor == "slurm" and took > 0.8 * lead:
-            key = "signal_delay_s" if agreed_signal == "SIGUSR2" else "sigterm_grace_s (and the partition's GraceTime)"
-            log.warning("saving took %.0f%% of the %ds Slurm leaves after %s: raise cluster.%s", 100 * took / lead, lead,
-                        agreed_signal, key)
+            advice = ("raise cluster.signal_delay_s" if agreed_signal == "SIGUSR2" else
+                      "Slurm's KillWait is tight for this run: save more often (trainer.checkpoint_every_minutes)")
+            log.warning("saving took %.0f%% of the %ds Slurm leaves after %s: %s", 100 * took / lead, lead,
+                        agreed_signal, advice)
         self.monitor.close()
         self.record.ended("stopped", self.step, signal=agreed_signal)
         return {"interrupted": True, "signal": agreed_signal, "step": self.step}
@@ -291,7 +299,8 @@ class Trainer:
         meta = {"step": self.step, "epoch": shared["loader"]["epoch"], "samples_seen": self.samples_seen,
                 "world_size": self.env.world_size, "engine": self.config.trainer.engine,
                 "config_hash": config_hash(self.config), "params_sha256": params_sha256(shared["engine"]["model"]),
-                "version": VERSION, "time": time.time()}
+                "version": VERSION, "time": time.time(), "last_save_s": self.times.save_s,
+                "last_eval_s": self.times.eval_s}
         path = self.checkpoints.save(self.step, shared, {"rng": rng or rng_state()}, meta)
         self.record.progress(self.step, saved=self.step)
         self.times.save_s = time.monotonic() - started
@@ -299,8 +308,7 @@ class Trainer:
 
     def evaluate(self) -> dict:
         started = time.monotonic()
-        model = self.ema.module if self.ema is not None else \
-            self.engine.eval_module(lambda: build_model(self.config.model, self.num_classes))
+        model = self.ema.module if self.ema is not None else self.engine.eval_module(self._empty_copy)
         results = evaluate(model, self.config, self.env, self.device, self.num_classes)
         self.times.eval_s = time.monotonic() - started
         results.update(step=self.step, params_sha256=params_sha256(self.engine.model_state()))
@@ -312,6 +320,12 @@ class Trainer:
             (out / f"step-{self.step:08d}.json").write_text(json.dumps(results, indent=1))
             log.info("eval at step %d: top-1 %.4f top-5 %.4f F1 %.4f", self.step, results["top1"], results["top5"], results["f1_macro"])
         return results
+
+    def _empty_copy(self) -> torch.nn.Module:
+        """The model's architecture, without downloading or loading weights or drawing from the run's RNG."""
+        with torch.random.fork_rng(devices=[]):
+            return build_model(dataclasses.replace(self.config.model, pretrained=False, finetune_from=None),
+                               self.num_classes)
 
     def _audit_file(self) -> Path:
         return self.run_dir / "audit" / f"rank-{self.env.rank:05d}.jsonl"
