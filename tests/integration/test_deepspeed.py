@@ -78,6 +78,7 @@ def _engine_rank(rank: int, world: int, port: int, config, load_from: str, save_
     os.environ["DS_ACCELERATOR"] = "cpu"
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     torch.manual_seed(0)
+    DeepSpeedEngine.GATHER_CHUNK = 1000  # several chunks per partition, the last one short
     engine = DeepSpeedEngine(build_model(config.model, 3), config, torch.device("cpu"), rank)
     if load_from:
         engine.load_state_dict(torch.load(load_from, weights_only=True))

@@ -55,6 +55,8 @@ def _process_group(device: torch.device) -> None:
 
 
 class DeepSpeedEngine:
+    GATHER_CHUNK = 1 << 24  # elements per rank and gather when a checkpoint collects the partitions
+
     def __init__(self, model: torch.nn.Module, config: Config, device: torch.device, local_rank: int = 0):
         from slurmvision.trainer.engine import build_optimizer
 
@@ -150,14 +152,22 @@ class DeepSpeedEngine:
         flat = pad(torch.cat([t.reshape(-1).float() for t in fulls]), (0, size * world - sum(t.numel() for t in fulls)))
         return flat[rank * size:(rank + 1) * size].to(partition.device)
 
-    def model_state(self) -> dict:
-        """The full model state dict (a collective with ZeRO-3, whose ranks hold slices of the weights)."""
+    def model_state(self, everywhere: bool = True) -> dict:
+        """The full model state dict; with `everywhere=False` only rank 0 gets it (a collective
+        with ZeRO-3, whose ranks hold slices of the weights: gathered one parameter at a time)."""
         if self.stage != 3:
             return self.module.state_dict()
         import deepspeed
 
-        with deepspeed.zero.GatheredParameters(list(self.module.parameters())):
-            return {n: t.detach().clone().cpu() for n, t in self.module.state_dict().items()}
+        keep = everywhere or dist.get_rank() == 0
+        params = dict(self.module.named_parameters())
+        # The buffers as they are: ZeRO-3 partitions only the parameters.
+        state = {n: t.detach().clone().cpu() for n, t in self.module.state_dict().items() if keep and n not in params}
+        for name, param in params.items():
+            with deepspeed.zero.GatheredParameters([param]):
+                if keep:
+                    state[name] = param.detach().clone().cpu()
+        return state
 
     def eval_module(self, build) -> torch.nn.Module:
         """A module to evaluate with: ranks evaluate different numbers of batches, which ZeRO-3's
@@ -169,35 +179,46 @@ class DeepSpeedEngine:
         return module.to(self.device)
 
     def state_dict(self) -> dict:
-        """World-size-independent state; a collective (every rank calls it, rank 0 saves it)."""
+        """World-size-independent state; a collective. Only rank 0, which saves it, holds it whole:
+        the partitions are gathered to it in chunks, so no device holds a full copy at once."""
         if self.zero is None:  # ZeRO 0 in fp32: a plain, replicated optimizer
             return {"model": self.module.state_dict(), "optimizer": self.model.optimizer.state_dict()}
+        main = dist.get_rank() == 0
         names = {id(p): n for n, p in self.module.named_parameters()}
         moments, steps = {}, []
         # ZeRO 1/2: the fp32 master weights are the model's; ZeRO-3 gathers them from the partitions.
-        model = self.model_state() if self.stage == 3 else {}
+        model = self.model_state(everywhere=False) if self.stage == 3 else {}
         for params, partition in self._groups():
             slot = self.zero.optimizer.state.get(partition, {})
             keys = sorted(k for k, v in slot.items() if torch.is_tensor(v) and v.shape == partition.shape)
             gathered = [*([("master", partition)] if self.stage != 3 else []), *((k, slot[k]) for k in keys)]
-            fulls = {key: self._split(params, self._gather(tensor)) for key, tensor in gathered}
+            fulls = {key: self._gather_to_main(tensor) for key, tensor in gathered}
+            if not main:
+                continue
+            fulls = {key: self._split(params, slices) for key, slices in fulls.items()}
             for j, param in enumerate(params):
                 name = names[id(param)]
                 if self.stage != 3:
                     model[name] = fulls["master"][j].clone()
                 moments[name] = {k: fulls[k][j].clone() for k in keys}
             steps.append(slot["step"].clone().cpu() if torch.is_tensor(slot.get("step")) else torch.tensor(0.0))
-        # Frozen parameters and buffers are not in the optimizer's groups.
-        model = {n: model.get(n, t).cpu() for n, t in self.module.state_dict().items()} if self.stage != 3 else model
+        if main and self.stage != 3:  # frozen parameters and buffers are not in the optimizer's groups
+            model = {n: model.get(n, t).cpu() for n, t in self.module.state_dict().items()}
         return {"model": model, "optimizer_state": moments, "optimizer_steps": steps}
 
     def load_state_dict(self, state: dict) -> None:
         if self.stage == 3:
             import deepspeed
 
-            # Every rank loads the full weights; leaving the context re-partitions them.
-            with deepspeed.zero.GatheredParameters(list(self.module.parameters()), modifier_rank=0):
-                self.module.load_state_dict(state["model"])
+            missing = {n for n, _ in self.module.named_parameters()} - state["model"].keys()
+            if missing:
+                raise RunError(f"the checkpoint lacks weights of this model: {', '.join(sorted(missing)[:5])}")
+            # One parameter at a time: leaving the context re-partitions the loaded weights.
+            params = dict(self.module.named_parameters())
+            for name, param in params.items():
+                with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
+                    param.data.copy_(state["model"][name])
+            self.module.load_state_dict({n: t for n, t in state["model"].items() if n not in params}, strict=False)
         else:
             self.module.load_state_dict(state["model"])
         if ("optimizer" in state) != (self.zero is None):
@@ -217,8 +238,17 @@ class DeepSpeedEngine:
                 # Every group steps together: a checkpoint from another stage may group differently.
                 self.zero.optimizer.state[partition] = {**slot, "step": steps[min(i, len(steps) - 1)].clone()}
 
-    def _gather(self, partition: torch.Tensor) -> list[torch.Tensor]:
-        """Every rank's slice of a ZeRO partition (a collective)."""
-        parts = [torch.empty_like(partition) for _ in range(dist.get_world_size())]
-        dist.all_gather(parts, partition.contiguous())
-        return [part.cpu() for part in parts]
+    def _gather_to_main(self, partition: torch.Tensor) -> list[torch.Tensor]:
+        """Every rank's slice of a ZeRO partition, on rank 0's CPU (a collective; [] elsewhere).
+
+        In chunks, so rank 0's device holds at most one chunk per rank at a time."""
+        world, main, chunk = dist.get_world_size(), dist.get_rank() == 0, self.GATHER_CHUNK
+        slices = [torch.empty(partition.numel(), dtype=partition.dtype) for _ in range(world)] if main else []
+        flat = partition.contiguous().view(-1)
+        for start in range(0, flat.numel(), chunk):
+            piece = flat[start:start + chunk]
+            received = [torch.empty_like(piece) for _ in range(world)] if main else None
+            dist.gather(piece, received, dst=0)
+            for whole, part in zip(slices, received or []):
+                whole[start:start + piece.numel()].copy_(part)
+        return slices

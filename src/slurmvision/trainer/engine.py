@@ -2,9 +2,9 @@
 
 Interface: `forward_context(sync)` (autocast and, for DDP, `no_sync` on accumulation
 micro-steps), `backward(loss)`, `step() -> grad_norm` (unscale, clip, optimizer step,
-zero grads), `skip()` (drop this step's gradients), `state_dict()`/`load_state_dict()`,
-`model_state()` (the full model's state dict) and `eval_module(build)` (a module to
-evaluate with; `build()` makes an empty copy where the engine holds only slices of it).
+zero grads), `skip()` (drop this step's gradients), `state_dict()`/`load_state_dict()` and
+`eval_module(build)` (the model whole on this rank, to evaluate; `build()` makes an empty
+copy where the engine holds only slices of it).
 """
 
 from __future__ import annotations
@@ -81,9 +81,6 @@ class DDPEngine:
     @property
     def loss_scale(self) -> Optional[float]:
         return float(self.scaler.get_scale()) if self.scaler.is_enabled() else None
-
-    def model_state(self) -> dict:
-        return self.module.state_dict()
 
     def eval_module(self, build) -> torch.nn.Module:
         return self.module

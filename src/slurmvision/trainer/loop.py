@@ -308,10 +308,11 @@ class Trainer:
 
     def evaluate(self) -> dict:
         started = time.monotonic()
-        model = self.ema.module if self.ema is not None else self.engine.eval_module(self._empty_copy)
+        live = self.engine.eval_module(self._empty_copy)  # the trained weights, whole on this rank
+        model = self.ema.module if self.ema is not None else live
         results = evaluate(model, self.config, self.env, self.device, self.num_classes)
         self.times.eval_s = time.monotonic() - started
-        results.update(step=self.step, params_sha256=params_sha256(self.engine.model_state()))
+        results.update(step=self.step, params_sha256=params_sha256(live.state_dict()))
         image = results.pop("confusion_image", None)
         self.monitor.eval(self.step, results, image)
         if self.env.is_main:
