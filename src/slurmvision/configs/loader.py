@@ -120,11 +120,9 @@ def load_config(
         merged = _merge(merged, {"cluster": {"name": profile_path.stem, **profile}}, str(profile_path))
     merged = _merge(merged, recipe_data, str(recipe_path))
     merged.run.name = recipe_path.stem if merged.run.name == "run" else merged.run.name
-    overrides = list(overrides)
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like section.key=value, e.g. optim.lr=1e-3")
-    for item in overrides:
         try:
             dotlist = OmegaConf.from_dotlist([item])
         except OmegaConfBaseException as err:

@@ -118,7 +118,8 @@ def train_transform(data: DataConfig, resolution: int) -> EncodedTransform:
     first, *rest = pipeline.transforms
     if not isinstance(first, RandomResizedCropAndInterpolation):
         raise TypeError(f"timm's training pipeline starts with {type(first).__name__}, expected a random resized crop")
-    return EncodedTransform(DraftRandomResizedCrop(first, Compose(rest)), Compose(rest))
+    rest = Compose(rest)
+    return EncodedTransform(DraftRandomResizedCrop(first, rest), rest)
 
 
 def eval_transform(data: DataConfig, resolution: int) -> EncodedTransform:
@@ -200,7 +201,7 @@ class DeviceAugment:
             torch.manual_seed(seed)
             if self.jitter is not None:
                 images = self.jitter(images)
-            images = (images - self.mean) / self.std
+            images = self.normalize(images)
             if self.erase is not None:
                 images = self.erase(images)
             # timm's Mixup needs an even batch; a batch shrunk by skipped samples goes without.

@@ -28,6 +28,8 @@ from slurmvision.trainer.distributed import DistEnv, all_reduce_sum, barrier
 from slurmvision.trainer.manifest import FORMAT_VERSION, MANIFEST, META, STATE, find_checkpoint, rank_file, sha256_file, verify
 
 log = logging.getLogger(__name__)
+
+
 def params_sha256(model_state: dict[str, torch.Tensor]) -> str:
     """A hash of a model's state dict, parameters and persistent buffers (BatchNorm statistics),
     by name in sorted order. Equal hashes mean bitwise equal models.

@@ -45,11 +45,16 @@ class StepTimes:
         return SAFETY * (max(self.steps, default=0.0) + self.save_s + (self.eval_s if evaluates else 0.0)) + MARGIN_S
 
 
+def lead_time(cluster: ClusterConfig, warning: bool) -> int:
+    """Seconds Slurm leaves after the time-limit warning, or after SIGTERM."""
+    return cluster.signal_delay_s if warning else cluster.sigterm_grace_s
+
+
 def stop_deadline(stop: StopRequest, cluster: ClusterConfig) -> Optional[float]:
     """The monotonic time by which a stop signal's checkpoint must be written (None: no signal)."""
     if stop.received_at is None:
         return None
-    return stop.received_at + (cluster.signal_delay_s if stop.is_warning else cluster.sigterm_grace_s)
+    return stop.received_at + lead_time(cluster, stop.is_warning)
 
 
 def parse_end_time(text: str) -> Optional[float]:

@@ -210,11 +210,11 @@ class DeepSpeedEngine:
         if self.stage == 3:
             import deepspeed
 
-            missing = {n for n, _ in self.module.named_parameters()} - state["model"].keys()
+            params = dict(self.module.named_parameters())
+            missing = params.keys() - state["model"].keys()
             if missing:
                 raise RunError(f"the checkpoint lacks weights of this model: {', '.join(sorted(missing)[:5])}")
             # One parameter at a time: leaving the context re-partitions the loaded weights.
-            params = dict(self.module.named_parameters())
             for name, param in params.items():
                 with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
                     param.data.copy_(state["model"][name])

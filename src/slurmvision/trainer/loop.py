@@ -24,7 +24,7 @@ from slurmvision.slurm.causes import LIMIT_AHEAD
 from slurmvision.slurm.ledger import AttemptRecorder
 from slurmvision.trainer import distributed
 from slurmvision.trainer.checkpoint import CheckpointManager, params_sha256, rng_state, set_rng_state
-from slurmvision.trainer.deadline import StepTimes, TimeLimit, stop_deadline
+from slurmvision.trainer.deadline import StepTimes, TimeLimit, lead_time, stop_deadline
 from slurmvision.trainer.distributed import DistEnv, all_reduce_sum
 from slurmvision.trainer.engine import build_engine
 from slurmvision.trainer.evaluation import evaluate
@@ -55,6 +55,11 @@ def distill_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: floa
     """Hinton's soft-target KL(teacher || student) at a temperature, scaled by T² to keep its gradients' size."""
     return F.kl_div(F.log_softmax(student.float() / temperature, dim=-1), F.log_softmax(teacher.float() / temperature, dim=-1),
                     reduction="batchmean", log_target=True) * temperature ** 2
+
+
+def reported_signal(warnings: float) -> str:
+    """The signal every rank reports for a stop: the time-limit warning if any rank got one."""
+    return "SIGUSR2" if warnings else "SIGTERM"
 
 
 class Trainer:
@@ -88,7 +93,8 @@ class Trainer:
         stop_before_limit = env.is_main and config.cluster.executor == "slurm" and config.cluster.stop_before_limit
         self.time_limit = TimeLimit(env.job_id if stop_before_limit else None)
         # Buffers a forward pass changes (BatchNorm statistics): a step cut short puts them back.
-        self.persistent_buffers = [b for name, b in self.model.named_buffers() if name in self.model.state_dict()]
+        persistent = self.model.state_dict().keys()
+        self.persistent_buffers = [b for name, b in self.model.named_buffers() if name in persistent]
         self.record = AttemptRecorder(self.run_dir, env.job_id, env.restart_count, enabled=env.is_main)
         self.record.started(world_size=env.world_size, step=self.step, checkpoint=self.resumed_from)
 
@@ -166,7 +172,7 @@ class Trainer:
                     raise error
                 raise DataError("another rank stopped on bad data; see its log for the samples")
             if warnings or terms:
-                return self._stop("SIGUSR2" if warnings else "SIGTERM", position)
+                return self._stop(reported_signal(warnings), position)
             if ahead:
                 log.warning("the time limit is near: one more step and a save (about %.0fs) would not fit; stopping at "
                             "step %d", self.times.next_step_and_save(evaluates_next), self.step)
@@ -233,9 +239,7 @@ class Trainer:
         deadline = stop_deadline(self.stop, self.config.cluster)
         late = deadline is not None and time.monotonic() + self.times.to_finish(micro_left) > deadline
         warnings, late_ranks = all_reduce_sum([float(self.stop.is_warning), float(late)], self.device)
-        if not late_ranks:
-            return None
-        return "SIGUSR2" if warnings else "SIGTERM"
+        return reported_signal(warnings) if late_ranks else None
 
     def _stop_mid_step(self, agreed_signal: str, position: dict, step_start: tuple, done: int) -> dict:
         rng, buffers = step_start
@@ -255,7 +259,7 @@ class Trainer:
         waited = started - self.stop.received_at if self.stop.received_at else 0.0
         took = waited + time.monotonic() - started
         cluster = self.config.cluster
-        lead = cluster.signal_delay_s if agreed_signal == "SIGUSR2" else cluster.sigterm_grace_s
+        lead = lead_time(cluster, warning=agreed_signal == "SIGUSR2")
         log.warning("stopped by %s (this rank: %s) at step %d: checkpoint saved %.1fs after the signal", agreed_signal,
                     self.stop.name, self.step, took)
         if agreed_signal != LIMIT_AHEAD and cluster.executor == "slurm" and took > 0.8 * lead:
