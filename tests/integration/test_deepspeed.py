@@ -91,6 +91,9 @@ def _engine_rank(rank: int, world: int, port: int, config, load_from: str, save_
     state = engine.state_dict()
     if rank == 0:
         torch.save(state, save_to)
+    # Every rank done before any tears gloo down: a rank leaving while rank 0 still used the
+    # group aborted in gloo's destructor ("terminate called without an active exception").
+    dist.barrier()
     dist.destroy_process_group()
 
 
