@@ -1,4 +1,5 @@
-"""The CUDA paths: fp16 with a loss scale, bf16 autocast, NCCL, gradient checkpointing memory.
+"""The CUDA paths: fp16 with a loss scale and bf16 autocast (DDP and DeepSpeed ZeRO-2), NCCL,
+gradient checkpointing memory.
 
 Skipped without CUDA (CI has none); run on a GPU machine with `pytest tests/gpu`.
 """
@@ -16,11 +17,13 @@ from ..integration.conftest import tiny_config, tiny_shards  # noqa: F401  (fixt
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
 
+@pytest.mark.parametrize("engine", ["ddp", "deepspeed"])
 @pytest.mark.parametrize("precision", ["fp16", "bf16"])
-def test_mixed_precision_trains(tiny_shards, tmp_path, precision):  # noqa: F811
+def test_mixed_precision_trains(tiny_shards, tmp_path, precision, engine):  # noqa: F811
     run_dir = tmp_path / precision
+    engine_settings = ["trainer.engine=deepspeed", "trainer.zero_stage=2"] if engine == "deepspeed" else []
     results = train_here(tiny_config(tiny_shards, run_dir, f"trainer.precision={precision}", "trainer.max_steps=12",
-                                     "optim.lr=3e-3", "data.batch_size=12"), nproc=1)
+                                     "optim.lr=3e-3", "data.batch_size=12", *engine_settings), nproc=1)
     assert results["step"] == 12 and 0.0 <= results["top1"] <= 1.0
     log = (run_dir / "logs" / "rank-00000.log").read_text()
     losses = [float(line.split("loss ")[1].split()[0]) for line in log.splitlines() if "progress" in line and "loss " in line]

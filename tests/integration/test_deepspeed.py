@@ -1,8 +1,11 @@
-"""The DeepSpeed engine on 2 CPU ranks (gloo, DS_ACCELERATOR=cpu): ZeRO-1 (bf16) learns; ZeRO-2 and
-ZeRO-3 stop and resume bit for bit, and resume on another world size."""
+"""The DeepSpeed engine on 2 CPU ranks (gloo, DS_ACCELERATOR=cpu): ZeRO-1 (bf16, fp16) learns; ZeRO-2 and
+ZeRO-3 (fp32), and ZeRO 0 and 2 in fp16 with a dynamic loss scale, stop and resume bit for bit;
+ZeRO state resumes on another world size; fp16 overflows are skipped on every rank together."""
 
 import json
+import math
 import os
+import sys
 
 import pytest
 import torch
@@ -12,8 +15,8 @@ from slurmvision.evaluate.inspect import inspect_checkpoint
 
 from slurmvision.trainer.distributed import free_port
 
-from .conftest import tiny_config
-from .test_train_resume import RESUME_SETTINGS, audit, train_cli
+from .conftest import TINY_MODEL, tiny_config
+from .test_train_resume import BATCHNORM_MODEL, RESUME_SETTINGS, audit, train_cli
 
 pytestmark = pytest.mark.integration
 DEEPSPEED = ["trainer.engine=deepspeed"]
@@ -24,9 +27,10 @@ def losses(run_dir):
     return [float(line.split("loss ")[1].split()[0]) for line in log.splitlines() if "progress" in line and "loss " in line]
 
 
-def test_zero1_learns_in_bf16(tiny_shards, tmp_path):
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_zero1_learns_in_mixed_precision(tiny_shards, tmp_path, precision):
     run = tmp_path / "run"
-    done = train_cli(run, tiny_config(tiny_shards, run, *DEEPSPEED, "trainer.zero_stage=1", "trainer.precision=bf16",
+    done = train_cli(run, tiny_config(tiny_shards, run, *DEEPSPEED, "trainer.zero_stage=1", f"trainer.precision={precision}",
                                       "trainer.max_steps=20", "optim.lr=3e-3", "data.batch_size=12"), nproc=2)
     assert done.returncode == 0, done.stderr[-3000:]
     assert json.loads(done.stdout)["top1"] >= 0.8
@@ -34,16 +38,37 @@ def test_zero1_learns_in_bf16(tiny_shards, tmp_path):
     assert inspect_checkpoint(run)["engine"] == "deepspeed"
 
 
-@pytest.mark.parametrize("stage", [2, 3])
-def test_zero_stop_and_resume_is_exact(tiny_shards, tmp_path, stage):
-    settings = [*DEEPSPEED, f"trainer.zero_stage={stage}", *RESUME_SETTINGS]
+def scalars(run_dir, tag: str) -> dict[int, float]:
+    """A TensorBoard tag's values by step, across the event files of every attempt."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    values = {}
+    for path in sorted((run_dir / "tb").glob("events.out.tfevents.*")):
+        events = EventAccumulator(str(path))
+        events.Reload()
+        values.update({e.step: e.value for e in events.Scalars(tag)} if tag in events.Tags()["scalars"] else {})
+    return values
+
+
+# fp16 runs on CPU too (torch autocast and its GradScaler), so its loss scale is tested here. With
+# the BatchNorm ResNet: CPU autocast computes F.normalize's norm in fp16, where its eps underflows,
+# so Swin V2's cosine attention gives NaN for padded windows (CUDA autocast takes the norm in fp32).
+@pytest.mark.parametrize("stage,precision", [(2, "fp32"), (3, "fp32"), (0, "fp16"), (2, "fp16")])
+def test_zero_stop_and_resume_is_exact(tiny_shards, tmp_path, stage, precision):
+    # A scale that overflows at first: the scale a resume starts from decides which steps are skipped.
+    settings = [*DEEPSPEED, f"trainer.zero_stage={stage}", f"trainer.precision={precision}", "trainer.initial_scale_power=20",
+                *RESUME_SETTINGS]
+    model = BATCHNORM_MODEL if precision == "fp16" else TINY_MODEL
     straight = tmp_path / "straight"
-    done = train_cli(straight, tiny_config(tiny_shards, straight, *settings), nproc=2)
+    done = train_cli(straight, tiny_config(tiny_shards, straight, *settings, model=model), nproc=2)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert losses(straight)[-1] < losses(straight)[0]
+    if precision == "fp16":  # the scale came down after an overflow
+        assert 0 < min(scalars(straight, "train/loss_scale").values()) < 2**20
+    else:  # (the ResNet's loss is too noisy over 8 steps of mixup; fp16 learning is tested above)
+        assert losses(straight)[-1] < losses(straight)[0]
 
     split = tmp_path / "split"
-    config = tiny_config(tiny_shards, split, *settings)
+    config = tiny_config(tiny_shards, split, *settings, model=model)
     stopped = train_cli(split, config, nproc=2, stop_after_step=3)
     assert stopped.returncode == 3, stopped.stderr[-3000:]
     assert 3 <= json.loads(stopped.stdout)["step"] < 8
@@ -52,6 +77,7 @@ def test_zero_stop_and_resume_is_exact(tiny_shards, tmp_path, stage):
     assert inspect_checkpoint(split)["params_sha256"] == inspect_checkpoint(straight)["params_sha256"]
     assert audit(split) == audit(straight)
     assert json.loads(resumed.stdout)["top1"] == json.loads(done.stdout)["top1"]
+    assert scalars(split, "train/loss_scale") == scalars(straight, "train/loss_scale")
 
 
 @pytest.mark.parametrize("stage", [2, 3])
@@ -91,10 +117,20 @@ def _engine_rank(rank: int, world: int, port: int, config, load_from: str, save_
     state = engine.state_dict()
     if rank == 0:
         torch.save(state, save_to)
-    # Every rank done before any tears gloo down: a rank leaving while rank 0 still used the
-    # group aborted in gloo's destructor ("terminate called without an active exception").
+    _leave()
+
+
+def _leave() -> None:
+    """A helper rank's way out once its results are written: every rank meets, then the process
+    exits without the interpreter's teardown, where DeepSpeed's CPU comm and gloo threads have
+    aborted a finished rank ("terminate called without an active exception", exit code -6)."""
+    import torch.distributed as dist
+
     dist.barrier()
     dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def run_ranks(world: int, config, load_from: str, save_to: str) -> dict:
@@ -123,3 +159,60 @@ def test_zero_state_is_the_same_after_loading_on_other_world_sizes(tiny_shards, 
         for name, moments in saved["optimizer_state"].items():
             assert all(torch.equal(state["optimizer_state"][name][k], v) for k, v in moments.items()), name
         assert [float(t) for t in state["optimizer_steps"]] == [float(t) for t in saved["optimizer_steps"]] == [2.0] * len(saved["optimizer_steps"])
+
+
+def _fp16_overflow_rank(rank: int, world: int, port: int, config, out: str) -> None:
+    """ZeRO-2 in fp16: rank 1 alone overflows once, then every rank overflows at every scale."""
+    import torch.distributed as dist
+
+    from slurmvision.errors import RunError
+    from slurmvision.models import build_model
+    from slurmvision.trainer.deepspeed_engine import DeepSpeedEngine
+
+    os.environ["DS_ACCELERATOR"] = "cpu"
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    torch.manual_seed(0)
+    engine = DeepSpeedEngine(build_model(config.model, 3), config, torch.device("cpu"), rank)
+    generator = torch.Generator().manual_seed(rank)
+
+    def step(blow_up: bool) -> bool:
+        images, targets = torch.randn(4, 3, 16, 16, generator=generator), torch.randint(0, 3, (4,), generator=generator)
+        # A huge but finite loss: its gradients overflow fp16 at any loss scale.
+        engine.backward(torch.nn.functional.cross_entropy(engine.model(images), targets) * (1e30 if blow_up else 1.0))
+        engine.step()
+        return engine.model.was_step_applied()
+
+    first_applied = next(i for i in range(8) if step(False))
+    scale, weights = engine.loss_scale, {k: t.clone() for k, t in engine.model_state().items()}
+    applied = step(blow_up=rank == 1)
+    report = {"first_applied": first_applied, "scale": scale, "applied": applied, "scale_after": engine.loss_scale,
+              "unchanged": all(torch.equal(t, weights[k]) for k, t in engine.model_state().items())}
+    for overflows in range(1, 40):
+        try:
+            step(blow_up=True)
+        except RunError as err:
+            report.update(error=str(err), overflows=overflows, last_scale=engine.loss_scale)
+            break
+    with open(f"{out}.{rank}", "w") as f:
+        json.dump(report, f)
+    _leave()
+
+
+def test_fp16_overflow_is_skipped_on_every_rank_and_a_scale_below_one_stops(tiny_shards, tmp_path):
+    config = tiny_config(tiny_shards, tmp_path / "run", *DEEPSPEED, "trainer.zero_stage=2", "trainer.precision=fp16",
+                         "optim.clip_grad=1.0")
+    context, port, out = mp.get_context("spawn"), free_port(), str(tmp_path / "report")
+    procs = [context.Process(target=_fp16_overflow_rank, args=(r, 2, port, config, out)) for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=300)
+    assert [p.exitcode for p in procs] == [0, 0]
+    reports = [json.loads(open(f"{out}.{r}").read()) for r in range(2)]
+    assert reports[0] == reports[1]
+    report = reports[0]
+    # Rank 1's overflow: both ranks skipped the step, kept their weights and halved the scale.
+    assert not report["applied"] and report["unchanged"] and report["scale_after"] == report["scale"] / 2
+    # Halving down to 1 is allowed; the next overflow stops the run with advice.
+    assert report["last_scale"] == 1.0 and report["overflows"] == math.log2(report["scale_after"]) + 1
+    assert "fp16 loss scale fell below 1" in report["error"] and "trainer.precision=bf16" in report["error"]

@@ -144,6 +144,7 @@ class TrainerConfig:
     engine: str = "ddp"
     zero_stage: int = 0  # DeepSpeed ZeRO stage 0, 1, 2 or 3 (3 also partitions the weights)
     precision: str = "fp32"
+    initial_scale_power: int = 16  # fp16: the dynamic loss scale starts at 2**initial_scale_power
     grad_accum: int = 1
     max_steps: int = 1000  # optimizer steps
     checkpoint_every: int = 500  # steps between periodic checkpoints
@@ -162,6 +163,7 @@ class TrainerConfig:
         for key in ("grad_accum", "max_steps", "checkpoint_every", "keep_checkpoints", "log_every", "nonfinite_budget"):
             _check(getattr(self, key) >= 1, f"trainer.{key}", getattr(self, key), "must be >= 1")
         _check(self.eval_every >= 0, "trainer.eval_every", self.eval_every, "must be >= 0")
+        _check(0 <= self.initial_scale_power <= 64, "trainer.initial_scale_power", self.initial_scale_power, "must be 0 to 64")
         _check(self.checkpoint_every_minutes >= 0, "trainer.checkpoint_every_minutes", self.checkpoint_every_minutes, "must be >= 0")
 
 

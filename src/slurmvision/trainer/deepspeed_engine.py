@@ -1,5 +1,6 @@
-"""The DeepSpeed engine: ZeRO stage 0/1/2/3, fp32 or bf16 (autocast), behind the loop's engine
-interface (see trainer.engine).
+"""The DeepSpeed engine: ZeRO stage 0/1/2/3 in fp32, bf16 or fp16 (torch autocast inside
+DeepSpeed, fp32 weights; fp16 with a dynamic loss scale), behind the loop's engine interface
+(see trainer.engine).
 
 Gradient accumulation is the loop's (DeepSpeed's `managed_gradient_accumulation=false`):
 every micro-step calls `backward`, the step calls `step` once, as with DDP.
@@ -23,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 from slurmvision.configs.schema import Config
-from slurmvision.errors import ConfigError, RunError
+from slurmvision.errors import RunError
 
 
 def deepspeed_config(config: Config) -> dict:
@@ -36,10 +37,10 @@ def deepspeed_config(config: Config) -> dict:
         "zero_optimization": {"stage": trainer.zero_stage},
         # timm's AdamW with parameter groups (no decay on norms and biases) is the optimizer.
         "zero_allow_untested_optimizer": True,
-        # bf16 through torch autocast inside DeepSpeed's forward: fp32 weights, as with DDP.
-        # (DeepSpeed's own bf16 casts the weights but not the buffers, which breaks models
-        # such as Swin V2 whose attention uses fp32 coordinate tables.)
-        "torch_autocast": {"enabled": precision == "bf16", "dtype": "bfloat16"},
+        # Mixed precision through torch autocast inside DeepSpeed's forward: fp32 weights, as
+        # with DDP. (DeepSpeed's own bf16/fp16 cast the weights but not the buffers, which breaks
+        # models such as Swin V2 whose attention uses fp32 coordinate tables.)
+        "torch_autocast": {"enabled": precision != "fp32", "dtype": "float16" if precision == "fp16" else "bfloat16"},
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
     }
@@ -54,6 +55,42 @@ def _process_group(device: torch.device) -> None:
                                 init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
 
 
+class DynamicLossScale:
+    """The fp16 loss scale for DeepSpeed's ZeRO optimizers, on torch GradScaler's schedule: start
+    at 2**trainer.initial_scale_power, halve on an overflow, double after 2000 steps without one.
+
+    Under torch autocast, ZeRO's own GradScaler never sees an overflow (ZeRO skips the step before
+    it), so its scale never comes down: with DeepSpeed 0.19.8, 2 ranks of ZeRO-2 overflowed at
+    2**16 on every step and applied none. ZeRO already agrees on an overflow across ranks and skips
+    the step on all of them; this class only chooses the scale, which ZeRO applies as an external one.
+    """
+
+    MIN = 1.0  # DeepSpeed's min_loss_scale: below it the gradients overflow at any scale
+
+    def __init__(self, scale: float = 2.0**16, growth_interval: int = 2000):
+        self.scale, self.growth_interval, self.good_steps = scale, growth_interval, 0
+
+    def get_scale(self) -> float:
+        return self.scale
+
+    def update(self, overflow: bool) -> None:
+        if not overflow:
+            self.good_steps += 1
+            if self.good_steps == self.growth_interval:
+                self.scale, self.good_steps = self.scale * 2, 0
+            return
+        if self.scale / 2 < self.MIN:
+            raise RunError(f"the fp16 loss scale fell below {self.MIN:g}: the gradients overflow at any scale. Stopped; "
+                           "the last good checkpoint is kept. Use trainer.precision=bf16, or lower optim.lr")
+        self.scale, self.good_steps = self.scale / 2, 0
+
+    def state_dict(self) -> dict:
+        return {"scale": self.scale, "good_steps": self.good_steps}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.scale, self.good_steps = float(state["scale"]), int(state["good_steps"])
+
+
 class DeepSpeedEngine:
     GATHER_CHUNK = 1 << 24  # elements per rank and gather when a checkpoint collects the partitions
 
@@ -61,9 +98,6 @@ class DeepSpeedEngine:
         from slurmvision.trainer.engine import build_optimizer
 
         trainer = config.trainer
-        if trainer.precision == "fp16":
-            raise ConfigError("trainer.precision=fp16 is not supported with trainer.engine=deepspeed: use "
-                              "trainer.precision=bf16 (A100 and newer), or fp16 with trainer.engine=ddp")
         if device.type == "cpu":
             os.environ.setdefault("DS_ACCELERATOR", "cpu")
         import deepspeed
@@ -89,6 +123,17 @@ class DeepSpeedEngine:
         # ZeRO keeps fp32 master weights and optimizer state as flat, per-rank partitions.
         self.zero = self.model.optimizer if trainer.zero_stage else None
         self.stage = trainer.zero_stage
+        # fp16: without ZeRO, DeepSpeed drives a torch GradScaler (ours, for its initial scale);
+        # ZeRO needs our own scale.
+        self.scaler = None
+        if trainer.precision == "fp16":
+            initial_scale = 2.0**trainer.initial_scale_power
+            if self.zero is None:
+                self.scaler = self.model.torch_autocast_z0_gradscaler = torch.amp.GradScaler(device.type, init_scale=initial_scale)
+            else:
+                self.zero.torch_autocast_gradscaler = None
+                self.scaler = DynamicLossScale(initial_scale)
+                self.zero.override_loss_scale(self.scaler.get_scale())
 
     @contextlib.contextmanager
     def forward_context(self, sync: bool):
@@ -99,6 +144,9 @@ class DeepSpeedEngine:
 
     def step(self) -> Optional[float]:
         self.model.step()
+        if isinstance(self.scaler, DynamicLossScale):
+            self.scaler.update(overflow=not self.model.was_step_applied())
+            self.zero.override_loss_scale(self.scaler.get_scale())
         norm = self.model.get_global_grad_norm()
         return None if norm is None else float(norm)
 
@@ -114,7 +162,7 @@ class DeepSpeedEngine:
 
     @property
     def loss_scale(self) -> Optional[float]:
-        return None  # fp32 weights: no loss scaling
+        return None if self.scaler is None else float(self.scaler.get_scale())
 
     def _groups(self) -> list[tuple[list[torch.nn.Parameter], torch.Tensor]]:
         """(parameters, this rank's flat fp32 partition of them) for each ZeRO group."""
@@ -181,8 +229,9 @@ class DeepSpeedEngine:
     def state_dict(self) -> dict:
         """World-size-independent state; a collective. Only rank 0, which saves it, holds it whole:
         the partitions are gathered to it in chunks, so no device holds a full copy at once."""
-        if self.zero is None:  # ZeRO 0 in fp32: a plain, replicated optimizer
-            return {"model": self.module.state_dict(), "optimizer": self.model.optimizer.state_dict()}
+        scaler = {"scaler": self.scaler.state_dict()} if self.scaler is not None else {}
+        if self.zero is None:  # ZeRO 0: a plain, replicated optimizer
+            return {"model": self.module.state_dict(), "optimizer": self.model.optimizer.state_dict(), **scaler}
         main = dist.get_rank() == 0
         names = {id(p): n for n, p in self.module.named_parameters()}
         moments, steps = {}, []
@@ -204,7 +253,7 @@ class DeepSpeedEngine:
             steps.append(slot["step"].clone().cpu() if torch.is_tensor(slot.get("step")) else torch.tensor(0.0))
         if main and self.stage != 3:  # frozen parameters and buffers are not in the optimizer's groups
             model = {n: model.get(n, t).cpu() for n, t in self.module.state_dict().items()}
-        return {"model": model, "optimizer_state": moments, "optimizer_steps": steps}
+        return {"model": model, "optimizer_state": moments, "optimizer_steps": steps, **scaler}
 
     def load_state_dict(self, state: dict) -> None:
         if self.stage == 3:
@@ -224,6 +273,10 @@ class DeepSpeedEngine:
         if ("optimizer" in state) != (self.zero is None):
             saved = "a plain optimizer (ZeRO stage 0)" if "optimizer" in state else "ZeRO-partitioned optimizer state"
             raise RunError(f"this checkpoint holds {saved}: resume it with the trainer.zero_stage it was saved with")
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+            if isinstance(self.scaler, DynamicLossScale):
+                self.zero.override_loss_scale(self.scaler.get_scale())
         if self.zero is None:
             self.model.optimizer.load_state_dict(state["optimizer"])
             return

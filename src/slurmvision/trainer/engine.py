@@ -17,7 +17,6 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from slurmvision.configs.schema import Config
-from slurmvision.errors import ConfigError
 
 _DTYPES = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -36,8 +35,6 @@ class DDPEngine:
     def __init__(self, model: torch.nn.Module, config: Config, device: torch.device):
         self.config, self.device = config, device
         self.dtype = _DTYPES[config.trainer.precision]
-        if self.dtype is torch.float16 and device.type == "cpu":
-            raise ConfigError("trainer.precision=fp16 needs a GPU; use bf16 or fp32 on CPU")
         model.to(device)
         if config.model.channels_last:
             model.to(memory_format=torch.channels_last)
@@ -53,7 +50,8 @@ class DDPEngine:
         if config.model.compile:
             self.model = torch.compile(self.model)
         self.optimizer = build_optimizer(model, config)
-        self.scaler = torch.amp.GradScaler(device.type, enabled=self.dtype is torch.float16)
+        self.scaler = torch.amp.GradScaler(device.type, init_scale=2.0**config.trainer.initial_scale_power,
+                                           enabled=self.dtype is torch.float16)
 
     @contextlib.contextmanager
     def forward_context(self, sync: bool):
