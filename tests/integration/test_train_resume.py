@@ -20,7 +20,7 @@ from .conftest import tiny_config
 pytestmark = pytest.mark.integration
 RESUME_SETTINGS = ["trainer.max_steps=8", "trainer.grad_accum=2", "data.audit=true", "data.scales=[12,16]",
                    "data.scale_batch_sizes=[8,6]", "data.mixup=0.8", "data.cutmix=1.0", "data.reprob=0.25",
-                   "data.color_jitter=0.4"]
+                   "data.color_jitter=0.4", "optim.layer_decay=0.8", "optim.weight_decay_end=0.2"]
 
 
 def audit(run_dir: Path) -> dict:

@@ -119,6 +119,8 @@ class OptimConfig:
     # The learning rate is given at this global batch and scaled linearly to the real one.
     lr_base_batch: Optional[int] = None
     weight_decay: float = 0.05
+    weight_decay_end: Optional[float] = None  # cosine weight-decay schedule to this value; None: constant
+    layer_decay: Optional[float] = None  # layer-wise LR decay (timm), e.g. 0.9 when fine-tuning; None: off
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     eps: float = 1e-8
     schedule: str = "cosine"
@@ -133,6 +135,14 @@ class OptimConfig:
         _choice("optim.schedule", self.schedule, ("cosine", "constant"))
         _check(self.lr > 0, "optim.lr", self.lr, "must be > 0")
         _check(self.weight_decay >= 0, "optim.weight_decay", self.weight_decay, "must be >= 0")
+        _check(self.weight_decay_end is None or self.weight_decay_end >= 0, "optim.weight_decay_end",
+               self.weight_decay_end, "must be >= 0 or null")
+        # With no weight decay to start from, timm puts every parameter in one group: the norms
+        # and biases could no longer be kept out of the schedule.
+        _check(self.weight_decay_end is None or self.weight_decay > 0, "optim.weight_decay_end", self.weight_decay_end,
+               "needs optim.weight_decay > 0, where its schedule starts")
+        _check(self.layer_decay is None or 0 < self.layer_decay <= 1, "optim.layer_decay", self.layer_decay,
+               "must be in (0, 1], e.g. 0.9, or null")
         _check(len(self.betas) == 2, "optim.betas", self.betas, "give two numbers, e.g. [0.9, 0.999]")
         _check(self.warmup_steps >= 0 and self.warmup_epochs >= 0, "optim.warmup_steps", self.warmup_steps, "must be >= 0")
         _check(self.clip_grad is None or self.clip_grad > 0, "optim.clip_grad", self.clip_grad, "must be > 0 or null")

@@ -22,13 +22,14 @@ _DTYPES = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def build_optimizer(model: torch.nn.Module, config: Config) -> torch.optim.Optimizer:
-    """timm's optimizer factory: no weight decay on norms, biases and the model's no_weight_decay() set."""
+    """timm's optimizer factory: no weight decay on norms, biases and the model's no_weight_decay() set
+    (Swin's position tables); with `optim.layer_decay`, a group per layer with its LR scale."""
     from timm.optim import create_optimizer_v2
 
     optim = config.optim
     extra = {"betas": tuple(optim.betas), "eps": optim.eps} if optim.name == "adamw" else {"momentum": 0.9}
     return create_optimizer_v2(model, opt=optim.name, lr=optim.lr, weight_decay=optim.weight_decay,
-                               filter_bias_and_bn=True, **extra)
+                               filter_bias_and_bn=True, layer_decay=optim.layer_decay, **extra)
 
 
 class DDPEngine:

@@ -29,7 +29,7 @@ from slurmvision.trainer.distributed import DistEnv, all_reduce_sum
 from slurmvision.trainer.engine import build_engine
 from slurmvision.trainer.evaluation import evaluate
 from slurmvision.trainer.monitor import Monitor, setup_logging
-from slurmvision.trainer.schedule import build_lr_schedule
+from slurmvision.trainer.schedule import build_schedule
 from slurmvision.trainer.signals import StopRequest
 
 log = logging.getLogger("slurmvision.trainer")
@@ -85,8 +85,8 @@ class Trainer:
         self.reader = TrainReader(config.data, seed=trainer.seed, rank=env.rank, world_size=env.world_size,
                                   state=loader_state, pin_memory=device.type == "cuda")
         self.global_batch = config.data.batch_size * env.world_size * trainer.grad_accum
-        self.lr_at = build_lr_schedule(self.engine.optimizer, config, self.global_batch,
-                                       self.reader.samples_per_epoch)
+        self.schedule_at = build_schedule(self.engine.optimizer, config, self.global_batch,
+                                          self.reader.samples_per_epoch)
         self.augment = DeviceAugment(config.data, self.num_classes, device, trainer.seed, env.rank)
         self.monitor = Monitor(self.run_dir, env, self.step, trainer.max_steps, to_dict(config))
         self.stop = StopRequest().install()
@@ -193,7 +193,7 @@ class Trainer:
             loss_total, nonfinite, images_total, bad_total, stopping = all_reduce_sum(
                 [loss_sum, float(not math.isfinite(loss_sum)), images, sum(len(b.bad) for b in step_batches),
                  float(self.stop.requested)], self.device)
-            lr = self.lr_at(self.step)
+            lr, weight_decay = self.schedule_at(self.step)
             if nonfinite:
                 self.engine.skip()
                 bad_steps += 1
@@ -214,7 +214,8 @@ class Trainer:
             if self.step % trainer.log_every == 0 or self.step == trainer.max_steps:
                 loss = loss_total / self.env.world_size / trainer.grad_accum
                 self.monitor.scalars(self.step, {
-                    "train/loss": loss, "train/lr": lr, "train/images_per_s": images_total / elapsed,
+                    "train/loss": loss, "train/lr": lr, "train/weight_decay": weight_decay,
+                    "train/images_per_s": images_total / elapsed,
                     "train/step_time_s": elapsed, "train/data_wait_s": data_wait, "train/grad_norm": grad_norm,
                     "train/loss_scale": self.engine.loss_scale, "train/resolution": step_batches[-1].resolution,
                     "train/bad_samples": bad_total, "train/gpu_mem_gib": self.monitor.memory(self.device),
