@@ -162,7 +162,7 @@ def test_zero_state_is_the_same_after_loading_on_other_world_sizes(tiny_shards, 
 
 
 def _fp16_overflow_rank(rank: int, world: int, port: int, config, out: str) -> None:
-    """ZeRO-2 in fp16: rank 1 alone overflows once, then every rank overflows at every scale."""
+    """ZeRO in fp16: rank 1 alone overflows once, then every rank overflows at every scale."""
     import torch.distributed as dist
 
     from slurmvision.errors import RunError
@@ -175,17 +175,20 @@ def _fp16_overflow_rank(rank: int, world: int, port: int, config, out: str) -> N
     engine = DeepSpeedEngine(build_model(config.model, 3), config, torch.device("cpu"), rank)
     generator = torch.Generator().manual_seed(rank)
 
+    norms = []
+
     def step(blow_up: bool) -> bool:
         images, targets = torch.randn(4, 3, 16, 16, generator=generator), torch.randint(0, 3, (4,), generator=generator)
         # A huge but finite loss: its gradients overflow fp16 at any loss scale.
         engine.backward(torch.nn.functional.cross_entropy(engine.model(images), targets) * (1e30 if blow_up else 1.0))
-        engine.step()
+        norms.append(engine.step())
         return engine.model.was_step_applied()
 
     first_applied = next(i for i in range(8) if step(False))
     scale, weights = engine.loss_scale, {k: t.clone() for k, t in engine.model_state().items()}
     applied = step(blow_up=rank == 1)
-    report = {"first_applied": first_applied, "scale": scale, "applied": applied, "scale_after": engine.loss_scale,
+    report = {"first_applied": first_applied, "norm": norms[first_applied], "scale": scale, "applied": applied,
+              "scale_after": engine.loss_scale,
               "unchanged": all(torch.equal(t, weights[k]) for k, t in engine.model_state().items())}
     for overflows in range(1, 40):
         try:
@@ -198,8 +201,9 @@ def _fp16_overflow_rank(rank: int, world: int, port: int, config, out: str) -> N
     _leave()
 
 
-def test_fp16_overflow_is_skipped_on_every_rank_and_a_scale_below_one_stops(tiny_shards, tmp_path):
-    config = tiny_config(tiny_shards, tmp_path / "run", *DEEPSPEED, "trainer.zero_stage=2", "trainer.precision=fp16",
+@pytest.mark.parametrize("stage", [2, 3])
+def test_fp16_overflow_is_skipped_on_every_rank_and_a_scale_below_one_stops(tiny_shards, tmp_path, stage):
+    config = tiny_config(tiny_shards, tmp_path / "run", *DEEPSPEED, f"trainer.zero_stage={stage}", "trainer.precision=fp16",
                          "optim.clip_grad=1.0")
     context, port, out = mp.get_context("spawn"), free_port(), str(tmp_path / "report")
     procs = [context.Process(target=_fp16_overflow_rank, args=(r, 2, port, config, out)) for r in range(2)]
@@ -211,6 +215,8 @@ def test_fp16_overflow_is_skipped_on_every_rank_and_a_scale_below_one_stops(tiny
     reports = [json.loads(open(f"{out}.{r}").read()) for r in range(2)]
     assert reports[0] == reports[1]
     report = reports[0]
+    # The reported gradient norm is unscaled (scaled, it would be tens of thousands).
+    assert 0 < report["norm"] < 100
     # Rank 1's overflow: both ranks skipped the step, kept their weights and halved the scale.
     assert not report["applied"] and report["unchanged"] and report["scale_after"] == report["scale"] / 2
     # Halving down to 1 is allowed; the next overflow stops the run with advice.

@@ -10,6 +10,8 @@ from slurmvision.configs.schema import ClusterConfig
 from slurmvision.trainer.deadline import MARGIN_S, SAFETY, StepTimes, TimeLimit, parse_end_time, stop_deadline
 from slurmvision.trainer.signals import StopRequest
 
+pytestmark = pytest.mark.unit
+
 
 def test_the_deadline_is_the_warning_lead_or_the_sigterm_grace():
     cluster = ClusterConfig(signal_delay_s=90, sigterm_grace_s=20)

@@ -5,6 +5,8 @@ import pytest
 from slurmvision.errors import RunError
 from slurmvision.trainer.deepspeed_engine import DynamicLossScale
 
+pytestmark = pytest.mark.unit
+
 
 def test_the_scale_halves_on_an_overflow_and_doubles_after_a_run_of_good_steps():
     scale = DynamicLossScale(scale=8.0, growth_interval=3)

@@ -137,8 +137,8 @@ class OptimConfig:
         _check(self.weight_decay >= 0, "optim.weight_decay", self.weight_decay, "must be >= 0")
         _check(self.weight_decay_end is None or self.weight_decay_end >= 0, "optim.weight_decay_end",
                self.weight_decay_end, "must be >= 0 or null")
-        # With no weight decay to start from, timm puts every parameter in one group: the norms
-        # and biases could no longer be kept out of the schedule.
+        # The schedule drives the groups that have a weight decay; with none to start from, no
+        # group has one (timm may even put every parameter in one group).
         _check(self.weight_decay_end is None or self.weight_decay > 0, "optim.weight_decay_end", self.weight_decay_end,
                "needs optim.weight_decay > 0, where its schedule starts")
         _check(self.layer_decay is None or 0 < self.layer_decay <= 1, "optim.layer_decay", self.layer_decay,

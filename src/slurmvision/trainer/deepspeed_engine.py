@@ -61,8 +61,10 @@ class DynamicLossScale:
 
     Under torch autocast, ZeRO's own GradScaler never sees an overflow (ZeRO skips the step before
     it), so its scale never comes down: with DeepSpeed 0.19.8, 2 ranks of ZeRO-2 overflowed at
-    2**16 on every step and applied none. ZeRO already agrees on an overflow across ranks and skips
-    the step on all of them; this class only chooses the scale, which ZeRO applies as an external one.
+    2**16 on every step and applied none. ZeRO already finds an overflow from the all-reduced
+    gradient norm (inf or NaN on any rank) and skips the step on every rank; this class only
+    chooses the scale, which ZeRO applies as an external one (to the loss, and when it unscales
+    the gradients before clipping).
     """
 
     MIN = 1.0  # DeepSpeed's min_loss_scale: below it the gradients overflow at any scale

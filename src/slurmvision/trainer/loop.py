@@ -85,6 +85,7 @@ class Trainer:
         self.reader = TrainReader(config.data, seed=trainer.seed, rank=env.rank, world_size=env.world_size,
                                   state=loader_state, pin_memory=device.type == "cuda")
         self.global_batch = config.data.batch_size * env.world_size * trainer.grad_accum
+        # After _resume: loading the optimizer replaces the param groups the schedule writes to.
         self.schedule_at = build_schedule(self.engine.optimizer, config, self.global_batch,
                                           self.reader.samples_per_epoch)
         self.augment = DeviceAugment(config.data, self.num_classes, device, trainer.seed, env.rank)

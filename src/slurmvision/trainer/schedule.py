@@ -24,7 +24,8 @@ def build_schedule(optimizer: torch.optim.Optimizer, config: Config, global_batc
     the base LR (before any layer-wise scale) and the weight decay.
 
     The peak LR is scaled linearly from `optim.lr_base_batch` to the real global batch;
-    warm-up given in epochs is converted with the train split's size.
+    warm-up given in epochs is converted with the train split's size. Build it after the
+    optimizer's state is loaded: loading replaces the param-group dicts it writes to.
     """
     from timm.scheduler import CosineLRScheduler, StepLRScheduler
 
