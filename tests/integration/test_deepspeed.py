@@ -50,10 +50,10 @@ def scalars(run_dir, tag: str) -> dict[int, float]:
     return values
 
 
-# fp16 runs on CPU too (torch autocast and its GradScaler), so its loss scale is tested here (ZeRO-2
-# in fp32: its state round-trips bit for bit in the world-size tests below). With the BatchNorm ResNet: CPU autocast
-# computes F.normalize's norm in fp16, where its eps underflows, so Swin V2's cosine attention gives
-# NaN for padded windows (CUDA autocast takes the norm in fp32).
+# fp16 runs on CPU too (torch autocast and its GradScaler), so its loss scale is tested here; ZeRO-2's
+# fp32 state round-trips bit for bit in the world-size tests below. fp16 runs use the BatchNorm
+# ResNet: CPU autocast computes F.normalize's norm in fp16, where its eps underflows, so Swin V2's
+# cosine attention gives NaN for padded windows (CUDA autocast takes the norm in fp32).
 @pytest.mark.parametrize("stage,precision", [(3, "fp32"), (0, "fp16"), (2, "fp16")])
 def test_zero_stop_and_resume_is_exact(tiny_shards, tmp_path, stage, precision):
     # A scale that overflows at first: the scale a resume starts from decides which steps are skipped.
