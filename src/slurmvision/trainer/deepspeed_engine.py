@@ -25,6 +25,7 @@ import torch.distributed as dist
 
 from slurmvision.configs.schema import Config
 from slurmvision.errors import RunError
+from slurmvision.trainer.engine import build_optimizer, check_loss_scale
 
 
 def deepspeed_config(config: Config) -> dict:
@@ -67,8 +68,6 @@ class DynamicLossScale:
     the gradients before clipping).
     """
 
-    MIN = 1.0  # DeepSpeed's min_loss_scale: below it the gradients overflow at any scale
-
     def __init__(self, scale: float = 2.0**16, growth_interval: int = 2000):
         self.scale, self.growth_interval, self.good_steps = scale, growth_interval, 0
 
@@ -81,9 +80,6 @@ class DynamicLossScale:
             if self.good_steps == self.growth_interval:
                 self.scale, self.good_steps = self.scale * 2, 0
             return
-        if self.scale / 2 < self.MIN:
-            raise RunError(f"the fp16 loss scale fell below {self.MIN:g}: the gradients overflow at any scale. Stopped; "
-                           "the last good checkpoint is kept. Use trainer.precision=bf16, or lower optim.lr")
         self.scale, self.good_steps = self.scale / 2, 0
 
     def state_dict(self) -> dict:
@@ -97,8 +93,6 @@ class DeepSpeedEngine:
     GATHER_CHUNK = 1 << 24  # elements per rank and gather when a checkpoint collects the partitions
 
     def __init__(self, model: torch.nn.Module, config: Config, device: torch.device, local_rank: int = 0):
-        from slurmvision.trainer.engine import build_optimizer
-
         trainer = config.trainer
         if device.type == "cpu":
             os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -149,6 +143,8 @@ class DeepSpeedEngine:
         if isinstance(self.scaler, DynamicLossScale):
             self.scaler.update(overflow=not self.model.was_step_applied())
             self.zero.override_loss_scale(self.scaler.get_scale())
+        if self.scaler is not None:
+            check_loss_scale(self.scaler.get_scale())
         norm = self.model.get_global_grad_norm()
         return None if norm is None else float(norm)
 

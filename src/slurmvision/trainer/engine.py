@@ -17,8 +17,19 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from slurmvision.configs.schema import Config
+from slurmvision.errors import RunError
 
 _DTYPES = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+MIN_LOSS_SCALE = 1.0  # DeepSpeed's min_loss_scale
+
+
+def check_loss_scale(scale: float) -> None:
+    """Stop once the fp16 loss scale falls below 1: the gradients then overflow whatever the scale.
+    torch's GradScaler would halve on towards 0 and train on zeroed gradients; DeepSpeed's own
+    scaler raises at its minimum (DeepSpeed issue 5426). Both engines stop here, with advice."""
+    if scale < MIN_LOSS_SCALE:
+        raise RunError(f"the fp16 loss scale fell below {MIN_LOSS_SCALE:g}: the gradients overflow at any scale. "
+                       "Stopped; the last good checkpoint is kept. Use trainer.precision=bf16, or lower optim.lr")
 
 
 def build_optimizer(model: torch.nn.Module, config: Config) -> torch.optim.Optimizer:
@@ -72,6 +83,8 @@ class DDPEngine:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
+        if self.scaler.is_enabled():
+            check_loss_scale(self.scaler.get_scale())
         return float(norm)
 
     def skip(self) -> None:
