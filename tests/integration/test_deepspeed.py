@@ -95,8 +95,8 @@ def test_zero_resumes_on_one_rank_losing_and_repeating_nothing(tiny_shards, tmp_
     assert len(keys) == len(set(keys)) == 72
 
 
-def _engine_rank(rank: int, world: int, port: int, config, load_from: str, save_to: str) -> None:
-    """One rank of a DeepSpeed engine: two steps of training, or a load; then rank 0 saves its state."""
+def _start_engine(rank: int, world: int, port: int, config):
+    """A helper rank's DeepSpeed engine on CPU, in a gloo group of `world` ranks."""
     import torch.distributed as dist
 
     from slurmvision.models import build_model
@@ -105,14 +105,25 @@ def _engine_rank(rank: int, world: int, port: int, config, load_from: str, save_
     os.environ["DS_ACCELERATOR"] = "cpu"
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     torch.manual_seed(0)
+    return DeepSpeedEngine(build_model(config.model, 3), config, torch.device("cpu"), rank)
+
+
+def _random_batch(generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.randn(4, 3, 16, 16, generator=generator), torch.randint(0, 3, (4,), generator=generator)
+
+
+def _engine_rank(rank: int, world: int, port: int, config, load_from: str, save_to: str) -> None:
+    """One rank of a DeepSpeed engine: two steps of training, or a load; then rank 0 saves its state."""
+    from slurmvision.trainer.deepspeed_engine import DeepSpeedEngine
+
     DeepSpeedEngine.GATHER_CHUNK = 1000  # several chunks per partition, the last one short
-    engine = DeepSpeedEngine(build_model(config.model, 3), config, torch.device("cpu"), rank)
+    engine = _start_engine(rank, world, port, config)
     if load_from:
         engine.load_state_dict(torch.load(load_from, weights_only=True))
     else:
         generator = torch.Generator().manual_seed(rank)
         for _ in range(2):
-            images, targets = torch.randn(4, 3, 16, 16, generator=generator), torch.randint(0, 3, (4,), generator=generator)
+            images, targets = _random_batch(generator)
             engine.backward(torch.nn.functional.cross_entropy(engine.model(images), targets))
             engine.step()
     state = engine.state_dict()
@@ -134,15 +145,19 @@ def _leave() -> None:
     os._exit(0)
 
 
-def run_ranks(world: int, config, load_from: str, save_to: str) -> dict:
-    context = mp.get_context("spawn")
-    port = free_port()
-    procs = [context.Process(target=_engine_rank, args=(r, world, port, config, load_from, save_to)) for r in range(world)]
+def spawn_ranks(target, world: int, config, *args) -> None:
+    """`target(rank, world, port, config, *args)` on `world` processes; every one must succeed."""
+    context, port = mp.get_context("spawn"), free_port()
+    procs = [context.Process(target=target, args=(r, world, port, config, *args)) for r in range(world)]
     for p in procs:
         p.start()
     for p in procs:
         p.join(timeout=300)
     assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
+
+
+def run_ranks(world: int, config, load_from: str, save_to: str) -> dict:
+    spawn_ranks(_engine_rank, world, config, load_from, save_to)
     return torch.load(save_to, weights_only=True)
 
 
@@ -164,22 +179,13 @@ def test_zero_state_is_the_same_after_loading_on_other_world_sizes(tiny_shards, 
 
 def _fp16_overflow_rank(rank: int, world: int, port: int, config, out: str) -> None:
     """ZeRO in fp16: rank 1 alone overflows once, then every rank overflows at every scale."""
-    import torch.distributed as dist
-
     from slurmvision.errors import RunError
-    from slurmvision.models import build_model
-    from slurmvision.trainer.deepspeed_engine import DeepSpeedEngine
 
-    os.environ["DS_ACCELERATOR"] = "cpu"
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    torch.manual_seed(0)
-    engine = DeepSpeedEngine(build_model(config.model, 3), config, torch.device("cpu"), rank)
-    generator = torch.Generator().manual_seed(rank)
-
-    norms = []
+    engine = _start_engine(rank, world, port, config)
+    generator, norms = torch.Generator().manual_seed(rank), []
 
     def step(blow_up: bool) -> bool:
-        images, targets = torch.randn(4, 3, 16, 16, generator=generator), torch.randint(0, 3, (4,), generator=generator)
+        images, targets = _random_batch(generator)
         # A huge but finite loss: its gradients overflow fp16 at any loss scale.
         engine.backward(torch.nn.functional.cross_entropy(engine.model(images), targets) * (1e30 if blow_up else 1.0))
         norms.append(engine.step())
@@ -206,13 +212,8 @@ def _fp16_overflow_rank(rank: int, world: int, port: int, config, out: str) -> N
 def test_fp16_overflow_is_skipped_on_every_rank_and_a_scale_below_one_stops(tiny_shards, tmp_path, stage):
     config = tiny_config(tiny_shards, tmp_path / "run", *DEEPSPEED, f"trainer.zero_stage={stage}", "trainer.precision=fp16",
                          "optim.clip_grad=1.0")
-    context, port, out = mp.get_context("spawn"), free_port(), str(tmp_path / "report")
-    procs = [context.Process(target=_fp16_overflow_rank, args=(r, 2, port, config, out)) for r in range(2)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=300)
-    assert [p.exitcode for p in procs] == [0, 0]
+    out = str(tmp_path / "report")
+    spawn_ranks(_fp16_overflow_rank, 2, config, out)
     reports = [json.loads(open(f"{out}.{r}").read()) for r in range(2)]
     assert reports[0] == reports[1]
     report = reports[0]
