@@ -56,16 +56,37 @@ def squeue_state(job_id: str) -> str:
     return subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True).stdout.strip()
 
 
+def kill_wait_s() -> int:
+    config = subprocess.run(["scontrol", "show", "config"], capture_output=True, text=True, check=True).stdout
+    return next(int(line.split("=")[1].split()[0]) for line in config.splitlines() if line.startswith("KillWait"))
+
+
 def start_when_requeued(job_id: str, *updates: str, timeout: float = 120) -> None:
-    """A requeued job waits Slurm's requeue delay (~2 min) before it may start; skip the wait."""
+    """A requeued job waits Slurm's requeue delay (~2 min) before it may start; shorten it to
+    what the old attempt still needs: KillWait after its SIGTERM, slurmd SIGKILLs whatever runs
+    under the job's id, and that would kill a new attempt started sooner (seen after NODE_FAIL)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if squeue_state(job_id) == "PENDING":
-            time.sleep(3)  # not in the second of the requeue: Slurm would refuse the old job credential
+            time.sleep(kill_wait_s() + 2)
             subprocess.run(["scontrol", "update", f"jobid={job_id}", *updates, "StartTime=now"], capture_output=True)
             return
         time.sleep(0.5)
     raise AssertionError(f"job {job_id} was not requeued")
+
+
+def return_to_service(node: str, timeout: float = 60) -> None:
+    """Under ReturnToService=2 slurmctld may put the node back by itself once slurmd registers
+    again, and then `state=resume` is refused (the node is not down): insist only that it is usable."""
+    resume = subprocess.run(["scontrol", "update", f"nodename={node}", "state=resume"], capture_output=True, text=True)
+    deadline = time.monotonic() + timeout
+    while True:
+        state = subprocess.run(["sinfo", "-h", "-n", node, "-o", "%T"], capture_output=True, text=True).stdout.strip()
+        if state and not any(word in state for word in ("down", "drain", "fail")):
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"node {node} is still {state!r}; scontrol said: {resume.stderr.strip()}")
+        time.sleep(0.5)
 
 
 def coordinator(run_dir: Path) -> subprocess.Popen:
@@ -239,7 +260,7 @@ def test_node_failure_is_recorded_and_the_run_resumes_bit_for_bit(tiny_shards, t
         while squeue_state(job.job_id) not in ("PENDING", "") and time.monotonic() < deadline:
             time.sleep(0.5)
     finally:
-        subprocess.run(["scontrol", "update", f"nodename={node}", "state=resume"], check=True)
+        return_to_service(node)
     start_when_requeued(job.job_id)
     code, output = finish(watcher)
     assert code == 0 and "run finished" in output, output
