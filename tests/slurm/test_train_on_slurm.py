@@ -21,8 +21,9 @@ from ..integration.conftest import tiny_config, tiny_shards  # noqa: F401  (fixt
 
 pytestmark = pytest.mark.slurm
 SETTINGS = ["trainer.max_steps=8", "trainer.grad_accum=2", "data.audit=true", "cluster.time_min=10"]
-# Long enough (8 epochs of 3 steps) that a signal or a kill lands mid-run, wherever exactly.
-LONGER = ["trainer.max_steps=24", "trainer.checkpoint_every=5", "cluster.retry_backoff_s=0"]
+# Long enough (20 epochs of 3 steps, a few seconds) that a signal, a preemption or a kill
+# lands mid-run on a fast machine too.
+LONGER = ["trainer.max_steps=60", "trainer.checkpoint_every=5", "cluster.retry_backoff_s=0"]
 # For the time-limit tests: no attempt finishes within a limit of one minute, however fast the
 # machine; the test stops the run once a second attempt trains.
 UNENDING = ["trainer.max_steps=1000000", "trainer.checkpoint_every=500", "trainer.log_every=100", "data.audit=false"]
