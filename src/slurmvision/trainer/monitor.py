@@ -33,8 +33,9 @@ class Monitor:
         if env.is_main:
             from torch.utils.tensorboard import SummaryWriter
 
-            # purge_step drops events a previous attempt wrote past the checkpoint we resume from.
-            self.writer = SummaryWriter(str(run_dir / "tb"), purge_step=start_step or None)
+            # A previous attempt may have logged steps past the checkpoint we resume from: TensorBoard
+            # hides its events from purge_step on. Step start_step itself is in the checkpoint: kept.
+            self.writer = SummaryWriter(str(run_dir / "tb"), purge_step=start_step + 1 if start_step else None)
             if start_step == 0:
                 self.writer.add_text("config", "```\n" + json.dumps(hparams, indent=1) + "\n```", 0)
 

@@ -1,0 +1,34 @@
+"""TensorBoard across a resume: one continuous run, no step twice, none missing."""
+
+import pytest
+
+from slurmvision.trainer.distributed import DistEnv
+from slurmvision.trainer.monitor import Monitor
+
+pytestmark = pytest.mark.unit
+
+
+def log_steps(run_dir, start_step: int, steps) -> None:
+    monitor = Monitor(run_dir, DistEnv(), start_step=start_step, max_steps=10, hparams={"model": {"name": "tiny"}})
+    for step in steps:
+        monitor.scalars(step, {"train/loss": float(step), "train/grad_norm": None})
+    monitor.close()
+
+
+def test_a_resume_hides_the_steps_logged_after_the_checkpoint_and_keeps_the_checkpoints_own(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+    from tensorboard.compat.proto.event_pb2 import SessionLog
+
+    log_steps(tmp_path, 0, range(1, 7))  # crashed after logging step 6; the last checkpoint is step 4
+    log_steps(tmp_path, 4, range(5, 9))
+
+    first, resumed = sorted((tmp_path / "tb").glob("events.out.tfevents.*"))
+    purges = [e.step for e in EventFileLoader(str(resumed)).Load() if e.session_log.status == SessionLog.START]
+    assert purges == [5]
+    assert not [e for e in EventFileLoader(str(first)).Load() if e.session_log.status == SessionLog.START]
+    view = EventAccumulator(str(tmp_path / "tb"))  # what TensorBoard shows: the files read in order
+    view.Reload()
+    assert [(e.step, e.value) for e in view.Scalars("train/loss")] == [(s, float(s)) for s in range(1, 9)]
+    assert "train/grad_norm" not in view.Tags()["scalars"]  # a value a device does not have is left out
+    assert "config/text_summary" in view.Tags()["tensors"]
