@@ -68,10 +68,19 @@ def cmd_config_show(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from slurmvision.launch.local import train_here
+    from slurmvision.errors import RunError
+    from slurmvision.launch.local import train_as_started, train_here
+    from slurmvision.trainer.distributed import started_as_a_rank
 
     config = _config(args)
-    results = train_here(config, nproc=args.nproc)
+    if started_as_a_rank():
+        if args.nproc != 1:
+            raise RunError(f"--nproc {args.nproc} under torchrun or srun: each process is one rank already; drop --nproc")
+        results, reports = train_as_started(config)
+    else:
+        results, reports = train_here(config, nproc=args.nproc), True
+    if not reports:  # another rank of the same run; rank 0 reports for all
+        return 3 if results.get("interrupted") else 0
     if results.get("interrupted"):
         _print(results, args.json, lambda r: f"stopped by {r['signal']} at step {r['step']} with a checkpoint saved; "
                                              f"run the same command with --run-dir {config.run.dir} to resume")
@@ -166,9 +175,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out"), p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_shards_stats)
 
-    p = sub.add_parser("train", help="train on this machine (--nproc ranks), the code path a Slurm task runs")
+    p = sub.add_parser("train", help="train on this machine (--nproc ranks), the code path a Slurm task runs; "
+                                     "under torchrun or srun, as the rank it was started as")
     _recipe_args(p)
-    p.add_argument("--nproc", type=int, default=1, help="ranks to start on this machine")
+    p.add_argument("--nproc", type=int, default=1, help="ranks to start on this machine (not under torchrun or srun)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_train)
 

@@ -1,9 +1,13 @@
-"""`slurmvision train --nproc N`: N ranks on this machine, the same trainer a Slurm task runs."""
+"""`slurmvision train --nproc N`: N ranks on this machine, the same trainer a Slurm task runs; or,
+under torchrun or srun, the one rank this process was started as."""
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing as mp
+import os
 import queue as queue_module
+import sys
 import time
 import traceback
 from pathlib import Path
@@ -13,13 +17,8 @@ from slurmvision.errors import RunError, SlurmVisionError
 
 
 def _rank_main(rank: int, nproc: int, port: int, config: Config, queue) -> None:
-    import os
-    import sys
-
-    # The command's stdout carries its result (--json); whatever a rank or a library prints
-    # (DeepSpeed reports its op builds there) goes to stderr with the logs.
     sys.stdout.flush()
-    os.dup2(2, 1)
+    os.dup2(2, 1)  # as in _stdout_to_stderr, for the whole life of this rank's process
     from slurmvision.trainer.distributed import DistEnv
     from slurmvision.trainer.loop import train
 
@@ -32,6 +31,33 @@ def _rank_main(rank: int, nproc: int, port: int, config: Config, queue) -> None:
     except BaseException:
         queue.put((rank, "bug", traceback.format_exc()))
         raise
+
+
+def train_as_started(config: Config) -> tuple[dict, bool]:
+    """This process as the one rank torchrun or srun started it as: its result, and whether it is rank 0."""
+    from slurmvision.trainer.distributed import from_environment
+    from slurmvision.trainer.loop import train
+
+    env = from_environment()
+    if env.is_main:
+        save_config(config, Path(config.run.dir))
+    with _stdout_to_stderr():
+        return train(config, env), env.is_main
+
+
+@contextlib.contextmanager
+def _stdout_to_stderr():
+    """The command's stdout carries its result (--json); whatever a rank or a library prints
+    (DeepSpeed reports its op builds there) goes to stderr with the logs."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
 
 
 def train_here(config: Config, nproc: int = 1) -> dict:

@@ -56,6 +56,15 @@ def port_for_job(job_id: str) -> int:
     return 20000 + digits % 20000
 
 
+def started_as_a_rank() -> bool:
+    """Whether torchrun or an `srun` step started this process as one rank of several (not a
+    batch script, which sees its job's SLURM_NTASKS but is one process)."""
+    env = os.environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return True
+    return "SLURM_PROCID" in env and int(env.get("SLURM_STEP_NUM_TASKS", 1)) > 1
+
+
 def from_environment() -> DistEnv:
     env = os.environ
     restart = int(env.get("SLURM_RESTART_COUNT", 0))
@@ -66,14 +75,19 @@ def from_environment() -> DistEnv:
         master = env.get("MASTER_ADDR") or first_host(job.hostnames[0] if job.hostnames else "127.0.0.1")
         port = int(env.get("MASTER_PORT") or port_for_job(str(job.job_id)))
         return DistEnv(job.global_rank, job.local_rank, job.num_tasks, master, port, str(job.job_id), restart, "submitit")
-    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
-        job_id = env.get("SLURM_JOB_ID", "0")
-        return DistEnv(int(env["SLURM_PROCID"]), int(env.get("SLURM_LOCALID", 0)), int(env["SLURM_NTASKS"]),
-                       env.get("MASTER_ADDR") or first_host(env.get("SLURM_JOB_NODELIST", "127.0.0.1")),
-                       int(env.get("MASTER_PORT") or port_for_job(job_id)), job_id, restart, "slurm")
+    # torchrun before Slurm: `srun torchrun ...` gives each of torchrun's processes the Slurm
+    # variables of the one task that started them, and torchrun's own say who they are.
     if "RANK" in env and "WORLD_SIZE" in env:
         return DistEnv(int(env["RANK"]), int(env.get("LOCAL_RANK", 0)), int(env["WORLD_SIZE"]),
-                       env.get("MASTER_ADDR", "127.0.0.1"), int(env.get("MASTER_PORT", 29500)), None, restart, "torchrun")
+                       env.get("MASTER_ADDR", "127.0.0.1"), int(env.get("MASTER_PORT", 29500)),
+                       env.get("SLURM_JOB_ID"), restart, "torchrun")
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+        job_id = env.get("SLURM_JOB_ID", "0")
+        # A step may run fewer tasks than its job has.
+        world_size = int(env.get("SLURM_STEP_NUM_TASKS") or env["SLURM_NTASKS"])
+        return DistEnv(int(env["SLURM_PROCID"]), int(env.get("SLURM_LOCALID", 0)), world_size,
+                       env.get("MASTER_ADDR") or first_host(env.get("SLURM_JOB_NODELIST", "127.0.0.1")),
+                       int(env.get("MASTER_PORT") or port_for_job(job_id)), job_id, restart, "slurm")
     return DistEnv()
 
 
