@@ -1,7 +1,9 @@
 """Training jobs on the real local cluster: launch and status, the time-limit warning, real
 preemption, a killed rank and a crash that repeats, with the coordinator and its ledger."""
 
+import json
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -11,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from slurmvision.configs import save_config
 from slurmvision.evaluate.inspect import inspect_checkpoint
 from slurmvision.launch.launcher import submit, wait_for
 from slurmvision.launch.local import train_here
@@ -152,6 +155,22 @@ def test_launch_trains_and_status_reports_it(tiny_shards, tmp_path):  # noqa: F8
     assert status["jobs"][0]["job_id"] == job.job_id
     attempt, = status["attempts"]
     assert attempt["job_id"] == job.job_id and attempt["outcome"] == "finished" and attempt["world_size"] == 2
+
+
+def test_srun_of_the_train_command_runs_each_task_as_a_rank(tiny_shards, tmp_path):  # noqa: F811
+    """Without submitit: a batch script whose `srun` starts `slurmvision train` in each of its two tasks."""
+    run_dir = tmp_path / "run"
+    save_config(tiny_config(tiny_shards, run_dir, "trainer.max_steps=4"), run_dir)
+    train = shlex.join(["srun", sys.executable, "-m", "slurmvision", "train", str(run_dir / "config.yaml"),
+                        "--run-dir", str(run_dir), "--json"])
+    job = subprocess.run(["sbatch", "--parsable", "-n", "2", "-o", str(tmp_path / "out"), "-e", str(tmp_path / "err"),
+                          "--wrap", train], capture_output=True, text=True, check=True).stdout.strip()
+    deadline = time.monotonic() + 300
+    while squeue_state(job) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert json.loads((tmp_path / "out").read_text())["step"] == 4, (tmp_path / "err").read_text()[-3000:]  # rank 0's
+    assert inspect_checkpoint(run_dir)["world_size"] == 2
+    assert (run_dir / "logs" / "rank-00001.log").exists()
 
 
 @pytest.mark.parametrize("to_one_rank", [False, True], ids=["scancel", "rank-1-only"])
