@@ -12,13 +12,9 @@ from slurmvision.evaluate.inspect import inspect_checkpoint
 from slurmvision.trainer.distributed import free_port
 
 from .conftest import tiny_config
+from .test_train_resume import train_command
 
 pytestmark = pytest.mark.integration
-
-
-def train_command(run_dir, *options):
-    return [sys.executable, "-m", "slurmvision", "train", str(run_dir / "config.yaml"), "--run-dir", str(run_dir), "--json",
-            *options]
 
 
 def test_torchrun_starts_the_ranks_and_rank_0_reports(tiny_shards, tmp_path):

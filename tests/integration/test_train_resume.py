@@ -27,11 +27,15 @@ def audit(run_dir: Path) -> dict:
     return {p.name: [json.loads(line) for line in p.read_text().splitlines()] for p in sorted((run_dir / "audit").glob("*.jsonl"))}
 
 
+def train_command(run_dir: Path, *options: str) -> list[str]:
+    return [sys.executable, "-m", "slurmvision", "train", str(run_dir / "config.yaml"), "--run-dir", str(run_dir), "--json",
+            *options]
+
+
 def train_cli(run_dir: Path, config, nproc: int, stop_after_step: int | None = None) -> subprocess.CompletedProcess:
     """`slurmvision train` in its own process group; optionally SIGUSR2 to one rank once a step is logged."""
     save_config(config, run_dir)
-    command = [sys.executable, "-m", "slurmvision", "train", str(run_dir / "config.yaml"), "--run-dir", str(run_dir),
-               "--nproc", str(nproc), "--json"]
+    command = train_command(run_dir, "--nproc", str(nproc))
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     if stop_after_step is not None:
         log = run_dir / "logs" / "rank-00000.log"

@@ -63,6 +63,12 @@ def squeue_state(job_id: str) -> str:
     return subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True).stdout.strip()
 
 
+def wait_until_gone(*job_ids: str, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while any(squeue_state(job_id) for job_id in job_ids) and time.monotonic() < deadline:
+        time.sleep(0.5)
+
+
 def kill_wait_s() -> int:
     config = subprocess.run(["scontrol", "show", "config"], capture_output=True, text=True, check=True).stdout
     return next(int(line.split("=")[1].split()[0]) for line in config.splitlines() if line.startswith("KillWait"))
@@ -114,9 +120,7 @@ def stop_run(watcher: subprocess.Popen, run_dir: Path) -> None:
     watcher.wait()
     job_ids = [job["job_id"] for job in Ledger(run_dir).jobs()]
     subprocess.run(["scancel", *job_ids], check=True)
-    deadline = time.monotonic() + 120
-    while any(squeue_state(job_id) for job_id in job_ids) and time.monotonic() < deadline:
-        time.sleep(0.5)
+    wait_until_gone(*job_ids)
 
 
 def coordinator(run_dir: Path) -> subprocess.Popen:
@@ -165,9 +169,7 @@ def test_srun_of_the_train_command_runs_each_task_as_a_rank(tiny_shards, tmp_pat
                         "--run-dir", str(run_dir), "--json"])
     job = subprocess.run(["sbatch", "--parsable", "-n", "2", "-o", str(tmp_path / "out"), "-e", str(tmp_path / "err"),
                           "--wrap", train], capture_output=True, text=True, check=True).stdout.strip()
-    deadline = time.monotonic() + 300
-    while squeue_state(job) and time.monotonic() < deadline:
-        time.sleep(0.5)
+    wait_until_gone(job, timeout=300)
     assert json.loads((tmp_path / "out").read_text())["step"] == 4, (tmp_path / "err").read_text()[-3000:]  # rank 0's
     assert inspect_checkpoint(run_dir)["world_size"] == 2
     assert (run_dir / "logs" / "rank-00001.log").exists()
@@ -206,9 +208,7 @@ def test_real_preemption_saves_in_the_grace_time_and_resumes_bit_for_bit(tiny_sh
     high = subprocess.run(["sbatch", "--parsable", "-p", "high", "-n", "2", "-o", str(tmp_path / "high.out"),
                            "--wrap", "sleep 5"], capture_output=True, text=True, check=True).stdout.strip()
     wait_for_log(run_dir / "logs" / "rank-00000.log", "stopped by SIGTERM")
-    deadline = time.monotonic() + 120
-    while squeue_state(high) and time.monotonic() < deadline:  # the high job runs, then leaves
-        time.sleep(0.5)
+    wait_until_gone(high)  # the high job runs, then leaves
     start_when_requeued(job.job_id)
     code, output = finish(watcher)
     assert code == 0 and "run finished" in output, output

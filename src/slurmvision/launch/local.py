@@ -17,13 +17,12 @@ from slurmvision.errors import RunError, SlurmVisionError
 
 
 def _rank_main(rank: int, nproc: int, port: int, config: Config, queue) -> None:
-    sys.stdout.flush()
-    os.dup2(2, 1)  # as in _stdout_to_stderr, for the whole life of this rank's process
-    from slurmvision.trainer.distributed import DistEnv
-    from slurmvision.trainer.loop import train
-
     try:
-        result = train(config, DistEnv(rank=rank, local_rank=rank, world_size=nproc, master_port=port, source="local"))
+        with _stdout_to_stderr():
+            from slurmvision.trainer.distributed import DistEnv
+            from slurmvision.trainer.loop import train
+
+            result = train(config, DistEnv(rank=rank, local_rank=rank, world_size=nproc, master_port=port, source="local"))
         queue.put((rank, "ok", result))
     except SlurmVisionError as err:
         queue.put((rank, "user", f"{type(err).__name__}:{err}"))
