@@ -7,6 +7,9 @@ CONSTRAINTS := requirements/constraints.txt
 STAMP := $(VENV)/.installed
 DEVSLURM := scripts/devslurm.sh
 SLURM_CONF_FILE := $(CURDIR)/.devslurm/etc/slurm.conf
+# Slurm hosts of the local cluster: 1 (localhost), or 2 and more (localhost plus node1..N in
+# network namespaces). The test suite needs two for its multi-node tests.
+NODES ?= 1
 
 .PHONY: venv demo demo-slurm test test-unit test-integration test-slurm slurm-up slurm-down bench clean-venv
 
@@ -28,7 +31,8 @@ demo: venv
 demo-slurm: venv slurm-up
 	SLURM_CONF=$(SLURM_CONF_FILE) $(VENV)/bin/slurmvision demo --cluster devslurm
 
-test: venv slurm-up
+test: venv
+	bash $(DEVSLURM) up --nodes 2
 	SLURM_CONF=$(SLURM_CONF_FILE) $(PY) -m pytest tests
 
 test-unit: venv
@@ -37,11 +41,12 @@ test-unit: venv
 test-integration: venv
 	$(PY) -m pytest tests -m integration
 
-test-slurm: venv slurm-up
+test-slurm: venv
+	bash $(DEVSLURM) up --nodes 2
 	SLURM_CONF=$(SLURM_CONF_FILE) $(PY) -m pytest tests -m slurm
 
 slurm-up:
-	bash $(DEVSLURM) up
+	bash $(DEVSLURM) up --nodes $(NODES)
 
 slurm-down:
 	bash $(DEVSLURM) down

@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from slurmvision.trainer.distributed import DistEnv, first_host, from_environment, port_for_job, started_as_a_rank
+from slurmvision.trainer.distributed import DistEnv, from_environment, port_for_job, started_as_a_rank
 
 pytestmark = pytest.mark.unit
 SLURM_TASK = {"SLURM_JOB_ID": "4242", "SLURM_PROCID": "3", "SLURM_LOCALID": "1", "SLURM_NTASKS": "8", "SLURM_NODEID": "1",
@@ -59,9 +59,10 @@ def test_started_as_a_rank_by_torchrun(environ):
 
 
 @pytest.mark.parametrize("nodelist,first", [("gpu[012-015,020],login1", "gpu012"), ("node7", "node7"), ("a1,b2", "a1"),
-                                            ("rack-[3-4]", "rack-3"), ("n[7,9]", "n7")])
-def test_the_first_host_of_a_node_list(nodelist, first):
-    assert first_host(nodelist) == first
+                                            ("rack-[3-4]", "rack-3"), ("n[7,9]", "n7"), ("a[1-2]-b[3-4]", "a1-b3")])
+def test_a_slurm_task_meets_at_the_first_host_of_its_job(environ, nodelist, first):
+    environ({**SLURM_TASK, "SLURM_JOB_NODELIST": nodelist})
+    assert from_environment().master_addr == first
 
 
 def test_jobs_sharing_a_node_get_different_ports_in_range():

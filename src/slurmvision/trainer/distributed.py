@@ -6,6 +6,7 @@ Slurm `srun` variables, torchrun variables, or nothing (a single process).
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import socket
@@ -14,6 +15,10 @@ from typing import Optional
 
 import torch
 import torch.distributed as dist
+
+from slurmvision.slurm import hostlist
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -38,18 +43,6 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def first_host(nodelist: str) -> str:
-    """First host of a Slurm node list such as 'gpu[012-015,020],login1'."""
-    match = re.match(r"([^,\[]+)(?:\[([^\]]+)\])?", nodelist)
-    if not match:
-        return nodelist
-    prefix, ranges = match.groups()
-    if not ranges:
-        return prefix
-    first = ranges.split(",")[0].split("-")[0]
-    return prefix + first
-
-
 def port_for_job(job_id: str) -> int:
     """Same port on every node of a job, different between jobs sharing a node."""
     digits = int(re.sub(r"\D", "", job_id) or 0)
@@ -72,7 +65,8 @@ def from_environment() -> DistEnv:
         import submitit
 
         job = submitit.JobEnvironment()
-        master = env.get("MASTER_ADDR") or first_host(job.hostnames[0] if job.hostnames else "127.0.0.1")
+        # The job's first host serves the rendezvous (submitit expands the node list).
+        master = env.get("MASTER_ADDR") or (job.hostnames[0] if job.hostnames else "127.0.0.1")
         port = int(env.get("MASTER_PORT") or port_for_job(str(job.job_id)))
         return DistEnv(job.global_rank, job.local_rank, job.num_tasks, master, port, str(job.job_id), restart, "submitit")
     # torchrun before Slurm: `srun torchrun ...` gives each of torchrun's processes the Slurm
@@ -86,7 +80,7 @@ def from_environment() -> DistEnv:
         # A step may run fewer tasks than its job has.
         world_size = int(env.get("SLURM_STEP_NUM_TASKS") or env["SLURM_NTASKS"])
         return DistEnv(int(env["SLURM_PROCID"]), int(env.get("SLURM_LOCALID", 0)), world_size,
-                       env.get("MASTER_ADDR") or first_host(env.get("SLURM_JOB_NODELIST", "127.0.0.1")),
+                       env.get("MASTER_ADDR") or hostlist.expand(env.get("SLURM_JOB_NODELIST") or "127.0.0.1")[0],
                        int(env.get("MASTER_PORT") or port_for_job(job_id)), job_id, restart, "slurm")
     return DistEnv()
 
@@ -104,6 +98,8 @@ def init(env: DistEnv) -> torch.device:
     if env.world_size > 1 and not dist.is_initialized():
         dist.init_process_group(backend, init_method=f"tcp://{env.master_addr}:{env.master_port}",
                                 rank=env.rank, world_size=env.world_size)
+    log.info("rank %d of %d on %s (%s): %s, rendezvous at %s:%d", env.rank, env.world_size, socket.gethostname(),
+             env.source, backend, env.master_addr, env.master_port)
     return device
 
 
