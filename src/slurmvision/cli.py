@@ -92,7 +92,11 @@ def cmd_train(args) -> int:
 def cmd_launch(args) -> int:
     from slurmvision.launch.launcher import launch
 
-    launch(_config(args), dry_run=args.dry_run, wait=args.wait, coordinate=args.coordinate)
+    config = _config(args)
+    if args.force and not args.dry_run:
+        print("slurmvision: warning: --force: not checking whether a job of this run is still queued or running; "
+              "if one is, only one of the two can train (the trainer's run lock refuses the other)", file=sys.stderr)
+    launch(config, dry_run=args.dry_run, wait=args.wait, coordinate=args.coordinate, force=args.force)
     return 0
 
 
@@ -189,6 +193,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--wait", action="store_true", help="wait for the job and print its result")
     p.add_argument("--coordinate", action="store_true",
                    help="also start `slurmvision coordinate` for the run in the background (log: RUN/logs/coordinator.log)")
+    p.add_argument("--force", action="store_true",
+                   help="submit even if the run's newest job is still queued or running")
     p.set_defaults(func=cmd_launch)
 
     p = sub.add_parser("coordinate", help="watch a run, resubmit within budgets, keep the ledger")

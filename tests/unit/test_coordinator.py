@@ -4,15 +4,16 @@ The coordinator against a real cluster is in tests/slurm; here its rules, one by
 """
 
 import sqlite3
+import subprocess
 import time
 
 import pytest
 
 from slurmvision.configs import load_config, save_config
-from slurmvision.errors import RunError
+from slurmvision.errors import ClusterError, RunError
 from slurmvision.slurm import causes
 from slurmvision.slurm.causes import SlurmAttempt, classify
-from slurmvision.slurm.coordinator import Coordinator
+from slurmvision.slurm.coordinator import ACCOUNTING_LAG_S, SUBMIT_FAILURES, Coordinator, in_queue
 from slurmvision.slurm.ledger import AttemptRecorder, Ledger
 
 pytestmark = pytest.mark.unit
@@ -234,3 +235,123 @@ def test_a_run_without_slurm_has_nothing_to_coordinate(tmp_path):
     save_config(config, tmp_path / "run")
     with pytest.raises(RunError, match="nothing to coordinate"):
         Coordinator(tmp_path / "run")
+
+
+def squeue_answers(monkeypatch, returncode=0, stdout="", stderr="", timeout=False):
+    """subprocess.run as squeue would answer; the commands it was asked, in a list."""
+    asked = []
+
+    def run(args, **kwargs):
+        asked.append(args)
+        if timeout:
+            raise subprocess.TimeoutExpired(args, kwargs.get("timeout"))
+        return subprocess.CompletedProcess(args, returncode, stdout, stderr)
+
+    monkeypatch.setattr(subprocess, "run", run)
+    return asked
+
+
+@pytest.mark.parametrize("answer, queued", [
+    ({"stdout": "1234\n"}, True),
+    ({"stdout": ""}, False),  # known to Slurm, but ended: squeue lists it no more
+    ({"returncode": 1, "stderr": "slurm_load_jobs error: Invalid job id specified\n"}, False),  # forgotten
+])
+def test_in_queue_reads_squeue_and_a_forgotten_job_is_not_queued(monkeypatch, answer, queued):
+    asked = squeue_answers(monkeypatch, **answer)
+    assert in_queue("1234") is queued
+    assert asked[0][0] == "squeue" and "1234" in asked[0]
+
+
+@pytest.mark.parametrize("answer", [
+    {"returncode": 1, "stderr": "slurm_load_jobs error: Unable to contact slurm controller (connect failure)\n"},
+    {"timeout": True},
+])
+def test_in_queue_raises_when_slurm_cannot_answer(monkeypatch, answer):
+    squeue_answers(monkeypatch, **answer)
+    with pytest.raises(ClusterError):
+        in_queue("1234")
+
+
+def test_a_job_squeue_has_forgotten_is_decided_from_sacct(run, monkeypatch):
+    run_dir, cluster, _ = run
+    squeue_answers(monkeypatch, returncode=1, stderr="slurm_load_jobs error: Invalid job id specified\n")
+    coordinator = Coordinator(run_dir, poll_s=0, attempts_of=cluster.attempts_of, queued=in_queue,
+                              submit=cluster.submit)
+    attempt(run_dir, "1", 0, 0, 6, "failed", error="RuntimeError: flaky")
+    cluster.rows["1"] = [row("FAILED")]
+    decision = coordinator.tick()
+    assert decision.action == "resubmit" and "crash at step 6" in decision.message and len(cluster.submitted) == 1
+
+
+def age_job(run_dir, job_id, seconds):
+    with sqlite3.connect(run_dir / "ledger.sqlite") as db:
+        db.execute("UPDATE jobs SET submitted = submitted - ? WHERE job_id = ?", (seconds, job_id))
+
+
+def test_a_job_neither_sacct_nor_squeue_knows_is_ended_once_sacct_had_time_to_show_it(run):
+    run_dir, cluster, coordinator = run
+    cluster.rows["1"] = []  # sacct lags a fresh submission
+    assert coordinator.tick().action == "wait" and not cluster.submitted
+    age_job(run_dir, "1", ACCOUNTING_LAG_S + 1)
+    cluster.in_queue.add("1")  # queued all along, sacct slow: still waits
+    assert coordinator.tick().action == "wait" and not cluster.submitted
+    cluster.in_queue.clear()
+    decision = coordinator.tick()
+    assert decision.action == "resubmit" and decision.message.startswith("job 1 ended by unknown;")
+    assert Ledger(run_dir).attempts()[0]["cause"] == causes.UNKNOWN
+    assert Ledger(run_dir).jobs()[0]["handled"] == 1 and len(cluster.submitted) == 1
+
+
+class FlakySubmit:
+    """sinfo or sbatch failing `failures` times, then submitting to the fake cluster."""
+
+    def __init__(self, cluster, failures, message="`sbatch` did not answer in 30s: is slurmctld up?"):
+        self.cluster, self.failures, self.message, self.calls = cluster, failures, message, 0
+
+    def __call__(self, config, reason, exclude):
+        self.calls += 1
+        if self.calls <= self.failures:
+            raise ClusterError(self.message)
+        return self.cluster.submit(config, reason, exclude)
+
+
+def test_failed_resubmissions_are_retried_with_a_growing_backoff_until_one_succeeds(run):
+    run_dir, cluster, _ = run
+    submit = FlakySubmit(cluster, failures=2)
+    coordinator = Coordinator(run_dir, poll_s=0, attempts_of=cluster.attempts_of, queued=cluster.queued, submit=submit)
+    coordinator.config.cluster.retry_backoff_s = 10
+    attempt(run_dir, "1", 0, 0, 6)
+    cluster.rows["1"] = [row("TIMEOUT")]
+    Ledger(run_dir).put("resubmit_after:1", 0)  # the job's own back-off is over
+    waits = []
+    for failure in (1, 2):
+        decision = coordinator.tick()
+        assert decision.action == "wait"
+        assert f"resubmission {failure}/{SUBMIT_FAILURES} of job 1 failed" in decision.message
+        assert "did not answer" in decision.message
+        waits.append(Ledger(run_dir).get("resubmit_after:1") - time.time())
+        assert coordinator.tick().message.startswith("backing off")  # not before its time
+        Ledger(run_dir).put("resubmit_after:1", 0)
+    assert waits[0] == pytest.approx(10, abs=2) and waits[1] == pytest.approx(20, abs=2)
+    assert Ledger(run_dir).jobs()[0]["handled"] == 0 and not cluster.submitted
+    assert sum("resubmission" in e["message"] for e in Ledger(run_dir).events(50)) == 2
+    decision = coordinator.tick()
+    assert decision.action == "resubmit" and decision.message.endswith("job 100 submitted")
+    assert Ledger(run_dir).jobs()[0]["handled"] == 1 and submit.calls == 3
+
+
+def test_a_refusal_that_repeats_stops_the_run_and_a_restarted_coordinator_tries_again(run):
+    run_dir, cluster, _ = run
+    submit = FlakySubmit(cluster, failures=100, message="partition 'x' does not exist on this cluster")
+    coordinator = Coordinator(run_dir, poll_s=0, attempts_of=cluster.attempts_of, queued=cluster.queued, submit=submit)
+    attempt(run_dir, "1", 0, 0, 6)
+    cluster.rows["1"] = [row("TIMEOUT")]
+    decision = coordinator.run()  # no ClusterError escapes: the budget ends it
+    assert decision.action == "stop" and submit.calls == SUBMIT_FAILURES
+    assert f"{SUBMIT_FAILURES} resubmissions of job 1 failed in a row" in decision.message
+    assert "partition 'x' does not exist" in decision.message and "slurmvision coordinate" in decision.message
+    assert Ledger(run_dir).jobs()[0]["handled"] == 0 and not cluster.submitted
+    # The profile fixed: a new coordinator resubmits at once, with a fresh budget.
+    again = Coordinator(run_dir, poll_s=0, attempts_of=cluster.attempts_of, queued=cluster.queued,
+                        submit=cluster.submit)
+    assert again.tick().action == "resubmit" and len(cluster.submitted) == 1

@@ -8,6 +8,7 @@ from typing import Optional
 from slurmvision.configs import Config, config_hash, load_saved_config, save_config, to_yaml
 from slurmvision.errors import ClusterError, RunError
 from slurmvision.slurm.cluster import validate_cluster
+from slurmvision.slurm.coordinator import in_queue
 from slurmvision.slurm.executor import make_executor, sbatch_script
 from slurmvision.slurm.ledger import Ledger
 
@@ -32,16 +33,31 @@ def _check_run_dir(config: Config) -> None:
                        f"or compare with `slurmvision config show` and relaunch with the same settings to resume it")
 
 
-def submit(config: Config, *, reason: str = "launch", exclude: tuple[str, ...] = ()):
+def _check_no_job_active(run_dir: Path) -> None:
+    """One job per run at a time: a second one would wait in the queue only to be refused by the
+    trainer's run lock, or take it over the moment the first one requeues."""
+    ledger = Ledger(run_dir)
+    jobs = ledger.jobs() if ledger.exists() else []
+    if jobs and in_queue(jobs[-1]["job_id"]):
+        job_id = jobs[-1]["job_id"]
+        raise RunError(f"job {job_id} of {run_dir} is still queued or running: cancel it with `scancel {job_id}` "
+                       f"first, or pass --force to submit a second job to this run anyway")
+
+
+def submit(config: Config, *, reason: str = "launch", exclude: tuple[str, ...] = (), force: bool = False):
     """Create (or reuse) the run directory and submit the job; returns the submitit Job.
 
     `exclude` keeps nodes out of this job only (the coordinator's answer to a node failure).
+    `force` submits even while the run's newest job is queued or running (`launch --force`, and
+    the coordinator, which resubmits only after that job has ended).
     """
     from slurmvision.slurm.job import TrainJob
 
     cluster = config.cluster
     _check_run_dir(config)
-    if cluster.executor == "slurm":
+    if cluster.executor == "slurm":  # without Slurm there is no queue to ask
+        if not force:
+            _check_no_job_active(Path(config.run.dir))
         validate_cluster(cluster)
     run_dir = Path(config.run.dir)
     save_config(config, run_dir)
@@ -73,7 +89,8 @@ def start_coordinator(run_dir: Path) -> int:
     return proc.pid
 
 
-def launch(config: Config, *, dry_run: bool = False, wait: bool = False, coordinate: bool = False) -> Optional[dict]:
+def launch(config: Config, *, dry_run: bool = False, wait: bool = False, coordinate: bool = False,
+           force: bool = False) -> Optional[dict]:
     run_dir = Path(config.run.dir)
     if dry_run:
         if config.cluster.executor == "slurm":
@@ -83,7 +100,7 @@ def launch(config: Config, *, dry_run: bool = False, wait: bool = False, coordin
         print("# resolved config")
         print(to_yaml(config), end="")
         return None
-    job = submit(config)
+    job = submit(config, force=force)
     print(f"run {run_id(config)}: job {job.job_id} submitted to {config.cluster.name}")
     print(f"  status:      slurmvision status {run_dir}")
     print(f"  tensorboard: tensorboard --logdir {run_dir / 'tb'}")

@@ -5,7 +5,9 @@ it can be killed and restarted at any time (under nohup or tmux) and goes on whe
 was. A lock file keeps a second coordinator of the same run from acting twice.
 Slurm requeues preempted jobs and jobs that saved on the time-limit warning by itself;
 the coordinator resubmits what Slurm does not bring back (a hard time limit, a crash, a
-node failure), each resubmission resuming from the newest valid checkpoint.
+node failure), each resubmission resuming from the newest valid checkpoint. Slurm's tools
+failing or refusing (sacct, squeue, sinfo, sbatch) cost a wait and a retry; only a budget
+that runs out stops it.
 Torch-free: it runs on the login node.
 """
 
@@ -33,6 +35,14 @@ ADVICE = {
                 "or set model.grad_checkpointing=true, then relaunch",
     causes.USER_CANCEL: "the job was cancelled by a user; relaunch the same config to resume it",
 }
+# sacct lags a fresh submission by seconds; a job that neither it nor squeue knows this long after
+# its submission has ended without a trace (an accounting database that lost it).
+ACCOUNTING_LAG_S = 300.0
+# Resubmissions that fail in a row before the run stops: a refusal that lasts this long (with the
+# doubling back-off in between) is a profile Slurm will never take, not a slurmctld restarting.
+SUBMIT_FAILURES = 5
+# squeue's answer for a job it has forgotten (MinJobAge after its end): not queued, not unreachable.
+FORGOTTEN = "Invalid job id specified"
 
 
 @dataclass
@@ -54,10 +64,16 @@ def sacct_attempts(job_id: str, timeout: float = 60) -> list[SlurmAttempt]:
 
 def in_queue(job_id: str) -> bool:
     """Whether Slurm still holds the job (pending, running, or requeued after an end that
-    sacct already shows, such as PREEMPTED)."""
+    sacct already shows, such as PREEMPTED). A job squeue has forgotten is not queued; any
+    other failure (a timeout, slurmctld down) raises ClusterError."""
     from slurmvision.slurm.executor import run_slurm_command
 
-    return bool(run_slurm_command(["squeue", "-h", "-j", job_id, "-o", "%i"], timeout=60).strip())
+    try:
+        return bool(run_slurm_command(["squeue", "-h", "-j", job_id, "-o", "%i"], timeout=60).strip())
+    except ClusterError as err:
+        if FORGOTTEN in str(err):
+            return False
+        raise
 
 
 def _log_tail(run_dir: Path, job_id: str, size: int = 4000) -> str:
@@ -103,11 +119,14 @@ class Coordinator:
         job = jobs[-1]
         try:
             slurm = self.attempts_of(job["job_id"])
-            # A job Slurm still queues is not over, whatever its last accounting row says.
-            ended = bool(slurm) and not slurm[-1].active and not self.queued(job["job_id"])
+            ended = self._ended(job, slurm)
         except ClusterError as err:  # Slurm's tools down or slow: look again next time
             log.warning("cannot read the state of job %s: %s", job["job_id"], err)
             return Decision("wait", f"Slurm unreachable: {err}")
+        if ended and not slurm:
+            log.warning("job %s is neither in the queue nor in sacct %.0fs after its submission: taken as ended",
+                        job["job_id"], time.time() - job["submitted"])
+            slurm = [SlurmAttempt("UNKNOWN", "", "")]
         self._record_causes(job["job_id"], slurm)
         if self._finished():
             return Decision("finished", f"run finished: step {self.config.trainer.max_steps} reached")
@@ -123,7 +142,10 @@ class Coordinator:
                 self.ledger.put(key, time.time() + decision.delay_s)
             if time.time() < self.ledger.get(key):
                 return Decision("wait", f"backing off until {time.ctime(self.ledger.get(key))}")
-            new_id = self.resubmit(decision)
+            try:
+                new_id = self.resubmit(decision)
+            except ClusterError as err:  # not handled yet: the next tick tries again
+                return self._submit_failed(job["job_id"], err)
             self.ledger.mark_handled(job["job_id"])
             decision.message += f"; job {new_id} submitted"
             self.ledger.event("coordinator", decision.message)
@@ -132,6 +154,33 @@ class Coordinator:
             self.ledger.put("stopped", decision.message)
             self.ledger.mark_handled(job["job_id"])
         return decision
+
+    def _ended(self, job: dict, slurm: list[SlurmAttempt]) -> bool:
+        """Whether the job is over for good. A job Slurm still queues is not, whatever its last
+        accounting row says; one without accounting rows is once squeue does not know it either
+        and sacct has had ACCOUNTING_LAG_S since its submission to show it."""
+        if (slurm and slurm[-1].active) or self.queued(job["job_id"]):
+            return False
+        return bool(slurm) or time.time() - job["submitted"] > ACCOUNTING_LAG_S
+
+    def _submit_failed(self, job_id: str, err: ClusterError) -> Decision:
+        """A resubmission that sinfo or sbatch failed or refused: retried after the doubling back-off
+        of `_backoff`, counted in the ledger; SUBMIT_FAILURES in a row stop the run. The ended job
+        stays unhandled, so a coordinator started again (once the cause is fixed) resubmits it at once."""
+        failures = self.ledger.get(f"submit_failures:{job_id}", 0) + 1
+        if failures >= SUBMIT_FAILURES:
+            self.ledger.put(f"submit_failures:{job_id}", 0)
+            self.ledger.put(f"resubmit_after:{job_id}", time.time())
+            return Decision("stop", f"run stopped: {failures} resubmissions of job {job_id} failed in a row, the last: "
+                                    f"{err}. Fix the cause, then run `slurmvision coordinate {self.run_dir}` again")
+        retry_at = time.time() + self._backoff(failures)
+        self.ledger.put(f"submit_failures:{job_id}", failures)
+        self.ledger.put(f"resubmit_after:{job_id}", retry_at)
+        message = (f"resubmission {failures}/{SUBMIT_FAILURES} of job {job_id} failed: {err}; "
+                   f"trying again after {time.ctime(retry_at)}")
+        log.warning("%s", message)
+        self.ledger.event("coordinator", message)
+        return Decision("wait", message, delay_s=retry_at - time.time())
 
     def _finished(self) -> bool:
         return any(a["outcome"] == "finished" and (a["step_reached"] or 0) >= self.config.trainer.max_steps
@@ -204,7 +253,8 @@ class Coordinator:
             return self._submit(self.config, reason=decision.message, exclude=decision.exclude)
         from slurmvision.launch.launcher import submit
 
-        return str(submit(self.config, reason=decision.message, exclude=decision.exclude).job_id)
+        # The job it replaces has ended (decided above): `launch`'s check of the queue is not needed.
+        return str(submit(self.config, reason=decision.message, exclude=decision.exclude, force=True).job_id)
 
     @contextmanager
     def _lock(self):
