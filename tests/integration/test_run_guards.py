@@ -1,12 +1,15 @@
 """What stops or refuses a run, with the checkpoint kept: non-finite losses on one rank, a resume
-with a config that changes what the checkpoint means; and `checkpoint inspect --json`."""
+with a config that changes what the checkpoint means, a run another job is training; and
+`checkpoint inspect --json`."""
 
+import fcntl
 import json
 import subprocess
 import sys
 
 import pytest
 
+from slurmvision.configs import load_config
 from slurmvision.errors import RunError
 from slurmvision.launch import local
 from slurmvision.launch.local import train_here
@@ -84,3 +87,24 @@ def test_a_resume_refuses_a_changed_meaning_names_the_keys_and_allows_harmless_o
     assert report["valid"] and report["problem"] is None and report["path"].endswith("step-00000002")
     assert (report["step"], report["world_size"], report["engine"]) == (2, 1, "ddp")
     assert len(report["params_sha256"]) == 64 and report["config_hash"] and report["samples_seen"] == 2 * 6
+
+
+def test_a_run_another_job_is_training_is_refused_by_every_rank_at_once(tmp_path, monkeypatch):
+    """Rank 0 finds the run lock held; rank 1 learns it in the same collective: it neither waits for
+    rank 0 nor goes on alone."""
+    outcomes, result = {}, local._result
+    monkeypatch.setattr(local, "_result", lambda got, procs: outcomes.update(got) or result(got, procs))
+    run = tmp_path / "run"
+    run.mkdir()
+    with open(run / "train.lock", "a+") as other:  # the job already training this run
+        fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        other.write("job 77 on gpu07, pid 1234, since 2024-05-01 10:00:00\n")
+        other.flush()
+        # No shards at data.root: a rank that went past the lock would fail on the data instead.
+        config = load_config("digits-demo", ["data.root=/nonexistent"], cluster="local", run_dir=run)
+        with pytest.raises(RunError, match=r"another job is training .* \(job 77 on gpu07, pid 1234, since 2024-05-01"):
+            train_here(config, nproc=2)
+    assert sorted(outcomes) == [0, 1]
+    assert all(kind == "user" and payload.startswith("RunError:another job is training")
+               for kind, payload in outcomes.values()), outcomes
+    assert not (run / "checkpoints").exists()

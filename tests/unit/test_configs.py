@@ -74,3 +74,21 @@ def test_saved_config_round_trips(tmp_path):
     save_config(config, tmp_path / "run")
     again = load_saved_config(tmp_path / "run")
     assert again == config and config_hash(again) == config_hash(config)
+
+
+def test_an_elastic_run_keeps_its_global_batch_on_fewer_nodes():
+    config = load_config("digits-demo", ["data.root=/x", "cluster.nodes=4", "cluster.min_nodes=2", "cluster.tasks_per_node=2",
+                                         "trainer.grad_accum=3"], cluster="local")
+    assert config.cluster.elastic and config.cluster.nodes_request == "2-4"
+    assert [config.grad_accum_at(nodes * 2) for nodes in (4, 3, 2)] == [3, 4, 6]
+    # Not elastic: the configured accumulation, whatever the number of ranks.
+    fixed = load_config("digits-demo", ["data.root=/x", "cluster.nodes=2", "trainer.grad_accum=3"], cluster="local")
+    assert not fixed.cluster.elastic and fixed.cluster.nodes_request == "2" and fixed.grad_accum_at(7) == 3
+
+
+def test_an_elastic_range_the_global_batch_cannot_follow_names_the_accumulation_that_can():
+    with pytest.raises(ConfigError, match=r"trainer.grad_accum=1 cannot keep the global batch on 2 to 3 nodes.*"
+                                          r"set trainer.grad_accum=2"):
+        load_config("digits-demo", ["data.root=/x", "cluster.nodes=3", "cluster.min_nodes=2"], cluster="local")
+    with pytest.raises(ConfigError, match="cluster.min_nodes=3 is not allowed: must be 1 to cluster.nodes=2"):
+        load_config("digits-demo", ["data.root=/x", "cluster.nodes=2", "cluster.min_nodes=3"], cluster="local")

@@ -27,3 +27,10 @@ def test_dry_run_submits_and_writes_nothing(tmp_path):
     subprocess.run([sys.executable, "-m", "slurmvision", "launch", "digits-demo", "data.root=/x", "--cluster", "a100",
                     "--run-dir", str(tmp_path / "run"), "--dry-run"], capture_output=True, check=True)
     assert not (tmp_path / "run").exists()
+
+
+def test_an_elastic_run_asks_for_a_range_of_nodes(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "slurmvision", "launch", "digits-demo", "data.root=/x", "--cluster", "a100",
+                          "cluster.nodes=4", "cluster.min_nodes=2", "trainer.grad_accum=3", "--run-dir", str(tmp_path / "run"), "--dry-run"],
+                         capture_output=True, text=True, check=True).stdout
+    assert "#SBATCH --nodes=2-4\n" in out and out.count("#SBATCH --nodes") == 1

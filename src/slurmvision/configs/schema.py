@@ -184,6 +184,9 @@ class ClusterConfig:
     name: str = "local"
     executor: str = "local"  # local | slurm
     nodes: int = 1
+    # Fewest nodes an attempt may start on (None: `nodes`). Below `nodes` the run goes on with
+    # fewer ranks after a node is lost, at the same global batch (more gradient accumulation).
+    min_nodes: Optional[int] = None
     tasks_per_node: int = 2  # one task per GPU (or per CPU rank without GPUs)
     gpus_per_node: int = 0
     cpus_per_task: int = 1
@@ -208,14 +211,23 @@ class ClusterConfig:
     crash_retries: int = 2
     node_failure_retries: int = 3
     retry_backoff_s: float = 30.0
+    # Who coordinates a Slurm run after `launch`: a chain of small watcher jobs in Slurm (no
+    # login-node process), a login-node daemon, or nobody (`slurmvision coordinate` by hand).
+    coordinate: str = "watcher"
+    watcher_partition: Optional[str] = None  # default: cluster.partition
+    watcher_qos: Optional[str] = None  # default: cluster.qos
+    watcher_time_min: int = 10
 
     def __post_init__(self) -> None:
         _choice("cluster.executor", self.executor, ("local", "slurm"))
+        _choice("cluster.coordinate", self.coordinate, ("watcher", "daemon", "none"))
         for key in ("crash_retries", "node_failure_retries", "retry_backoff_s", "sigterm_grace_s"):
             _check(getattr(self, key) >= 0, f"cluster.{key}", getattr(self, key), "must be >= 0")
         _choice("cluster.signal", self.signal, ("USR1", "USR2", "TERM", "INT"))
-        for key in ("nodes", "tasks_per_node", "cpus_per_task", "time_min", "max_attempts"):
+        for key in ("nodes", "tasks_per_node", "cpus_per_task", "time_min", "max_attempts", "watcher_time_min"):
             _check(getattr(self, key) >= 1, f"cluster.{key}", getattr(self, key), "must be >= 1")
+        _check(self.min_nodes is None or 1 <= self.min_nodes <= self.nodes, "cluster.min_nodes", self.min_nodes,
+               f"must be 1 to cluster.nodes={self.nodes}, or null")
         _check(self.gpus_per_node >= 0, "cluster.gpus_per_node", self.gpus_per_node, "must be >= 0")
         _check(
             self.gpus_per_node in (0, self.tasks_per_node), "cluster.gpus_per_node", self.gpus_per_node,
@@ -227,6 +239,16 @@ class ClusterConfig:
     @property
     def world_size(self) -> int:
         return self.nodes * self.tasks_per_node
+
+    @property
+    def elastic(self) -> bool:
+        """Whether an attempt may start on fewer nodes than `nodes`."""
+        return self.min_nodes is not None and self.min_nodes < self.nodes
+
+    @property
+    def nodes_request(self) -> str:
+        """sbatch's --nodes: a count, or min-max for an elastic run."""
+        return f"{self.min_nodes}-{self.nodes}" if self.elastic else str(self.nodes)
 
 
 @dataclass
@@ -250,3 +272,28 @@ class Config:
         if self.trainer.zero_stage == 3 and self.model.ema_decay:
             raise ConfigError("model.ema_decay keeps a full copy of the weights on every rank, which ZeRO-3 "
                               "partitions: set model.ema_decay=0 or use trainer.zero_stage=2")
+        if self.cluster.elastic:
+            self._check_elastic_batch()
+
+    def _check_elastic_batch(self) -> None:
+        """Every node count from min_nodes to nodes must split the global batch into whole micro-batches."""
+        cluster, accum = self.cluster, self.trainer.grad_accum
+        counts = range(cluster.min_nodes, cluster.nodes + 1)
+        if all(cluster.nodes * accum % n == 0 for n in counts):
+            return
+        fits = next(k * accum for k in range(2, 10_000) if all(cluster.nodes * k * accum % n == 0 for n in counts))
+        raise ConfigError(f"trainer.grad_accum={accum} cannot keep the global batch on {cluster.min_nodes} to "
+                          f"{cluster.nodes} nodes (cluster.min_nodes): set trainer.grad_accum={fits}, or raise "
+                          "cluster.min_nodes")
+
+    def grad_accum_at(self, world_size: int) -> int:
+        """Micro-batches per step with this many ranks: an elastic run keeps its global batch on
+        fewer ranks by accumulating more; any other run accumulates trainer.grad_accum."""
+        if not self.cluster.elastic or world_size == self.cluster.world_size:
+            return self.trainer.grad_accum
+        micro_batches = self.cluster.world_size * self.trainer.grad_accum
+        if micro_batches % world_size:
+            raise ConfigError(f"{world_size} ranks cannot share the global batch of {micro_batches} micro-batches of "
+                              f"cluster.nodes={self.cluster.nodes} x cluster.tasks_per_node="
+                              f"{self.cluster.tasks_per_node} x trainer.grad_accum={self.trainer.grad_accum}")
+        return micro_batches // world_size

@@ -92,11 +92,18 @@ def format_status(status: dict) -> str:
         lines.append(f"  eval:       top-1 {e['top1']:.4f} top-5 {e['top5']:.4f} F1 {e['f1_macro']:.4f} at step {e['step']}")
     if status["attempts"]:
         lines.append(f"  attempts:   {len(status['attempts'])}, {status['lost_steps']} steps lost in all")
+    ranks, why = None, None
     for a in status["attempts"]:
         steps = f"steps {a['step_start']}-{a['step_reached']}" if a["step_start"] is not None else "never trained"
         end = a["cause"] or a["outcome"] or "running"
         lost = f", {a['lost_steps']} lost" if a["lost_steps"] else ""
-        lines.append(f"    job {a['job_id']}.{a['restart']} on {a['nodes'] or '?'}: {steps}, {end}{lost}")
+        # An elastic run (cluster.min_nodes) may start an attempt on fewer or more ranks than the last.
+        resized = ""
+        if ranks and a["world_size"] and a["world_size"] != ranks:
+            verb = "shrank" if a["world_size"] < ranks else "grew"
+            resized = f" ({verb} from {ranks} to {a['world_size']} ranks" + (f" after a {why})" if why else ")")
+        ranks, why = a["world_size"] or ranks, a["cause"]
+        lines.append(f"    job {a['job_id']}.{a['restart']} on {a['nodes'] or '?'}{resized}: {steps}, {end}{lost}")
     for event in status["events"]:
         lines.append(f"  {event['source']}: {event['message']}")
     lines.append(f"  tensorboard --logdir {status['tensorboard']}")

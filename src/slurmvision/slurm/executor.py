@@ -26,7 +26,9 @@ def slurm_parameters(cluster: ClusterConfig, job_name: str, comment: str) -> dic
         "time": cluster.time_min,
         "signal_delay_s": cluster.signal_delay_s,
         "stderr_to_stdout": False,
-        "additional_parameters": {"requeue": True, **cluster.additional},
+        # An elastic run asks for min-max nodes; submitit counts tasks from the largest.
+        "additional_parameters": {"requeue": True, **({"nodes": cluster.nodes_request} if cluster.elastic else {}),
+                                  **cluster.additional},
         # A rank that dies takes the others with it: without this they could wait in a
         # collective until the time limit.
         "srun_args": ["--kill-on-bad-exit=1"],

@@ -197,3 +197,12 @@ class AttemptRecorder:
 
     def ended(self, outcome: str, step: int, signal: Optional[str] = None, error: Optional[str] = None) -> None:
         self._write("attempt_ended", outcome=outcome, step=step, signal=signal, error=error)
+
+    def note(self, message: str) -> None:
+        """An event of this attempt that `status` shows (for example a run that shrank)."""
+        if self.ledger is None:
+            return
+        try:
+            self.ledger.event("trainer", f"job {self.job_id}.{self.restart}: {message}")
+        except sqlite3.Error as err:
+            log.warning("could not write the ledger %s: %s", self.ledger.path, err)

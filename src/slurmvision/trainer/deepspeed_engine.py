@@ -28,11 +28,11 @@ from slurmvision.errors import RunError
 from slurmvision.trainer.engine import build_optimizer, check_loss_scale
 
 
-def deepspeed_config(config: Config) -> dict:
+def deepspeed_config(config: Config, grad_accum: Optional[int] = None) -> dict:
     trainer, precision = config.trainer, config.trainer.precision
     return {
         "train_micro_batch_size_per_gpu": config.data.batch_size,
-        "gradient_accumulation_steps": trainer.grad_accum,
+        "gradient_accumulation_steps": grad_accum or trainer.grad_accum,
         "managed_gradient_accumulation": False,
         "gradient_clipping": config.optim.clip_grad or 0.0,
         "zero_optimization": {"stage": trainer.zero_stage},
@@ -92,7 +92,8 @@ class DynamicLossScale:
 class DeepSpeedEngine:
     GATHER_CHUNK = 1 << 24  # elements per rank and gather when a checkpoint collects the partitions
 
-    def __init__(self, model: torch.nn.Module, config: Config, device: torch.device, local_rank: int = 0):
+    def __init__(self, model: torch.nn.Module, config: Config, device: torch.device, local_rank: int = 0,
+                 grad_accum: Optional[int] = None):
         trainer = config.trainer
         if device.type == "cpu":
             os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -112,7 +113,7 @@ class DeepSpeedEngine:
         os.environ.update(RANK=str(dist.get_rank()), WORLD_SIZE=str(dist.get_world_size()), LOCAL_RANK=str(local_rank))
         deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
         self.model, _, _, _ = deepspeed.initialize(model=model, optimizer=self.optimizer,
-                                                   config=deepspeed_config(config), dist_init_required=False)
+                                                   config=deepspeed_config(config, grad_accum), dist_init_required=False)
         self.module = self.model.module
         if config.model.compile:
             self.model.compile()

@@ -44,8 +44,9 @@ def build_optimizer(model: torch.nn.Module, config: Config) -> torch.optim.Optim
 
 
 class DDPEngine:
-    def __init__(self, model: torch.nn.Module, config: Config, device: torch.device):
+    def __init__(self, model: torch.nn.Module, config: Config, device: torch.device, grad_accum: Optional[int] = None):
         self.config, self.device = config, device
+        grad_accum = grad_accum or config.trainer.grad_accum
         self.dtype = _DTYPES[config.trainer.precision]
         model.to(device)
         if config.model.channels_last:
@@ -57,7 +58,7 @@ class DDPEngine:
                 model, device_ids=[device.index] if device.type == "cuda" else None,
                 # A static graph saves work per step but cannot be combined with no_sync
                 # accumulation, frozen parameters or re-entrant checkpointing.
-                static_graph=config.trainer.grad_accum == 1 and not config.model.freeze and not config.model.grad_checkpointing,
+                static_graph=grad_accum == 1 and not config.model.freeze and not config.model.grad_checkpointing,
             )
         if config.model.compile:
             self.model = torch.compile(self.model)
@@ -108,9 +109,11 @@ class DDPEngine:
             self.scaler.load_state_dict(state["scaler"])
 
 
-def build_engine(model: torch.nn.Module, config: Config, device: torch.device, local_rank: int = 0):
+def build_engine(model: torch.nn.Module, config: Config, device: torch.device, local_rank: int = 0,
+                 grad_accum: Optional[int] = None):
+    """The run's engine; `grad_accum` is this attempt's accumulation (Config.grad_accum_at), if not the config's."""
     if config.trainer.engine == "deepspeed":
         from slurmvision.trainer.deepspeed_engine import DeepSpeedEngine
 
-        return DeepSpeedEngine(model, config, device, local_rank)
-    return DDPEngine(model, config, device)
+        return DeepSpeedEngine(model, config, device, local_rank, grad_accum)
+    return DDPEngine(model, config, device, grad_accum)

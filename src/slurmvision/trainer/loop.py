@@ -29,6 +29,7 @@ from slurmvision.trainer.distributed import DistEnv, all_reduce_sum
 from slurmvision.trainer.engine import build_engine
 from slurmvision.trainer.evaluation import evaluate
 from slurmvision.trainer.monitor import Monitor, setup_logging
+from slurmvision.trainer.run_lock import run_lock
 from slurmvision.trainer.schedule import build_schedule
 from slurmvision.trainer.signals import StopRequest
 
@@ -70,7 +71,9 @@ class Trainer:
         self.num_classes = config.model.num_classes or ShardSet.load(config.data.root, config.data.train_split).num_classes
         seed_everything(trainer.seed, 0)  # the same initial weights on every rank
         self.model = build_model(config.model, self.num_classes)
-        self.engine = build_engine(self.model, config, device, env.local_rank)
+        # An elastic run on fewer ranks than planned accumulates more: the global batch stays.
+        self.grad_accum = config.grad_accum_at(env.world_size)
+        self.engine = build_engine(self.model, config, device, env.local_rank, grad_accum=self.grad_accum)
         distill = config.model.distill
         self.teacher = build_teacher(distill, self.num_classes).to(device) if distill.teacher else None
         self.ema = None
@@ -84,7 +87,7 @@ class Trainer:
         loader_state = self._resume()
         self.reader = TrainReader(config.data, seed=trainer.seed, rank=env.rank, world_size=env.world_size,
                                   state=loader_state, pin_memory=device.type == "cuda")
-        self.global_batch = config.data.batch_size * env.world_size * trainer.grad_accum
+        self.global_batch = config.data.batch_size * env.world_size * self.grad_accum
         # After _resume: loading the optimizer replaces the param groups the schedule writes to.
         self.schedule_at = build_schedule(self.engine.optimizer, config, self.global_batch,
                                           self.reader.samples_per_epoch)
@@ -98,6 +101,11 @@ class Trainer:
         self.persistent_buffers = [b for name, b in self.model.named_buffers() if name in persistent]
         self.record = AttemptRecorder(self.run_dir, env.job_id, env.restart_count, enabled=env.is_main)
         self.record.started(world_size=env.world_size, step=self.step, checkpoint=self.resumed_from)
+        if env.world_size != config.cluster.world_size and config.cluster.elastic:
+            resized = f"{env.world_size} of {config.cluster.world_size} planned ranks"
+            log.warning("training on %s: %d micro-batches per step instead of %d keep the global batch of %d", resized,
+                        self.grad_accum, trainer.grad_accum, self.global_batch)
+            self.record.note(f"{resized}, gradient accumulation {self.grad_accum} (global batch {self.global_batch})")
 
     def _resume(self) -> Optional[LoaderState]:
         checkpoint = self.checkpoints.latest_valid()
@@ -124,7 +132,7 @@ class Trainer:
 
     def _check_config(self, saved: dict, saved_global_batch: int, path: Path) -> None:
         changes = meaningful_changes(saved, to_dict(self.config))
-        global_batch = self.config.data.batch_size * self.env.world_size * self.config.trainer.grad_accum
+        global_batch = self.config.data.batch_size * self.env.world_size * self.grad_accum
         if saved_global_batch and saved_global_batch != global_batch:
             changes.append(f"global batch (batch_size x ranks x grad_accum): {saved_global_batch} -> {global_batch}")
         if not changes:
@@ -156,7 +164,7 @@ class Trainer:
             step_batches, error = [], None
             try:
                 # A rank with a stop pending fetches nothing: its flag alone stops every rank below.
-                for _ in range(0 if self.stop.requested else trainer.grad_accum):
+                for _ in range(0 if self.stop.requested else self.grad_accum):
                     step_batches.append(next(batches))
             except DataError as err:
                 error = err
@@ -213,7 +221,7 @@ class Trainer:
             self.times.steps.append(elapsed)
             self.record.progress(self.step, elapsed)
             if self.step % trainer.log_every == 0 or self.step == trainer.max_steps:
-                loss = loss_total / self.env.world_size / trainer.grad_accum
+                loss = loss_total / self.env.world_size / self.grad_accum
                 self.monitor.scalars(self.step, {
                     "train/loss": loss, "train/lr": lr, "train/weight_decay": weight_decay,
                     "train/images_per_s": images_total / elapsed,
@@ -274,7 +282,7 @@ class Trainer:
         return {"interrupted": True, "signal": agreed_signal, "step": self.step}
 
     def _micro_step(self, batch, micro: int, sync: bool) -> float:
-        images, targets = self.augment(batch.images, batch.targets, self.step * self.config.trainer.grad_accum + micro)
+        images, targets = self.augment(batch.images, batch.targets, self.step * self.grad_accum + micro)
         empty = len(images) == 0
         if empty:  # every sample of this batch was bad: still take part in the gradient all-reduce
             images = torch.zeros(1, 3, batch.resolution, batch.resolution, device=self.device)
@@ -291,7 +299,7 @@ class Trainer:
                 loss = (1 - distill.weight) * loss + distill.weight * distill_loss(logits, teacher_logits, distill.temperature)
             if empty:
                 loss = loss * 0.0
-        self.engine.backward(loss / self.config.trainer.grad_accum)
+        self.engine.backward(loss / self.grad_accum)
         return float(loss.detach())
 
     def save(self, position: Optional[dict] = None, rng: Optional[dict] = None) -> None:
@@ -365,6 +373,14 @@ def train(config: Config, env: Optional[DistEnv] = None) -> dict:
     run_dir = Path(config.run.dir)
     setup_logging(env, run_dir / "logs" / f"rank-{env.rank:05d}.log")
     device = distributed.init(env)
+    try:
+        with run_lock(run_dir, env, device):  # one job per run directory, from before the resume to the end
+            return _fit(config, env, device)
+    finally:
+        distributed.shutdown()
+
+
+def _fit(config: Config, env: DistEnv, device: torch.device) -> dict:
     trainer = None
     try:
         trainer = Trainer(config, env, device)
@@ -373,5 +389,3 @@ def train(config: Config, env: Optional[DistEnv] = None) -> dict:
         if trainer is not None:  # for the coordinator: where and why it failed
             trainer.record.ended("failed", trainer.step, error=f"{type(err).__name__}: {err}"[:2000])
         raise
-    finally:
-        distributed.shutdown()
