@@ -56,11 +56,11 @@ install_packages() {
 }
 
 slurm_conf() {
-  local cpus mem_mb ctld_host="localhost" host
+  local cpus mem_mb ctld_host="localhost" dbd_host="localhost" host
   cpus=$(nproc)
   mem_mb=$(( $(awk '/MemTotal/ {print $2}' /proc/meminfo) / 1024 * 3 / 4 ))
-  # The namespaced hosts reach the controller at the bridge's address.
-  [ "$NODES" -gt 1 ] && ctld_host="localhost($SUBNET.1)"
+  # The namespaced hosts reach the controller and slurmdbd (sacct from a job) at the bridge's address.
+  if [ "$NODES" -gt 1 ]; then ctld_host="localhost($SUBNET.1)"; dbd_host="$SUBNET.1"; fi
   cat <<EOF
 ClusterName=local
 SlurmctldHost=$ctld_host
@@ -86,7 +86,7 @@ MpiDefault=none
 KillWait=10
 MinJobAge=$MIN_JOB_AGE
 AccountingStorageType=accounting_storage/slurmdbd
-AccountingStorageHost=localhost
+AccountingStorageHost=$dbd_host
 AccountingStoragePort=$DBD_PORT
 JobAcctGatherType=jobacct_gather/none
 JobCompType=jobcomp/none

@@ -117,9 +117,30 @@ def cmd_coordinate(args) -> int:
     if not run:
         raise RunError("give a run directory: slurmvision coordinate RUN_DIR")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    if args.once:
+        from slurmvision.slurm.watcher import watch
+
+        decision = watch(run)
+        print(decision.message or f"run goes on ({decision.action})")
+        return 1 if decision.action == "stop" else 0
     decision = Coordinator(run, poll_s=args.poll).run()
     print(decision.message)
     return 0 if decision.action == "finished" else 1
+
+
+def cmd_cancel(args) -> int:
+    from pathlib import Path
+
+    from slurmvision.errors import RunError
+    from slurmvision.launch.launcher import cancel
+
+    run = args.run or args.run_dir
+    if not run:
+        raise RunError("give a run directory: slurmvision cancel RUN_DIR")
+    cancelled = cancel(Path(run))
+    print(f"cancelled jobs {', '.join(cancelled)}" if cancelled else "no job of the run was queued or running",
+          f"; recorded in {Path(run) / 'ledger.sqlite'}", sep="")
+    return 0
 
 
 def cmd_checkpoint_inspect(args) -> int:
@@ -191,8 +212,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cluster", default="local", help="cluster profile (configs/clusters/): local, devslurm, a100, or a path")
     p.add_argument("--dry-run", action="store_true", help="print the sbatch script and resolved config; submit nothing")
     p.add_argument("--wait", action="store_true", help="wait for the job and print its result")
-    p.add_argument("--coordinate", action="store_true",
-                   help="also start `slurmvision coordinate` for the run in the background (log: RUN/logs/coordinator.log)")
+    p.add_argument("--coordinate", nargs="?", const="watcher", choices=["watcher", "daemon", "none"],
+                   help="who resubmits what Slurm does not bring back: a chain of small watcher jobs inside Slurm "
+                        "(the default on Slurm profiles, set by cluster.coordinate; no login-node process), a "
+                        "background `slurmvision coordinate` on this node (log: RUN/logs/coordinator.log), or none")
     p.add_argument("--force", action="store_true",
                    help="submit even if the run's newest job is still queued or running")
     p.set_defaults(func=cmd_launch)
@@ -200,7 +223,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("coordinate", help="watch a run, resubmit within budgets, keep the ledger")
     p.add_argument("run", nargs="?"), p.add_argument("--run-dir")
     p.add_argument("--poll", type=float, default=30.0, help="seconds between looks at the run's jobs")
+    p.add_argument("--once", action="store_true",
+                   help="look and act once, then leave a watcher job to look again when the run's job ends (what "
+                        "each watcher job runs; also restarts a broken chain)")
     p.set_defaults(func=cmd_coordinate)
+
+    p = sub.add_parser("cancel", help="cancel a run's training and watcher jobs (relaunch the same config to resume)")
+    p.add_argument("run", nargs="?"), p.add_argument("--run-dir")
+    p.set_defaults(func=cmd_cancel)
 
     p = sub.add_parser("status", help="a run at a glance")
     p.add_argument("run", nargs="?"), p.add_argument("--run-dir"), p.add_argument("--json", action="store_true")

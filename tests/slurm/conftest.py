@@ -3,6 +3,8 @@ import subprocess
 
 import pytest
 
+from ..integration.conftest import tiny_config, tiny_shards  # noqa: F401  (fixture)
+
 
 @pytest.fixture(scope="session", autouse=True)
 def slurm_cluster():
@@ -16,3 +18,16 @@ def slurm_cluster():
         if os.environ.get("CI"):
             pytest.fail(message)
         pytest.skip(message)
+
+
+@pytest.fixture(scope="session")
+def straight_sha(tiny_shards, tmp_path_factory):  # noqa: F811
+    """params_sha256 of an uninterrupted 2-rank run with the LONGER settings (shared by the modules)."""
+    from slurmvision.evaluate.inspect import inspect_checkpoint
+    from slurmvision.launch.local import train_here
+
+    from .test_train_on_slurm import LONGER, SETTINGS
+
+    run_dir = tmp_path_factory.mktemp("straight")
+    train_here(tiny_config(tiny_shards, run_dir, *SETTINGS, *LONGER), nproc=2)
+    return inspect_checkpoint(run_dir)["params_sha256"]

@@ -16,7 +16,6 @@ import pytest
 from slurmvision.configs import save_config
 from slurmvision.evaluate.inspect import inspect_checkpoint
 from slurmvision.launch.launcher import submit, wait_for
-from slurmvision.launch.local import train_here
 from slurmvision.launch.status import run_status
 from slurmvision.slurm.ledger import Ledger
 
@@ -40,14 +39,6 @@ def slurm_config(shards, run_dir, *overrides):
     cluster.time_min, cluster.retry_backoff_s, cluster.crash_retries = 10, 0, 1
     config.cluster = cluster
     return config
-
-
-@pytest.fixture(scope="module")
-def straight_sha(tiny_shards, tmp_path_factory):  # noqa: F811
-    """params_sha256 of an uninterrupted 2-rank run with the LONGER settings."""
-    run_dir = tmp_path_factory.mktemp("straight")
-    train_here(tiny_config(tiny_shards, run_dir, *SETTINGS, *LONGER), nproc=2)
-    return inspect_checkpoint(run_dir)["params_sha256"]
 
 
 def wait_for_log(path: Path, text: str, timeout: float = 300) -> None:

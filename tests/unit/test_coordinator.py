@@ -13,7 +13,8 @@ from slurmvision.configs import load_config, save_config
 from slurmvision.errors import ClusterError, RunError
 from slurmvision.slurm import causes
 from slurmvision.slurm.causes import SlurmAttempt, classify
-from slurmvision.slurm.coordinator import ACCOUNTING_LAG_S, SUBMIT_FAILURES, Coordinator, in_queue
+from slurmvision.slurm.coordinator import ACCOUNTING_LAG_S, SUBMIT_FAILURES, Coordinator
+from slurmvision.slurm.queue import in_queue
 from slurmvision.slurm.ledger import AttemptRecorder, Ledger
 
 pytestmark = pytest.mark.unit
@@ -89,6 +90,14 @@ class FakeCluster:
         self.submitted: list[dict] = []
         self.down = False
         self.in_queue: set[str] = set()
+        self.states: dict[str, str] = {}  # sinfo's node states; unknown nodes: sinfo cannot tell
+
+    def node_states(self, hosts):
+        if not all(host in self.states for host in hosts):
+            from slurmvision.errors import ClusterError
+
+            raise ClusterError("`sinfo` failed: invalid node name")
+        return {host: self.states[host] for host in hosts}
 
     def queued(self, job_id):
         return job_id in self.in_queue
@@ -115,7 +124,8 @@ def run(tmp_path):
     Ledger(tmp_path / "run").add_job("1", "devslurm")
     cluster = FakeCluster()
     return tmp_path / "run", cluster, Coordinator(tmp_path / "run", poll_s=0, attempts_of=cluster.attempts_of,
-                                                  queued=cluster.queued, submit=cluster.submit)
+                                                  queued=cluster.queued, submit=cluster.submit,
+                                                  node_states=cluster.node_states)
 
 
 def attempt(run_dir, job_id, restart, start, reached, outcome=None, **kwargs):
@@ -162,6 +172,15 @@ def test_node_failure_excludes_the_node(run):
     cluster.rows["1"] = [row("NODE_FAIL", nodes="gpu07")]
     assert coordinator.tick().action == "resubmit"
     assert cluster.submitted[0]["exclude"] == ("gpu07",)
+
+
+def test_a_multi_node_failure_excludes_only_the_host_slurm_reports_down(run):
+    run_dir, cluster, coordinator = run
+    attempt(run_dir, "1", 0, 0, 5)
+    cluster.rows["1"] = [row("NODE_FAIL", nodes="gpu[07-08],gpu010")]
+    cluster.states = {"gpu07": "idle", "gpu08": "down*", "gpu010": "mix"}
+    assert coordinator.tick().action == "resubmit"
+    assert cluster.submitted[0]["exclude"] == ("gpu08",)
 
 
 def test_a_crash_repeating_at_the_same_step_stops_the_run(run):

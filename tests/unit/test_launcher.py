@@ -12,6 +12,7 @@ from slurmvision.errors import RunError
 from slurmvision.launch import launcher
 from slurmvision.slurm.causes import SlurmAttempt
 from slurmvision.slurm.coordinator import Coordinator
+from slurmvision.slurm import watcher
 from slurmvision.slurm.ledger import Ledger
 
 pytestmark = pytest.mark.unit
@@ -27,6 +28,8 @@ class FakeSlurm:
         monkeypatch.setattr(launcher, "in_queue", self.in_queue)
         monkeypatch.setattr(launcher, "validate_cluster", lambda cluster: None)
         monkeypatch.setattr(launcher, "make_executor", lambda *args: self)
+        self.watchers: list[str] = []  # the training job each watcher waits for
+        monkeypatch.setattr(watcher, "submit_watcher", lambda config, after, tries: self.watchers.append(after) or "900")
 
     def in_queue(self, job_id):
         self.asked.append(job_id)
@@ -47,7 +50,7 @@ def launch(run_dir, *extra):
 def test_a_second_launch_is_refused_while_the_first_job_is_queued_unless_forced(tmp_path, monkeypatch, capsys):
     slurm = FakeSlurm(monkeypatch)
     run_dir = tmp_path / "run"
-    assert launch(run_dir) == 0 and slurm.submitted == ["500"]
+    assert launch(run_dir) == 0 and slurm.submitted == ["500"] and slurm.watchers == ["500"]
     slurm.queued.add("500")
     capsys.readouterr()
 

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 from typing import Optional
 
 from slurmvision.configs import Config, config_hash, load_saved_config, save_config, to_yaml
 from slurmvision.errors import ClusterError, RunError
 from slurmvision.slurm.cluster import validate_cluster
-from slurmvision.slurm.coordinator import in_queue
+from slurmvision.slurm.queue import in_queue
 from slurmvision.slurm.executor import make_executor, sbatch_script
 from slurmvision.slurm.ledger import Ledger
 
@@ -89,12 +90,20 @@ def start_coordinator(run_dir: Path) -> int:
     return proc.pid
 
 
-def launch(config: Config, *, dry_run: bool = False, wait: bool = False, coordinate: bool = False,
+def launch(config: Config, *, dry_run: bool = False, wait: bool = False, coordinate: Optional[str] = None,
            force: bool = False) -> Optional[dict]:
+    """Submit the run; `coordinate` (watcher, daemon, none; default: the profile's cluster.coordinate)
+    says who resubmits what Slurm does not bring back."""
+    from slurmvision.slurm import watcher
+
     run_dir = Path(config.run.dir)
+    mode = coordinate or config.cluster.coordinate
     if dry_run:
         if config.cluster.executor == "slurm":
             print(sbatch_script(config.cluster, run_dir.resolve() / "slurm", *job_names(config)))
+            if mode == "watcher":
+                print("# then the watcher job (it runs the script in its last argument):")
+                print(shlex.join(watcher.sbatch_args(config, after="JOB_ID", begin_in_s=0)))
         else:
             print(f"# cluster {config.cluster.name!r} runs {config.cluster.tasks_per_node} local processes (no sbatch script)")
         print("# resolved config")
@@ -105,13 +114,38 @@ def launch(config: Config, *, dry_run: bool = False, wait: bool = False, coordin
     print(f"  status:      slurmvision status {run_dir}")
     print(f"  tensorboard: tensorboard --logdir {run_dir / 'tb'}")
     if config.cluster.executor == "slurm":  # without Slurm there is nothing to coordinate
-        if coordinate:
+        if mode == "watcher":
+            watcher_id = watcher.submit_watcher(config, after=str(job.job_id), tries=3)
+            print(f"  watcher:     job {watcher_id} (coordinates the run inside Slurm; `slurmvision cancel {run_dir}` "
+                  "stops both)")
+        elif mode == "daemon":
             print(f"  coordinator: pid {start_coordinator(run_dir)}, log {run_dir / 'logs' / 'coordinator.log'}")
         else:
             print(f"  coordinate:  slurmvision coordinate {run_dir}   (resubmits after crashes and hard time limits)")
     if wait:
         return wait_for(job)
     return None
+
+
+def cancel(run_dir: Path) -> list[str]:
+    """Cancel the run's queued or running jobs, its watcher included, and record it; the ids cancelled."""
+    from slurmvision.slurm.executor import run_slurm_command
+
+    ledger = Ledger(run_dir)
+    if not ledger.exists():
+        raise RunError(f"{run_dir} has no ledger: nothing was launched there")
+    watcher = ledger.get("watcher")
+    candidates = [job["job_id"] for job in ledger.jobs()] + ([watcher["job_id"]] if watcher else [])
+    active = [job_id for job_id in candidates if in_queue(job_id)]
+    # Recorded first: a watcher that wakes up meanwhile finds the run stopped and submits nothing.
+    ledger.put("stopped", "run stopped: cancelled with `slurmvision cancel`; relaunch the same config to resume")
+    for job in ledger.jobs():
+        ledger.mark_handled(job["job_id"])
+    ledger.put("watcher", None)
+    if active:
+        run_slurm_command(["scancel", *active])
+    ledger.event("cancel", f"run cancelled by the user: jobs {', '.join(active) or 'none'} cancelled")
+    return active
 
 
 def wait_for(job) -> dict:

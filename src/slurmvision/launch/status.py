@@ -26,7 +26,7 @@ def _latest_checkpoint(run_dir: Path) -> Optional[dict]:
 
 def _live_state(job_id: str) -> tuple[str, Optional[int]]:
     """(Slurm state, place in the pending queue or None)."""
-    from slurmvision.slurm.coordinator import sacct_attempts
+    from slurmvision.slurm.queue import sacct_attempts
     from slurmvision.slurm.executor import run_slurm_command
 
     try:
@@ -60,6 +60,11 @@ def run_status(run: Optional[str]) -> dict:
     elif jobs:
         state, position = (_live_state(jobs[-1]["job_id"]) if config.cluster.executor == "slurm"
                            else ("running" if attempts and not attempts[-1]["outcome"] else "submitted", None))
+    watcher = None
+    if config.cluster.executor == "slurm" and ledger.exists():
+        from slurmvision.slurm.watcher import watcher_state
+
+        watcher = watcher_state(run_dir)
     step_time = next((a["step_time"] for a in reversed(attempts) if a["step_time"]), None)
     eta_s = (config.trainer.max_steps - step) * step_time if step_time and not finished else None
     return {
@@ -67,7 +72,7 @@ def run_status(run: Optional[str]) -> dict:
         "queue_position": position, "step": step, "max_steps": config.trainer.max_steps, "eta_s": eta_s,
         "last_checkpoint": checkpoint,
         "eval": {k: last_eval[k] for k in ("step", "top1", "top5", "f1_macro")} if last_eval else None,
-        "jobs": jobs, "attempts": attempts,
+        "jobs": jobs, "attempts": attempts, "watcher": watcher,
         "lost_steps": sum(a["lost_steps"] or 0 for a in attempts),
         "events": ledger.events(5) if ledger.exists() else [],
         "tensorboard": str(run_dir / "tb"),
@@ -90,6 +95,13 @@ def format_status(status: dict) -> str:
     if status["eval"]:
         e = status["eval"]
         lines.append(f"  eval:       top-1 {e['top1']:.4f} top-5 {e['top5']:.4f} F1 {e['f1_macro']:.4f} at step {e['step']}")
+    watcher = status["watcher"]
+    if watcher and watcher["queued"]:
+        waits = f", waiting for job {watcher['after']} to end" if watcher["after"] else ""
+        lines.append(f"  watcher:    job {watcher['job_id']} {watcher['state'].lower()}{waits}")
+    elif watcher and status["state"] != "finished":
+        lines.append(f"  watcher:    job {watcher['job_id']} ended ({watcher['state']}) without a successor: the run is "
+                     f"unwatched; `slurmvision coordinate {status['run']} --once` starts a new watcher")
     if status["attempts"]:
         lines.append(f"  attempts:   {len(status['attempts'])}, {status['lost_steps']} steps lost in all")
     ranks, why = None, None

@@ -27,6 +27,8 @@ from slurmvision.errors import ClusterError, RunError
 from slurmvision.slurm import causes
 from slurmvision.slurm.causes import SlurmAttempt, classify
 from slurmvision.slurm.ledger import Ledger
+from slurmvision.slurm import hostlist
+from slurmvision.slurm.queue import in_queue, node_states, sacct_attempts
 
 log = logging.getLogger("slurmvision.coordinator")
 # Ends a new job would meet again: the run stops with this advice. Every other end is retried.
@@ -38,11 +40,11 @@ ADVICE = {
 # sacct lags a fresh submission by seconds; a job that neither it nor squeue knows this long after
 # its submission has ended without a trace (an accounting database that lost it).
 ACCOUNTING_LAG_S = 300.0
+# Node states (sinfo %t, compact form) a node failure leaves behind: the host to keep out.
+UNUSABLE = ("down", "drain", "drng", "fail", "maint", "*")
 # Resubmissions that fail in a row before the run stops: a refusal that lasts this long (with the
 # doubling back-off in between) is a profile Slurm will never take, not a slurmctld restarting.
 SUBMIT_FAILURES = 5
-# squeue's answer for a job it has forgotten (MinJobAge after its end): not queued, not unreachable.
-FORGOTTEN = "Invalid job id specified"
 
 
 @dataclass
@@ -50,30 +52,11 @@ class Decision:
     action: str  # wait, resubmit, finished, stop
     message: str = ""
     exclude: tuple[str, ...] = ()
-    delay_s: float = 0.0  # back-off before resubmitting
+    delay_s: float = 0.0  # back-off before resubmitting; for a wait, how long until the next try
 
-
-def sacct_attempts(job_id: str, timeout: float = 60) -> list[SlurmAttempt]:
-    """Every attempt of a job, oldest first (`sacct -D` lists the requeued ones too)."""
-    from slurmvision.slurm.executor import run_slurm_command
-
-    out = run_slurm_command(["sacct", "-n", "-X", "-D", "-P", "-j", job_id, "--format=State,NodeList,ExitCode"],
-                            timeout=timeout)
-    return [SlurmAttempt.parse(line) for line in out.splitlines() if line.strip()]
-
-
-def in_queue(job_id: str) -> bool:
-    """Whether Slurm still holds the job (pending, running, or requeued after an end that
-    sacct already shows, such as PREEMPTED). A job squeue has forgotten is not queued; any
-    other failure (a timeout, slurmctld down) raises ClusterError."""
-    from slurmvision.slurm.executor import run_slurm_command
-
-    try:
-        return bool(run_slurm_command(["squeue", "-h", "-j", job_id, "-o", "%i"], timeout=60).strip())
-    except ClusterError as err:
-        if FORGOTTEN in str(err):
-            return False
-        raise
+    @property
+    def final(self) -> bool:
+        return self.action in ("finished", "stop")
 
 
 def _log_tail(run_dir: Path, job_id: str, size: int = 4000) -> str:
@@ -88,7 +71,8 @@ def _log_tail(run_dir: Path, job_id: str, size: int = 4000) -> str:
 class Coordinator:
     def __init__(self, run_dir: str | Path, *, poll_s: float = 30.0,
                  attempts_of: Callable[[str], list[SlurmAttempt]] = sacct_attempts,
-                 queued: Callable[[str], bool] = in_queue, submit: Optional[Callable] = None):
+                 queued: Callable[[str], bool] = in_queue, submit: Optional[Callable] = None,
+                 node_states: Callable[[list[str]], dict[str, str]] = node_states):
         self.run_dir = Path(run_dir)
         self.config = load_saved_config(self.run_dir)
         if self.config.cluster.executor != "slurm":
@@ -98,18 +82,29 @@ class Coordinator:
         self.poll_s = poll_s
         self.attempts_of, self.queued = attempts_of, queued
         self._submit = submit
+        self.node_states = node_states
 
     def run(self) -> Decision:
         """Until the run finishes or cannot go on; returns the final decision."""
         with self._lock():
             self.ledger.event("coordinator", f"coordinator started (pid {os.getpid()})")
             while True:
-                decision = self.tick()
-                if decision.action in ("finished", "stop"):
-                    self.ledger.event("coordinator", decision.message)
-                    log.info("%s", decision.message)
+                decision = self._look()
+                if decision.final:
                     return decision
                 time.sleep(self.poll_s)
+
+    def once(self) -> Decision:
+        """Look once and act once, holding the lock (what each watcher job does)."""
+        with self._lock():
+            return self._look()
+
+    def _look(self) -> Decision:
+        decision = self.tick()
+        if decision.final:
+            self.ledger.event("coordinator", decision.message)
+            log.info("%s", decision.message)
+        return decision
 
     def tick(self) -> Decision:
         """Look once and act once."""
@@ -141,7 +136,8 @@ class Coordinator:
             if self.ledger.get(key) is None:
                 self.ledger.put(key, time.time() + decision.delay_s)
             if time.time() < self.ledger.get(key):
-                return Decision("wait", f"backing off until {time.ctime(self.ledger.get(key))}")
+                return Decision("wait", f"backing off until {time.ctime(self.ledger.get(key))}",
+                                delay_s=self.ledger.get(key) - time.time())
             try:
                 new_id = self.resubmit(decision)
             except ClusterError as err:  # not handled yet: the next tick tries again
@@ -213,7 +209,7 @@ class Coordinator:
         total = len(attempts)
         if total >= cluster.max_attempts:
             return Decision("stop", f"run stopped: {total} attempts used (cluster.max_attempts={cluster.max_attempts}); "
-                                    f"the last ended by {cause}. Raise the budget and run `slurmvision coordinate` again")
+                                    f"the last ended by {cause}. Raise cluster.max_attempts and relaunch the same config to resume")
         if cause == causes.CRASH:
             return self._after_crash(attempts, last)
         exclude = tuple(job["exclude"].split(",")) if job["exclude"] else ()
@@ -222,11 +218,22 @@ class Coordinator:
             if failures > cluster.node_failure_retries:
                 return Decision("stop", f"run stopped: {failures} node failures (cluster.node_failure_retries="
                                         f"{cluster.node_failure_retries}); check the cluster's health")
-            bad = [n for n in slurm[-1].nodes.split(",") if n and n != "None assigned"]
-            exclude = tuple(sorted(set(exclude) | set(bad)))
+            exclude = tuple(sorted(set(exclude) | set(self._failed_nodes(slurm[-1].nodes))))
             return Decision("resubmit", f"job {job['job_id']} ended by {cause} on {slurm[-1].nodes}; excluding it",
                             exclude, self._backoff(failures))
         return Decision("resubmit", f"job {job['job_id']} ended by {cause}", exclude)
+
+    def _failed_nodes(self, nodelist: str) -> list[str]:
+        """The job's nodes that Slurm now reports unusable (DOWN, DRAIN, FAIL, not responding): on a
+        multi-node job one host fails, not all. All of them when sinfo cannot tell."""
+        hosts = hostlist.expand(nodelist) if nodelist and nodelist != "None assigned" else []
+        try:
+            states = self.node_states(hosts) if hosts else {}
+        except ClusterError as err:
+            log.warning("cannot ask sinfo which of %s failed (%s): keeping all of them out", nodelist, err)
+            return hosts
+        bad = [host for host in hosts if any(mark in states.get(host, "down") for mark in UNUSABLE)]
+        return bad or hosts
 
     def _after_crash(self, attempts: list[dict], last: Optional[dict]) -> Decision:
         """Retry a crash; stop when it keeps failing at the same step (a bug, not bad luck)."""

@@ -155,7 +155,7 @@ class Trainer:
             batches.close()
 
     def _fit(self, batches) -> dict:
-        trainer, data = self.config.trainer, self.config.data
+        trainer = self.config.trainer
         last_save, bad_steps = time.monotonic(), 0
         while self.step < trainer.max_steps:
             started = time.monotonic()

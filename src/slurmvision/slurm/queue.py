@@ -1,0 +1,35 @@
+"""What Slurm says of a job: its attempts from accounting, and whether it is still queued. Torch-free."""
+
+from __future__ import annotations
+
+from slurmvision.errors import ClusterError
+from slurmvision.slurm.causes import SlurmAttempt
+from slurmvision.slurm.executor import run_slurm_command
+
+# squeue's answer for a job it has forgotten (MinJobAge after its end): not queued, not unreachable.
+FORGOTTEN = "Invalid job id specified"
+
+
+def sacct_attempts(job_id: str, timeout: float = 60) -> list[SlurmAttempt]:
+    """Every attempt of a job, oldest first (`sacct -D` lists the requeued ones too)."""
+    out = run_slurm_command(["sacct", "-n", "-X", "-D", "-P", "-j", job_id, "--format=State,NodeList,ExitCode"],
+                            timeout=timeout)
+    return [SlurmAttempt.parse(line) for line in out.splitlines() if line.strip()]
+
+
+def in_queue(job_id: str) -> bool:
+    """Whether Slurm still holds the job (pending, running, or requeued after an end that
+    sacct already shows, such as PREEMPTED). A job squeue has forgotten is not queued; any
+    other failure (a timeout, slurmctld down) raises ClusterError."""
+    try:
+        return bool(run_slurm_command(["squeue", "-h", "-j", job_id, "-o", "%i"], timeout=60).strip())
+    except ClusterError as err:
+        if FORGOTTEN in str(err):
+            return False
+        raise
+
+
+def node_states(hosts: list[str]) -> dict[str, str]:
+    """sinfo's compact state of each host (idle, mix, alloc, down*, drain, ...)."""
+    out = run_slurm_command(["sinfo", "-h", "-N", "-n", ",".join(hosts), "-o", "%N %t"], timeout=60)
+    return dict(line.split(None, 1) for line in out.splitlines() if len(line.split()) == 2)
