@@ -31,9 +31,14 @@ demo: venv
 demo-slurm: venv slurm-up
 	SLURM_CONF=$(SLURM_CONF_FILE) $(VENV)/bin/slurmvision demo --cluster devslurm
 
+# The Slurm tests spend most of their time waiting on Slurm: those on localhost and those on
+# node1/node2 run side by side (two pytest-xdist workers, one per group of nodes).
 test: venv
 	bash $(DEVSLURM) up --nodes 2
-	SLURM_CONF=$(SLURM_CONF_FILE) $(PY) -m pytest tests
+	status=0; \
+	SLURM_CONF=$(SLURM_CONF_FILE) $(PY) -m pytest tests -m "not slurm" || status=$$?; \
+	SLURM_CONF=$(SLURM_CONF_FILE) $(PY) -m pytest tests -m slurm -n 2 --dist loadgroup || status=$$?; \
+	exit $$status
 
 test-unit: venv
 	$(PY) -m pytest tests -m unit
@@ -43,7 +48,7 @@ test-integration: venv
 
 test-slurm: venv
 	bash $(DEVSLURM) up --nodes 2
-	SLURM_CONF=$(SLURM_CONF_FILE) $(PY) -m pytest tests -m slurm
+	SLURM_CONF=$(SLURM_CONF_FILE) $(PY) -m pytest tests -m slurm -n 2 --dist loadgroup
 
 slurm-up:
 	bash $(DEVSLURM) up --nodes $(NODES)

@@ -23,7 +23,8 @@ from ..unit.test_hostlist import CASES
 from .test_train_on_slurm import LONGER, SETTINGS, return_to_service, start_when_requeued, wait_for_log, wait_until_gone
 from .test_watcher import chain_ends, launch_watched
 
-pytestmark = pytest.mark.slurm
+# Tests of one group share nodes and run one at a time; the groups run side by side (make test).
+pytestmark = [pytest.mark.slurm, pytest.mark.xdist_group("two-hosts")]
 REPO = Path(__file__).resolve().parents[2]
 DEVSLURM = Path(os.environ.get("SLURM_CONF", REPO / ".devslurm" / "etc" / "slurm.conf")).resolve().parents[1]
 
@@ -96,6 +97,8 @@ def test_preempting_a_two_host_job_saves_both_hosts_at_one_step_and_resumes_bit_
     assert first["cause"] == "preemption" and first["lost_steps"] == 0 and first["step_reached"] == int(step)
     assert second["step_start"] == int(step) and second["outcome"] == "finished" and second["nodes"] == "node[1-2]"
     assert len(Ledger(run_dir).jobs()) == 1  # Slurm requeued it: nothing resubmitted
+    # The requeue left the watcher's dependency unfulfilled: one watcher ran, after the end.
+    assert len(list((run_dir / "logs").glob("watcher-*.log"))) == 1
 
 
 def each_sample_once(run_dir) -> dict[int, int]:
@@ -124,15 +127,18 @@ def bring_back(host: str) -> None:
 
 
 def wait_idle(*hosts: str, timeout: float = 120) -> None:
-    """An elastic job starts on the nodes free at that moment (Slurm does not wait for more)."""
-    deadline = time.monotonic() + timeout
+    """An elastic job starts on the nodes free at that moment (Slurm does not wait for more): no
+    job on the hosts (a watcher finishing included), all idle, twice in a row."""
+    deadline, calm = time.monotonic() + timeout, 0
     while time.monotonic() < deadline:
+        jobs = subprocess.run(["squeue", "-h", "-w", ",".join(hosts)], capture_output=True, text=True).stdout.strip()
         states = subprocess.run(["sinfo", "-h", "-N", "-n", ",".join(hosts), "-o", "%t"], capture_output=True,
                                 text=True).stdout.split()
-        if states and set(states) == {"idle"}:
+        calm = calm + 1 if not jobs and states and set(states) == {"idle"} else 0
+        if calm == 2:
             return
-        time.sleep(0.5)
-    raise AssertionError(f"{hosts} are not idle: {states}")
+        time.sleep(1)
+    raise AssertionError(f"{hosts} are not idle: {states}, jobs {jobs!r}")
 
 
 def test_losing_a_host_goes_on_with_fewer_ranks_at_the_same_global_batch(tiny_shards, tmp_path):  # noqa: F811

@@ -11,7 +11,8 @@ from slurmvision.errors import ClusterError
 from slurmvision.launch.launcher import submit
 from slurmvision.slurm.executor import make_executor
 
-pytestmark = pytest.mark.slurm
+# Tests of one group share nodes and run one at a time; the groups run side by side (make test).
+pytestmark = [pytest.mark.slurm, pytest.mark.xdist_group("localhost")]
 
 
 def where_am_i() -> dict:

@@ -21,7 +21,8 @@ from slurmvision.slurm.ledger import Ledger
 
 from ..integration.conftest import tiny_config, tiny_shards  # noqa: F401  (fixture)
 
-pytestmark = pytest.mark.slurm
+# Tests of one group share nodes and run one at a time; the groups run side by side (make test).
+pytestmark = [pytest.mark.slurm, pytest.mark.xdist_group("localhost")]
 SETTINGS = ["trainer.max_steps=8", "trainer.grad_accum=2", "data.audit=true", "cluster.time_min=10"]
 # Long enough (20 epochs of 3 steps, a few seconds) that a signal, a preemption or a kill
 # lands mid-run on a fast machine too.

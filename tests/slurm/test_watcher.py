@@ -21,7 +21,8 @@ from slurmvision.slurm.ledger import Ledger
 from ..integration.conftest import tiny_shards  # noqa: F401  (fixture)
 from .test_train_on_slurm import LONGER, slurm_config, squeue_state, task_pid, wait_for_log, wait_until_gone
 
-pytestmark = pytest.mark.slurm
+# Tests of one group share nodes and run one at a time; the groups run side by side (make test).
+pytestmark = [pytest.mark.slurm, pytest.mark.xdist_group("localhost")]
 
 
 def launch_watched(config) -> str:
