@@ -374,3 +374,28 @@ def test_a_refusal_that_repeats_stops_the_run_and_a_restarted_coordinator_tries_
     again = Coordinator(run_dir, poll_s=0, attempts_of=cluster.attempts_of, queued=cluster.queued,
                         submit=cluster.submit)
     assert again.tick().action == "resubmit" and len(cluster.submitted) == 1
+
+
+def test_an_elastic_runs_job_waiting_for_a_failed_node_is_fitted_to_the_working_ones(tmp_path):
+    config = load_config("digits-demo", ["data.root=/x", "cluster.nodes=3", "cluster.min_nodes=1", "trainer.grad_accum=2"],
+                         cluster="devslurm", run_dir=tmp_path / "run")
+    save_config(config, tmp_path / "run")
+    Ledger(tmp_path / "run").add_job("1", "devslurm")
+    cluster, pending, resized = FakeCluster(), {"1": 3}, []
+    cluster.in_queue.add("1")
+    cluster.states = {"n1": "idle", "n2": "down*", "n3": "alloc"}  # n3 works, busy with another job
+    coordinator = Coordinator(tmp_path / "run", poll_s=0, attempts_of=cluster.attempts_of, queued=cluster.queued,
+                              submit=cluster.submit, pending_nodes=pending.get,
+                              partition_states=lambda partition: cluster.states,
+                              resize=lambda job_id, nodes, tasks: resized.append((job_id, nodes, tasks)) or
+                              pending.update({job_id: nodes}))
+    assert coordinator.tick().action == "wait" and resized == [("1", 2, 4)]
+    assert "resized to 2" in Ledger(tmp_path / "run").events()[-1]["message"]
+    assert coordinator.tick().action == "wait" and resized == [("1", 2, 4)]  # fitted already
+    cluster.states["n2"] = "idle"  # the node is back while the job still waits: it grows again
+    coordinator.tick()
+    assert resized == [("1", 2, 4), ("1", 3, 6)]
+    pending.clear()  # running: its size is Slurm's business
+    cluster.states["n2"] = "down"
+    coordinator.tick()
+    assert resized == [("1", 2, 4), ("1", 3, 6)]

@@ -29,7 +29,8 @@ class FakeSlurm:
         monkeypatch.setattr(launcher, "validate_cluster", lambda cluster: None)
         monkeypatch.setattr(launcher, "make_executor", lambda *args: self)
         self.watchers: list[str] = []  # the training job each watcher waits for
-        monkeypatch.setattr(watcher, "submit_watcher", lambda config, after, tries: self.watchers.append(after) or "900")
+        monkeypatch.setattr(watcher, "submit_watcher", lambda config, after, begin_in_s, tries:
+                            self.watchers.append(after) or "900")
 
     def in_queue(self, job_id):
         self.asked.append(job_id)

@@ -29,8 +29,14 @@ def test_dry_run_submits_and_writes_nothing(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-def test_an_elastic_run_asks_for_a_range_of_nodes(tmp_path):
+
+def test_an_elastic_run_starts_one_set_of_tasks_per_node_it_has(tmp_path):
+    """Its job may be resized while it waits (slurmvision.slurm.coordinator): srun must not take the
+    task count of the submission from the environment."""
     out = subprocess.run([sys.executable, "-m", "slurmvision", "launch", "digits-demo", "data.root=/x", "--cluster", "a100",
-                          "cluster.nodes=4", "cluster.min_nodes=2", "trainer.grad_accum=3", "--run-dir", str(tmp_path / "run"), "--dry-run"],
-                         capture_output=True, text=True, check=True).stdout
-    assert "#SBATCH --nodes=2-4\n" in out and out.count("#SBATCH --nodes") == 1
+                          "cluster.nodes=4", "cluster.min_nodes=2", "trainer.grad_accum=3", "--run-dir", str(tmp_path / "run"),
+                          "--dry-run"], capture_output=True, text=True, check=True).stdout
+    script = out.split("# resolved config")[0]
+    assert "#SBATCH --nodes=4\n" in script
+    setup, srun = script.index("export SLURM_NTASKS=$((SLURM_JOB_NUM_NODES * 8))"), script.index("\nsrun ")
+    assert setup < srun and "--dependency" not in script  # the watcher of an elastic run looks at intervals

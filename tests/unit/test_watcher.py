@@ -3,11 +3,9 @@ submits next (the real chain runs in tests/slurm/test_watcher.py)."""
 
 import shlex
 from pathlib import Path
-from types import SimpleNamespace
-
 import pytest
 
-from slurmvision.configs import load_config, save_config
+from slurmvision.configs import load_config, load_saved_config, save_config
 from slurmvision.slurm import coordinator, watcher
 from slurmvision.slurm.coordinator import Decision
 from slurmvision.slurm.ledger import Ledger
@@ -45,7 +43,7 @@ class FakeCoordinator:
     decision = Decision("wait")
 
     def __init__(self, run_dir):
-        self.ledger, self.config = Ledger(run_dir), SimpleNamespace(run=SimpleNamespace(dir=run_dir))
+        self.ledger, self.config = Ledger(run_dir), load_saved_config(run_dir)
 
     def once(self):
         return self.decision
@@ -71,3 +69,10 @@ def test_each_watcher_submits_its_successor_until_the_run_is_over(config, monkey
         assert successors == [] and Ledger(config.run.dir).get("watcher") is None
     else:
         assert successors == [(after, begin)]
+
+
+def test_an_elastic_runs_watcher_looks_at_regular_intervals(config):
+    """A job Slurm requeued after a node failure waits for that node: no dependency would wake its watcher."""
+    config.cluster.nodes, config.cluster.min_nodes, config.cluster.watcher_every_s = 2, 1, 45
+    assert watcher.next_look(config, "7") == (None, 45)
+    assert watcher.next_look(config, "7", delay_s=120) == (None, 120)

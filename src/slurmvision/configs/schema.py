@@ -184,8 +184,9 @@ class ClusterConfig:
     name: str = "local"
     executor: str = "local"  # local | slurm
     nodes: int = 1
-    # Fewest nodes an attempt may start on (None: `nodes`). Below `nodes` the run goes on with
-    # fewer ranks after a node is lost, at the same global batch (more gradient accumulation).
+    # Fewest nodes an attempt may run on (None: `nodes`). Below `nodes` a job left waiting for a
+    # node that failed is shrunk to the nodes that work, and trains at the same global batch
+    # (more gradient accumulation); see slurmvision.slurm.coordinator.
     min_nodes: Optional[int] = None
     tasks_per_node: int = 2  # one task per GPU (or per CPU rank without GPUs)
     gpus_per_node: int = 0
@@ -217,6 +218,8 @@ class ClusterConfig:
     watcher_partition: Optional[str] = None  # default: cluster.partition
     watcher_qos: Optional[str] = None  # default: cluster.qos
     watcher_time_min: int = 10
+    # An elastic run's watcher looks this often (a job waiting for a failed node wakes no dependency).
+    watcher_every_s: int = 300
 
     def __post_init__(self) -> None:
         _choice("cluster.executor", self.executor, ("local", "slurm"))
@@ -224,7 +227,8 @@ class ClusterConfig:
         for key in ("crash_retries", "node_failure_retries", "retry_backoff_s", "sigterm_grace_s"):
             _check(getattr(self, key) >= 0, f"cluster.{key}", getattr(self, key), "must be >= 0")
         _choice("cluster.signal", self.signal, ("USR1", "USR2", "TERM", "INT"))
-        for key in ("nodes", "tasks_per_node", "cpus_per_task", "time_min", "max_attempts", "watcher_time_min"):
+        for key in ("nodes", "tasks_per_node", "cpus_per_task", "time_min", "max_attempts", "watcher_time_min",
+                    "watcher_every_s"):
             _check(getattr(self, key) >= 1, f"cluster.{key}", getattr(self, key), "must be >= 1")
         _check(self.min_nodes is None or 1 <= self.min_nodes <= self.nodes, "cluster.min_nodes", self.min_nodes,
                f"must be 1 to cluster.nodes={self.nodes}, or null")
@@ -244,11 +248,6 @@ class ClusterConfig:
     def elastic(self) -> bool:
         """Whether an attempt may start on fewer nodes than `nodes`."""
         return self.min_nodes is not None and self.min_nodes < self.nodes
-
-    @property
-    def nodes_request(self) -> str:
-        """sbatch's --nodes: a count, or min-max for an elastic run."""
-        return f"{self.min_nodes}-{self.nodes}" if self.elastic else str(self.nodes)
 
 
 @dataclass

@@ -103,7 +103,7 @@ def launch(config: Config, *, dry_run: bool = False, wait: bool = False, coordin
             print(sbatch_script(config.cluster, run_dir.resolve() / "slurm", *job_names(config)))
             if mode == "watcher":
                 print("# then the watcher job (it runs the script in its last argument):")
-                print(shlex.join(watcher.sbatch_args(config, after="JOB_ID", begin_in_s=0)))
+                print(shlex.join(watcher.sbatch_args(config, *watcher.next_look(config, "JOB_ID"))))
         else:
             print(f"# cluster {config.cluster.name!r} runs {config.cluster.tasks_per_node} local processes (no sbatch script)")
         print("# resolved config")
@@ -115,7 +115,8 @@ def launch(config: Config, *, dry_run: bool = False, wait: bool = False, coordin
     print(f"  tensorboard: tensorboard --logdir {run_dir / 'tb'}")
     if config.cluster.executor == "slurm":  # without Slurm there is nothing to coordinate
         if mode == "watcher":
-            watcher_id = watcher.submit_watcher(config, after=str(job.job_id), tries=3)
+            after, begin_in_s = watcher.next_look(config, str(job.job_id))
+            watcher_id = watcher.submit_watcher(config, after=after, begin_in_s=begin_in_s, tries=3)
             print(f"  watcher:     job {watcher_id} (coordinates the run inside Slurm; `slurmvision cancel {run_dir}` "
                   "stops both)")
         elif mode == "daemon":

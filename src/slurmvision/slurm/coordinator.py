@@ -24,10 +24,9 @@ from typing import Callable, Optional
 
 from slurmvision.configs import load_saved_config
 from slurmvision.errors import ClusterError, RunError
-from slurmvision.slurm import causes
+from slurmvision.slurm import causes, hostlist, queue
 from slurmvision.slurm.causes import SlurmAttempt, classify
 from slurmvision.slurm.ledger import Ledger
-from slurmvision.slurm import hostlist
 from slurmvision.slurm.queue import in_queue, node_states, sacct_attempts
 
 log = logging.getLogger("slurmvision.coordinator")
@@ -72,7 +71,10 @@ class Coordinator:
     def __init__(self, run_dir: str | Path, *, poll_s: float = 30.0,
                  attempts_of: Callable[[str], list[SlurmAttempt]] = sacct_attempts,
                  queued: Callable[[str], bool] = in_queue, submit: Optional[Callable] = None,
-                 node_states: Callable[[list[str]], dict[str, str]] = node_states):
+                 node_states: Callable[[list[str]], dict[str, str]] = node_states,
+                 pending_nodes: Callable[[str], Optional[int]] = queue.pending_nodes,
+                 partition_states: Callable[[Optional[str]], dict[str, str]] = queue.partition_node_states,
+                 resize: Callable[[str, int, int], None] = queue.resize_pending):
         self.run_dir = Path(run_dir)
         self.config = load_saved_config(self.run_dir)
         if self.config.cluster.executor != "slurm":
@@ -83,6 +85,7 @@ class Coordinator:
         self.attempts_of, self.queued = attempts_of, queued
         self._submit = submit
         self.node_states = node_states
+        self.pending_nodes, self.partition_states, self.resize = pending_nodes, partition_states, resize
 
     def run(self) -> Decision:
         """Until the run finishes or cannot go on; returns the final decision."""
@@ -126,6 +129,8 @@ class Coordinator:
         if self._finished():
             return Decision("finished", f"run finished: step {self.config.trainer.max_steps} reached")
         if not ended:
+            if self.config.cluster.elastic:
+                self._fit_waiting_job(job["job_id"])
             return Decision("wait")
         if job["handled"]:  # stopped earlier: say so again (a relaunch submits a new job)
             return Decision("stop", self.ledger.get("stopped", "run stopped"))
@@ -222,6 +227,29 @@ class Coordinator:
             return Decision("resubmit", f"job {job['job_id']} ended by {cause} on {slurm[-1].nodes}; excluding it",
                             exclude, self._backoff(failures))
         return Decision("resubmit", f"job {job['job_id']} ended by {cause}", exclude)
+
+    def _fit_waiting_job(self, job_id: str) -> None:
+        """An elastic run's pending job asks for as many nodes as the partition has working, within
+        [min_nodes, nodes]. Slurm requeues a job whose node failed with its old size, and it would
+        wait for that node: it shrinks instead, and grows back while it waits once nodes return."""
+        cluster = self.config.cluster
+        try:
+            waiting = self.pending_nodes(job_id)
+            if waiting is None:
+                return
+            states = self.partition_states(cluster.partition)
+            working = sum(not any(mark in state for mark in UNUSABLE) for state in states.values())
+            target = max(cluster.min_nodes, min(cluster.nodes, working))
+            if target == waiting:
+                return
+            self.resize(job_id, target, target * cluster.tasks_per_node)
+        except ClusterError as err:
+            log.warning("cannot fit job %s to the working nodes: %s", job_id, err)
+            return
+        message = (f"job {job_id} waited for {waiting} nodes with {working} of the partition working: resized to "
+                   f"{target} (cluster.min_nodes={cluster.min_nodes}, cluster.nodes={cluster.nodes})")
+        self.ledger.event("coordinator", message)
+        log.info("%s", message)
 
     def _failed_nodes(self, nodelist: str) -> list[str]:
         """The job's nodes that Slurm now reports unusable (DOWN, DRAIN, FAIL, not responding): on a

@@ -26,9 +26,7 @@ def slurm_parameters(cluster: ClusterConfig, job_name: str, comment: str) -> dic
         "time": cluster.time_min,
         "signal_delay_s": cluster.signal_delay_s,
         "stderr_to_stdout": False,
-        # An elastic run asks for min-max nodes; submitit counts tasks from the largest.
-        "additional_parameters": {"requeue": True, **({"nodes": cluster.nodes_request} if cluster.elastic else {}),
-                                  **cluster.additional},
+        "additional_parameters": {"requeue": True, **cluster.additional},
         # A rank that dies takes the others with it: without this they could wait in a
         # collective until the time limit.
         "srun_args": ["--kill-on-bad-exit=1"],
@@ -40,8 +38,14 @@ def slurm_parameters(cluster: ClusterConfig, job_name: str, comment: str) -> dic
     for key in ("partition", "account", "qos", "constraint", "exclude"):
         if getattr(cluster, key):
             params[key] = getattr(cluster, key)
-    if cluster.setup:
-        params["setup"] = list(cluster.setup)
+    setup = list(cluster.setup)
+    if cluster.elastic:
+        # A job resized while it waited keeps the task count of its submission in its environment,
+        # and srun would start that many tasks on the nodes it has: one set per node instead.
+        tasks = f"$((SLURM_JOB_NUM_NODES * {cluster.tasks_per_node}))"
+        setup.append(f"export SLURM_NTASKS={tasks} SLURM_NPROCS={tasks}")
+    if setup:
+        params["setup"] = setup
     if cluster.signal != "USR2":  # submitit writes --signal=USR2@delay; replace the signal name
         params["additional_parameters"]["signal"] = f"{cluster.signal}@{cluster.signal_delay_s}"
     return params

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 from slurmvision.errors import ClusterError
 from slurmvision.slurm.causes import SlurmAttempt
 from slurmvision.slurm.executor import run_slurm_command
@@ -33,3 +35,25 @@ def node_states(hosts: list[str]) -> dict[str, str]:
     """sinfo's compact state of each host (idle, mix, alloc, down*, drain, ...)."""
     out = run_slurm_command(["sinfo", "-h", "-N", "-n", ",".join(hosts), "-o", "%N %t"], timeout=60)
     return dict(line.split(None, 1) for line in out.splitlines() if len(line.split()) == 2)
+
+
+def pending_nodes(job_id: str) -> Optional[int]:
+    """How many nodes a pending job waits for; None if it is not pending."""
+    try:
+        out = run_slurm_command(["squeue", "-h", "-j", job_id, "-t", "PD", "-o", "%D"], timeout=60).split()
+    except ClusterError as err:
+        if FORGOTTEN in str(err):
+            return None
+        raise
+    return int(out[0]) if out else None
+
+
+def partition_node_states(partition: Optional[str]) -> dict[str, str]:
+    """sinfo's compact state of every node of a partition (all nodes when None)."""
+    args = ["sinfo", "-h", "-N", "-o", "%N %t"] + (["-p", partition] if partition else [])
+    return dict(line.split(None, 1) for line in run_slurm_command(args, timeout=60).splitlines() if len(line.split()) == 2)
+
+
+def resize_pending(job_id: str, nodes: int, tasks: int) -> None:
+    """A pending job's size: its node count and, with it, its task count (one set per node)."""
+    run_slurm_command(["scontrol", "update", f"jobid={job_id}", f"NumNodes={nodes}", f"NumTasks={tasks}"], timeout=60)

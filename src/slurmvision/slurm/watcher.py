@@ -88,6 +88,21 @@ def submit_watcher(config: Config, after: Optional[str], begin_in_s: float = 0.0
     return job_id
 
 
+def next_look(config: Config, job_id: str, delay_s: float = 0.0) -> tuple[Optional[str], float]:
+    """(the job the next watcher waits for, seconds before it may start).
+
+    Backing off after an end, there is nothing to wait for but the time. Otherwise it wakes when
+    the newest job ends for good, except in an elastic run (cluster.min_nodes): a job Slurm
+    requeued after a node failure then waits for that node and wakes no dependency, so its
+    watcher looks every cluster.watcher_every_s, and fits the waiting job to the working nodes.
+    """
+    if delay_s > 0:
+        return None, delay_s
+    if config.cluster.elastic:
+        return None, float(config.cluster.watcher_every_s)
+    return job_id, ACCOUNTING_LAG_S
+
+
 def watch(run_dir: str | Path) -> "Decision":
     """What a watcher job runs: one look at the run (`Coordinator.once`), then its successor,
     unless the run is over. A successor that cannot be submitted is recorded: the run is
@@ -99,10 +114,7 @@ def watch(run_dir: str | Path) -> "Decision":
     if decision.final:
         coordinator.ledger.put("watcher", None)
         return decision
-    if decision.delay_s > 0:  # backing off after an end: nothing to wait for but the time
-        after, begin_in_s = None, decision.delay_s
-    else:  # the newest job (maybe just resubmitted) runs or waits: wake when it ends for good
-        after, begin_in_s = coordinator.ledger.jobs()[-1]["job_id"], ACCOUNTING_LAG_S
+    after, begin_in_s = next_look(coordinator.config, coordinator.ledger.jobs()[-1]["job_id"], decision.delay_s)
     try:
         submit_watcher(coordinator.config, after=after, begin_in_s=begin_in_s, tries=4)
     except ClusterError as err:
