@@ -10,6 +10,7 @@ import logging
 import os
 import subprocess
 from pathlib import Path
+from typing import Optional
 
 from slurmvision.slurm.causes import PREEMPTION, WARNING_SIGNALS
 
@@ -22,16 +23,30 @@ log = logging.getLogger(__name__)
 # the nodes over at once. A preempted job that exited by itself would count as completed.
 
 
+# These run in the time Slurm leaves after a signal: a slurmctld that does not answer must not
+# keep the job until its SIGKILL (the checkpoint is saved by then; the coordinator resubmits).
+SCONTROL_TIMEOUT_S = 10
+
+
+def _scontrol(*args: str) -> Optional[subprocess.CompletedProcess]:
+    try:
+        return subprocess.run(["scontrol", *args], capture_output=True, text=True, timeout=SCONTROL_TIMEOUT_S)
+    except (OSError, subprocess.TimeoutExpired) as err:
+        log.error("scontrol %s: %s", " ".join(args), err)
+        return None
+
+
 def job_state(job_id: str) -> str:
-    result = subprocess.run(["scontrol", "show", "job", job_id], capture_output=True, text=True)
-    return next((word.split("=", 1)[1] for word in result.stdout.split() if word.startswith("JobState=")), "UNKNOWN")
+    result = _scontrol("show", "job", job_id)
+    words = result.stdout.split() if result else []
+    return next((word.split("=", 1)[1] for word in words if word.startswith("JobState=")), "UNKNOWN")
 
 
 def requeue(job_id: str) -> bool:
-    result = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True)
-    if result.returncode != 0:
+    result = _scontrol("requeue", job_id)
+    if result is not None and result.returncode != 0:
         log.error("scontrol requeue %s failed: %s", job_id, result.stderr.strip())
-    return result.returncode == 0
+    return bool(result) and result.returncode == 0
 
 
 class TrainJob:
