@@ -1,5 +1,7 @@
 """Configs: recipes and profiles load, overrides apply, every mistake names the key and the fix."""
 
+import re
+
 import pytest
 
 from slurmvision.configs import config_hash, load_config, load_saved_config, save_config
@@ -92,3 +94,18 @@ def test_an_elastic_range_the_global_batch_cannot_follow_names_the_accumulation_
         load_config("digits-demo", ["data.root=/x", "cluster.nodes=3", "cluster.min_nodes=2"], cluster="local")
     with pytest.raises(ConfigError, match="cluster.min_nodes=3 is not allowed: must be 1 to cluster.nodes=2"):
         load_config("digits-demo", ["data.root=/x", "cluster.nodes=2", "cluster.min_nodes=3"], cluster="local")
+
+
+@pytest.mark.parametrize("override, key", [
+    ('cluster.partition="gpu\\nx"', "cluster.partition"), ('cluster.account="a\\rb"', "cluster.account"),
+    ('cluster.setup=["module load x\\n#SBATCH --exclusive"]', "cluster.setup[0]"),
+    ('cluster.additional={"gres": "gpu:1\\nrm"}', "cluster.additional.gres"), ('run.name="a\\tb"', "run.name"),
+])
+def test_a_control_character_in_a_string_of_the_sbatch_script_is_refused(override, key, tmp_path):
+    with pytest.raises(ConfigError, match=re.escape(key) + "=.* is not allowed: remove the newline or control character"):
+        load_config("digits-demo", ["data.root=/x", override], cluster="a100", run_dir=tmp_path / "run")
+
+
+def test_a_newline_in_the_run_directory_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match="run.dir=.* remove the newline"):
+        load_config("digits-demo", ["data.root=/x"], cluster="a100", run_dir=tmp_path / "a\nb")

@@ -26,6 +26,12 @@ def _check(ok: bool, key: str, value: Any, allowed: str) -> None:
         raise ConfigError(f"{key}={value!r} is not allowed: {allowed}")
 
 
+def _one_line(key: str, value: Any) -> None:
+    """Strings that go into an sbatch script or a job name: a newline or another control
+    character would end an #SBATCH line early or add a line of its own."""
+    _check(not isinstance(value, str) or value.isprintable(), key, value, "remove the newline or control character")
+
+
 @dataclass
 class DataConfig:
     root: str = "???"  # the shards directory (holds manifest.json)
@@ -224,6 +230,13 @@ class ClusterConfig:
     def __post_init__(self) -> None:
         _choice("cluster.executor", self.executor, ("local", "slurm"))
         _choice("cluster.coordinate", self.coordinate, ("watcher", "daemon", "none"))
+        for key in ("name", "partition", "account", "qos", "constraint", "exclude", "watcher_partition", "watcher_qos"):
+            _one_line(f"cluster.{key}", getattr(self, key))
+        for i, line in enumerate(self.setup):
+            _one_line(f"cluster.setup[{i}]", line)
+        for option, value in self.additional.items():
+            _one_line(f"cluster.additional.{option}", option)
+            _one_line(f"cluster.additional.{option}", value)
         for key in ("crash_retries", "node_failure_retries", "retry_backoff_s", "sigterm_grace_s"):
             _check(getattr(self, key) >= 0, f"cluster.{key}", getattr(self, key), "must be >= 0")
         _choice("cluster.signal", self.signal, ("USR1", "USR2", "TERM", "INT"))
@@ -254,6 +267,10 @@ class ClusterConfig:
 class RunConfig:
     dir: str = "???"  # set from --run-dir or derived from the recipe name
     name: str = "run"
+
+    def __post_init__(self) -> None:
+        _one_line("run.dir", self.dir)
+        _one_line("run.name", self.name)
 
 
 @dataclass
