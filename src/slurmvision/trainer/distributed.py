@@ -98,8 +98,8 @@ def init(env: DistEnv) -> torch.device:
     if env.world_size > 1 and not dist.is_initialized():
         dist.init_process_group(backend, init_method=f"tcp://{env.master_addr}:{env.master_port}",
                                 rank=env.rank, world_size=env.world_size)
-    log.info("rank %d of %d on %s (%s): %s, rendezvous at %s:%d", env.rank, env.world_size, socket.gethostname(),
-             env.source, backend, env.master_addr, env.master_port)
+        log.info("rank %d of %d on %s (%s): %s, rendezvous at %s:%d", env.rank, env.world_size, socket.gethostname(),
+                 env.source, backend, env.master_addr, env.master_port)
     return device
 
 
