@@ -21,13 +21,26 @@ def slurm_cluster():
 
 
 @pytest.fixture(scope="session")
-def straight_sha(tiny_shards, tmp_path_factory):  # noqa: F811
-    """params_sha256 of an uninterrupted 2-rank run with the LONGER settings (shared by the modules)."""
+def straight_sha(tiny_shards, tmp_path_factory, worker_id):  # noqa: F811
+    """params_sha256 of an uninterrupted 2-rank run with the LONGER settings, trained once for the
+    whole session: the pytest-xdist workers (make test) share it through their common folder."""
+    from filelock import FileLock
+
     from slurmvision.evaluate.inspect import inspect_checkpoint
     from slurmvision.launch.local import train_here
 
     from .test_train_on_slurm import LONGER, SETTINGS
 
-    run_dir = tmp_path_factory.mktemp("straight")
-    train_here(tiny_config(tiny_shards, run_dir, *SETTINGS, *LONGER), nproc=2)
-    return inspect_checkpoint(run_dir)["params_sha256"]
+    def train() -> str:
+        run_dir = tmp_path_factory.mktemp("straight")
+        train_here(tiny_config(tiny_shards, run_dir, *SETTINGS, *LONGER), nproc=2)
+        return inspect_checkpoint(run_dir)["params_sha256"]
+
+    if worker_id == "master":  # no workers
+        return train()
+    shared = tmp_path_factory.getbasetemp().parent  # this session's, above each worker's own
+    with FileLock(str(shared / "straight.lock")):
+        cached = shared / "straight.sha256"
+        if not cached.is_file():
+            cached.write_text(train())  # tiny_shards are built alike in every worker: same samples
+        return cached.read_text()
