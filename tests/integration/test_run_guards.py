@@ -97,7 +97,7 @@ def test_a_run_another_job_is_training_is_refused_by_every_rank_at_once(tmp_path
     run = tmp_path / "run"
     run.mkdir()
     with open(run / "train.lock", "a+") as other:  # the job already training this run
-        fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.lockf(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
         other.write("job 77 on gpu07, pid 1234, since 2024-05-01 10:00:00\n")
         other.flush()
         # No shards at data.root: a rank that went past the lock would fail on the data instead.

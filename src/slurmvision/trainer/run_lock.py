@@ -1,9 +1,12 @@
 """One job trains a run directory at a time, whatever started it (`launch --force`, a job
 requeued while a lost one still runs, `train` by hand, an srun): rank 0 holds an exclusive
-flock on RUN/train.lock for the whole of `train()`.
+POSIX lock (`lockf`) on RUN/train.lock for the whole of `train()`.
 
-A flock goes with its process however that ends (SIGKILL included): no stale lock to clean
-up. The file's text only says who holds it, for the message of the job that is refused.
+A POSIX lock belongs to its process and goes with it however that ends (SIGKILL included): no
+stale lock to clean up. Unlike a flock it is not shared with forked children, so a loader
+worker that outlives a killed rank 0 (seen on a cluster without cgroup process tracking) does
+not keep the run locked. NFS and Lustre (mounted with flock) lock it across hosts. The file's
+text only says who holds it, for the message of the job that is refused.
 """
 
 from __future__ import annotations
@@ -45,8 +48,8 @@ def _take(path: Path, env: DistEnv) -> tuple[Optional[IO], bool]:
         log.warning("cannot open the run lock %s (%s): training without it", path, err)
         return None, False
     try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+        fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except (BlockingIOError, PermissionError):  # EAGAIN or EACCES: another process holds it
         f.close()
         return None, True
     except OSError as err:
