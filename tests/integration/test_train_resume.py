@@ -167,3 +167,29 @@ def test_sigterm_to_every_process_of_the_job_stops_cleanly(tiny_shards, tmp_path
     assert proc.returncode == 3, err[-3000:]
     stopped = json.loads(out)
     assert stopped["signal"] == "SIGTERM" and inspect_checkpoint(run)["step"] == stopped["step"]
+
+
+WORKERS_OF_A_KILLED_RANK = """
+import multiprocessing, sys, time
+from slurmvision.configs import load_config
+from slurmvision.shards.reader import TrainReader
+config = load_config("digits-demo", [f"data.root={sys.argv[1]}", "data.workers=2", "data.batch_size=2"], cluster="local",
+                     run_dir=sys.argv[2])
+batches = iter(TrainReader(config.data, seed=0, rank=0, world_size=1))
+next(batches)
+print(" ".join(str(p.pid) for p in multiprocessing.active_children()), flush=True)
+time.sleep(120)
+"""
+
+
+def test_the_loader_workers_of_a_rank_killed_by_sigkill_do_not_outlive_it(tiny_shards, tmp_path):
+    rank = subprocess.Popen([sys.executable, "-c", WORKERS_OF_A_KILLED_RANK, str(tiny_shards), str(tmp_path / "run")],
+                            stdout=subprocess.PIPE, text=True)
+    workers = [int(pid) for pid in rank.stdout.readline().split()]
+    assert len(workers) == 2
+    rank.kill()
+    rank.wait()
+    deadline = time.monotonic() + 30
+    while any(Path(f"/proc/{pid}").exists() for pid in workers) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(Path(f"/proc/{pid}").exists() for pid in workers)

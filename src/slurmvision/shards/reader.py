@@ -9,7 +9,10 @@ Images leave the workers as uint8 (normalisation happens on the device).
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import logging
+import os
 import random
 import signal
 from dataclasses import dataclass, field
@@ -171,15 +174,24 @@ class ShardSet:
 # training process decides when to stop and saves first; a loader worker killed by the
 # signal would crash it before it could. So workers ignore these signals from birth: the
 # parent blocks them while it forks the workers, which ignore them, then unblock. Workers
-# still exit when the loader closes (the trainer closes it on every way out) or their
-# parent dies, and SIGKILL ends them as always.
+# still exit when the loader closes (the trainer closes it on every way out), and the kernel
+# SIGKILLs them when their rank dies: torch's own check of the parent never ran in a worker
+# blocked on a full pipe to a rank that was SIGKILLed, which then lived on (seen on a cluster
+# without cgroup process tracking, where Slurm does not find such orphans).
 JOB_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)
+_PR_SET_PDEATHSIG = 1
 
 
-def _ignore_job_signals(_worker_id: int) -> None:
+def _worker_init(rank_pid: int, _worker_id: int) -> None:
     for sig in JOB_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, JOB_SIGNALS)
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):  # not Linux: torch's check of the parent remains
+        return
+    if os.getppid() != rank_pid:  # the rank died before the request took effect
+        os._exit(1)
 
 
 def make_loader(stream: ShardStream, workers: int, pin_memory: bool = False) -> DataLoader:
@@ -187,7 +199,7 @@ def make_loader(stream: ShardStream, workers: int, pin_memory: bool = False) -> 
     # torch RNG, and a resumed run (which creates one at another point) would diverge.
     return DataLoader(stream, batch_size=None, num_workers=min(workers, len(stream)), collate_fn=_collate_single,
                       pin_memory=pin_memory, generator=torch.Generator().manual_seed(stream.seed),
-                      worker_init_fn=_ignore_job_signals)
+                      worker_init_fn=functools.partial(_worker_init, os.getpid()))
 
 
 def start_loader(stream: ShardStream, workers: int, pin_memory: bool = False) -> Iterator[Batch]:
