@@ -135,13 +135,12 @@ def cancel(run_dir: Path) -> list[str]:
     ledger = Ledger(run_dir)
     if not ledger.exists():
         raise RunError(f"{run_dir} has no ledger: nothing was launched there")
-    watcher = ledger.get("watcher")
-    candidates = [job["job_id"] for job in ledger.jobs()] + ([watcher["job_id"]] if watcher else [])
-    active = [job_id for job_id in candidates if in_queue(job_id)]
+    watcher, jobs = ledger.get("watcher"), [job["job_id"] for job in ledger.jobs()]
+    active = [job_id for job_id in jobs + ([watcher["job_id"]] if watcher else []) if in_queue(job_id)]
     # Recorded first: a watcher that wakes up meanwhile finds the run stopped and submits nothing.
     ledger.put("stopped", "run stopped: cancelled with `slurmvision cancel`; relaunch the same config to resume")
-    for job in ledger.jobs():
-        ledger.mark_handled(job["job_id"])
+    for job_id in jobs:
+        ledger.mark_handled(job_id)
     ledger.put("watcher", None)
     if active:
         run_slurm_command(["scancel", *active])

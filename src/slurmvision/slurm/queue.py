@@ -19,39 +19,42 @@ def sacct_attempts(job_id: str, timeout: float = 60) -> list[SlurmAttempt]:
     return [SlurmAttempt.parse(line) for line in out.splitlines() if line.strip()]
 
 
-def in_queue(job_id: str) -> bool:
-    """Whether Slurm still holds the job (pending, running, or requeued after an end that
-    sacct already shows, such as PREEMPTED). A job squeue has forgotten is not queued; any
+def _squeue(job_id: str, *options: str) -> str:
+    """squeue's answer about one job: empty if it is not listed or squeue has forgotten it; any
     other failure (a timeout, slurmctld down) raises ClusterError."""
     try:
-        return bool(run_slurm_command(["squeue", "-h", "-j", job_id, "-o", "%i"], timeout=60).strip())
+        return run_slurm_command(["squeue", "-h", "-j", job_id, *options], timeout=60).strip()
     except ClusterError as err:
         if FORGOTTEN in str(err):
-            return False
+            return ""
         raise
 
 
-def node_states(hosts: list[str]) -> dict[str, str]:
-    """sinfo's compact state of each host (idle, mix, alloc, down*, drain, ...)."""
-    out = run_slurm_command(["sinfo", "-h", "-N", "-n", ",".join(hosts), "-o", "%N %t"], timeout=60)
-    return dict(line.split(None, 1) for line in out.splitlines() if len(line.split()) == 2)
+def in_queue(job_id: str) -> bool:
+    """Whether Slurm still holds the job (pending, running, or requeued after an end that
+    sacct already shows, such as PREEMPTED)."""
+    return bool(_squeue(job_id, "-o", "%i"))
 
 
 def pending_nodes(job_id: str) -> Optional[int]:
     """How many nodes a pending job waits for; None if it is not pending."""
-    try:
-        out = run_slurm_command(["squeue", "-h", "-j", job_id, "-t", "PD", "-o", "%D"], timeout=60).split()
-    except ClusterError as err:
-        if FORGOTTEN in str(err):
-            return None
-        raise
+    out = _squeue(job_id, "-t", "PD", "-o", "%D").split()
     return int(out[0]) if out else None
+
+
+def _sinfo_states(*selection: str) -> dict[str, str]:
+    out = run_slurm_command(["sinfo", "-h", "-N", "-o", "%N %t", *selection], timeout=60)
+    return dict(line.split(None, 1) for line in out.splitlines() if len(line.split()) == 2)
+
+
+def node_states(hosts: list[str]) -> dict[str, str]:
+    """sinfo's compact state of each host (idle, mix, alloc, down*, drain, ...)."""
+    return _sinfo_states("-n", ",".join(hosts))
 
 
 def partition_node_states(partition: Optional[str]) -> dict[str, str]:
     """sinfo's compact state of every node of a partition (all nodes when None)."""
-    args = ["sinfo", "-h", "-N", "-o", "%N %t"] + (["-p", partition] if partition else [])
-    return dict(line.split(None, 1) for line in run_slurm_command(args, timeout=60).splitlines() if len(line.split()) == 2)
+    return _sinfo_states(*(["-p", partition] if partition else []))
 
 
 def resize_pending(job_id: str, nodes: int, tasks: int) -> None:
