@@ -139,7 +139,7 @@ def cmd_cancel(args) -> int:
         raise RunError("give a run directory: slurmvision cancel RUN_DIR")
     cancelled = cancel(Path(run))
     print(f"cancelled jobs {', '.join(cancelled)}" if cancelled else "no job of the run was queued or running",
-          f"; recorded in {Path(run) / 'ledger.sqlite'}", sep="")
+          f"; recorded in the ledger, {Path(run) / 'ledger'}", sep="")
     return 0
 
 

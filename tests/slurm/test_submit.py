@@ -49,7 +49,7 @@ def test_bad_partition_is_refused_before_submitting(tmp_path):
     config = load_config("digits-demo", ["data.root=/x", "cluster.partition=gpux"], cluster="devslurm", run_dir=tmp_path / "run")
     with pytest.raises(ClusterError, match="partition 'gpux' does not exist.*high, low"):
         submit(config)
-    assert not (tmp_path / "run" / "ledger.sqlite").exists()
+    assert not (tmp_path / "run" / "ledger").exists()
 
 
 def test_a_sigterm_grace_longer_than_the_clusters_kill_wait_is_refused(tmp_path):

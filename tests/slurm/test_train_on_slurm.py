@@ -306,3 +306,23 @@ def test_node_failure_is_recorded_and_the_run_resumes_bit_for_bit(tiny_shards, t
     first, second = Ledger(run_dir).attempts()
     assert first["cause"] == "node failure" and second["step_start"] <= first["step_reached"]
     assert second["outcome"] == "finished" and len(Ledger(run_dir).jobs()) == 1  # Slurm requeued it
+
+
+def test_an_attempt_whose_run_directory_became_writable_stops_before_unpickling(tiny_shards, tmp_path):  # noqa: F811
+    from slurmvision.slurm.coordinator import Coordinator
+
+    run_dir = tmp_path / "run"
+    job_id = str(submit(slurm_config(tiny_shards, run_dir, *UNENDING)).job_id)
+    deadline = time.monotonic() + 300
+    while not (Ledger(run_dir).exists() and Ledger(run_dir).attempts()) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    (run_dir / "slurm").chmod(0o770)  # someone of the group could now swap the pickled job
+    subprocess.run(["scontrol", "requeue", job_id], check=True)
+    start_when_requeued(job_id)
+    wait_until_gone(job_id)
+    log = (run_dir / "slurm" / f"{job_id}_0_log.err").read_text()
+    assert f"chmod -R go-w {run_dir.resolve() / 'slurm'}" in log and "Traceback" not in log
+    assert len(Ledger(run_dir).attempts()) == 1  # the second attempt never started
+    assert any(f"job {job_id} refused: unsafe run directory" in e["message"] for e in Ledger(run_dir).events())
+    decision = Coordinator(run_dir).tick()
+    assert decision.action == "stop" and "is writable by group or others" in decision.message

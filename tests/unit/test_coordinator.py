@@ -3,7 +3,8 @@
 The coordinator against a real cluster is in tests/slurm; here its rules, one by one.
 """
 
-import sqlite3
+import errno
+import json
 import subprocess
 import time
 
@@ -61,12 +62,38 @@ def test_ledger_counts_lost_steps_between_attempts(tmp_path):
     assert (b["step_start"], b["outcome"], b["lost_steps"], b["checkpoint"]) == (10, "finished", 0, "step-10")
 
 
-def test_ledger_is_wal_and_shared_between_connections(tmp_path):
-    Ledger(tmp_path).add_job("1", "devslurm")
-    mode = sqlite3.connect(tmp_path / "ledger.sqlite").execute("PRAGMA journal_mode").fetchone()[0]
-    assert mode == "wal"
-    Ledger(tmp_path).put("k", {"a": 1})
+def test_ledger_is_shared_between_writers_each_in_its_own_file(tmp_path):
+    Ledger(tmp_path, writer="launch").add_job("1", "devslurm")
+    Ledger(tmp_path, writer="coordinator").put("k", {"a": 1})
+    AttemptRecorder(tmp_path, "1", 0).started(world_size=1, step=0, checkpoint=None)
+    files = sorted(path.name.split(".")[0] for path in (tmp_path / "ledger").glob("*.jsonl"))
+    assert files == ["attempt-1", "coordinator", "launch"]
     assert Ledger(tmp_path).get("k") == {"a": 1} and Ledger(tmp_path).jobs()[0]["reason"] == "launch"
+    assert Ledger(tmp_path).attempts()[0]["world_size"] == 1
+
+
+def test_a_torn_or_corrupt_record_costs_that_record_and_one_warning(tmp_path, caplog):
+    ledger = Ledger(tmp_path, writer="launch")
+    ledger.add_job("1", "devslurm")
+    ledger.put("k", 1)
+    path = next((tmp_path / "ledger").glob("*.jsonl"))
+    lines = path.read_bytes().split(b"\n")
+    path.write_bytes(lines[0] + b"\n" + b"\x00garbage\n" + lines[2] + b"\n" + b'{"t": 1e12, "op": "put", "ke')
+    assert Ledger(tmp_path).get("k") == 1 and Ledger(tmp_path).jobs()[0]["job_id"] == "1"
+    assert caplog.text.count("is corrupt") == 1 and "line 2" in caplog.text  # the torn last line is no warning
+
+
+def test_a_job_id_reused_after_a_database_reset_starts_a_new_job(tmp_path):
+    ledger = Ledger(tmp_path, writer="launch")
+    ledger.add_job("5", "devslurm")
+    old = AttemptRecorder(tmp_path, "5", 0)
+    old.started(world_size=1, step=0, checkpoint=None)
+    old.ended("failed", 3, error="boom")
+    ledger.add_job("5", "devslurm", reason="relaunch")
+    AttemptRecorder(tmp_path, "5", 0).started(world_size=1, step=0, checkpoint=None)
+    jobs, attempts = Ledger(tmp_path).jobs(), Ledger(tmp_path).attempts()
+    assert [j["reason"] for j in jobs] == ["launch", "relaunch"]
+    assert len(attempts) == 2 and attempts[-1]["outcome"] is None and attempts[0]["error"] == "boom"
 
 
 def test_a_ledger_that_cannot_be_written_costs_a_warning_not_the_run(tmp_path, caplog):
@@ -238,6 +265,26 @@ def test_one_coordinator_per_run(run):
                 pass
 
 
+def test_a_file_system_without_locks_costs_a_warning(run, monkeypatch, caplog):
+    def no_locks(*args):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr("fcntl.flock", no_locks)
+    run_dir, cluster, coordinator = run
+    cluster.rows["1"] = [row("RUNNING")]
+    assert coordinator.once().action == "wait" and "file locks are not supported" in caplog.text
+
+
+def test_a_run_directory_others_can_write_stops_the_run_before_any_resubmission(run):
+    run_dir, cluster, coordinator = run
+    attempt(run_dir, "1", 0, 0, 6, "failed", error="RuntimeError: flaky")
+    cluster.rows["1"] = [row("FAILED")]
+    (run_dir / "slurm").mkdir(exist_ok=True)
+    (run_dir / "slurm").chmod(0o775)
+    decision = coordinator.tick()
+    assert decision.action == "stop" and "chmod -R go-w" in decision.message and not cluster.submitted
+
+
 def test_a_preempted_job_that_slurm_requeues_is_left_to_slurm(run):
     run_dir, cluster, coordinator = run
     attempt(run_dir, "1", 0, 0, 5, "stopped", signal="SIGTERM")
@@ -303,8 +350,13 @@ def test_a_job_squeue_has_forgotten_is_decided_from_sacct(run, monkeypatch):
 
 
 def age_job(run_dir, job_id, seconds):
-    with sqlite3.connect(run_dir / "ledger.sqlite") as db:
-        db.execute("UPDATE jobs SET submitted = submitted - ? WHERE job_id = ?", (seconds, job_id))
+    """Move the job's submission back in time, in the ledger's own records."""
+    for path in (run_dir / "ledger").glob("*.jsonl"):
+        records = [json.loads(line) for line in path.read_text().splitlines()]
+        for record in records:
+            if record["op"] == "job" and record["job_id"] == job_id:
+                record["t"] -= seconds
+        path.write_text("".join(json.dumps(record) + "\n" for record in records))
 
 
 def test_a_job_neither_sacct_nor_squeue_knows_is_ended_once_sacct_had_time_to_show_it(run):

@@ -12,6 +12,7 @@ from slurmvision.slurm.cluster import validate_cluster
 from slurmvision.slurm.queue import in_queue
 from slurmvision.slurm.executor import make_executor, sbatch_script
 from slurmvision.slurm.ledger import Ledger
+from slurmvision.slurm.rundir import check_run_dir, make_private
 
 
 def run_id(config: Config) -> str:
@@ -55,6 +56,8 @@ def submit(config: Config, *, reason: str = "launch", exclude: tuple[str, ...] =
     from slurmvision.slurm.job import TrainJob
 
     cluster = config.cluster
+    make_private()
+    check_run_dir(config.run.dir)
     _check_run_dir(config)
     if cluster.executor == "slurm":  # without Slurm there is no queue to ask
         if not force:
@@ -73,7 +76,7 @@ def submit(config: Config, *, reason: str = "launch", exclude: tuple[str, ...] =
         message = str(err).strip().splitlines()
         raise ClusterError(f"Slurm refused the job: {message[-1] if message else err}. "
                            f"Check the profile {cluster.name!r} (partition, account, qos, time) against `sinfo`") from None
-    Ledger(run_dir).add_job(str(job.job_id), cluster.name, reason, exclude)
+    Ledger(run_dir, writer="launch").add_job(str(job.job_id), cluster.name, reason, exclude)
     return job
 
 
@@ -132,7 +135,7 @@ def cancel(run_dir: Path) -> list[str]:
     """Cancel the run's queued or running jobs, its watcher included, and record it; the ids cancelled."""
     from slurmvision.slurm.executor import run_slurm_command
 
-    ledger = Ledger(run_dir)
+    ledger = Ledger(run_dir, writer="cancel")
     if not ledger.exists():
         raise RunError(f"{run_dir} has no ledger: nothing was launched there")
     watcher, jobs = ledger.get("watcher"), [job["job_id"] for job in ledger.jobs()]

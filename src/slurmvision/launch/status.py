@@ -16,11 +16,20 @@ from slurmvision.slurm.ledger import Ledger
 
 
 def _latest_checkpoint(run_dir: Path) -> Optional[dict]:
+    """The newest checkpoint whose manifest lists its meta record, read without hashing its
+    (possibly large) files: a glance, not the trainer's full check. Broken ones are passed over."""
     checkpoints = run_dir / "checkpoints"
     for path in sorted(checkpoints.glob("step-*"), reverse=True) if checkpoints.is_dir() else []:
-        if path.is_dir() and not path.name.endswith(".tmp") and (path / "MANIFEST.json").is_file():
+        if not path.is_dir() or path.name.endswith(".tmp"):
+            continue
+        try:
+            if "meta.json" not in json.loads((path / "MANIFEST.json").read_text())["files"]:
+                continue
             meta = json.loads((path / "meta.json").read_text())
-            return {"path": str(path), "step": meta["step"], "epoch": meta["epoch"], "world_size": meta["world_size"]}
+            return {"path": str(path), "step": int(meta["step"]), "epoch": int(meta["epoch"]),
+                    "world_size": int(meta["world_size"])}
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
     return None
 
 
@@ -47,6 +56,9 @@ def run_status(run: Optional[str]) -> dict:
     run_dir = Path(run)
     config = load_saved_config(run_dir)
     ledger = Ledger(run_dir)
+    # A run that trained or was submitted has ledger records; without them (deleted, lost
+    # with a file system) the checkpoints still tell how far it got.
+    jobs_expected = (run_dir / "checkpoints").is_dir() or (run_dir / "slurm").is_dir()
     jobs = ledger.jobs() if ledger.exists() else []
     attempts = ledger.attempts() if ledger.exists() else []
     checkpoint = _latest_checkpoint(run_dir)
@@ -75,6 +87,8 @@ def run_status(run: Optional[str]) -> dict:
         "jobs": jobs, "attempts": attempts, "watcher": watcher,
         "lost_steps": sum(a["lost_steps"] or 0 for a in attempts),
         "events": ledger.events(5) if ledger.exists() else [],
+        "ledger": None if ledger.exists() or not jobs_expected else
+        f"no ledger records in {ledger.dir}: attempts unknown, progress from the checkpoints",
         "tensorboard": str(run_dir / "tb"),
     }
 
@@ -102,6 +116,8 @@ def format_status(status: dict) -> str:
     elif watcher and status["state"] != "finished":
         lines.append(f"  watcher:    job {watcher['job_id']} ended ({watcher['state']}) without a successor: the run is "
                      f"unwatched; `slurmvision coordinate {status['run']} --once` starts a new watcher")
+    if status["ledger"]:
+        lines.append(f"  ledger:     {status['ledger']}")
     if status["attempts"]:
         lines.append(f"  attempts:   {len(status['attempts'])}, {status['lost_steps']} steps lost in all")
     ranks, why = None, None

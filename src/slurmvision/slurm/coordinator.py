@@ -13,6 +13,7 @@ Torch-free: it runs on the login node.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import logging
 import os
@@ -28,6 +29,7 @@ from slurmvision.slurm import causes, hostlist, queue
 from slurmvision.slurm.causes import SlurmAttempt, classify
 from slurmvision.slurm.ledger import Ledger
 from slurmvision.slurm.queue import in_queue, node_states, sacct_attempts
+from slurmvision.slurm.rundir import UnsafeRunDir, check_run_dir
 
 log = logging.getLogger("slurmvision.coordinator")
 # Ends a new job would meet again: the run stops with this advice. Every other end is retried.
@@ -80,7 +82,7 @@ class Coordinator:
         if self.config.cluster.executor != "slurm":
             raise RunError(f"{self.run_dir} runs on the {self.config.cluster.name!r} profile without Slurm: there is "
                            "nothing to coordinate (follow it with `slurmvision status`); launch with a Slurm profile")
-        self.ledger = Ledger(self.run_dir)
+        self.ledger = Ledger(self.run_dir, writer="coordinator")
         self.poll_s = poll_s
         self.attempts_of, self.queued = attempts_of, queued
         self._submit = submit
@@ -115,6 +117,11 @@ class Coordinator:
         if not jobs:
             raise RunError(f"{self.run_dir} has no submitted job: start it with `slurmvision launch`")
         job = jobs[-1]
+        try:
+            check_run_dir(self.run_dir)
+        except UnsafeRunDir as err:  # resubmitting would run what someone else may have written
+            self.ledger.put("stopped", str(err))
+            return Decision("stop", str(err))
         try:
             slurm = self.attempts_of(job["job_id"])
             ended = self._ended(job, slurm)
@@ -300,6 +307,13 @@ class Coordinator:
             except BlockingIOError:
                 raise RunError(f"another coordinator is watching {self.run_dir} "
                                f"(pid in {self.run_dir / 'coordinator.lock'})") from None
+            except OSError as err:
+                if err.errno not in (errno.ENOLCK, errno.EOPNOTSUPP):
+                    raise
+                # Some NFS mounts have no lock service. The lock only guards against a second
+                # coordinator someone starts by hand; the watcher chain runs one at a time.
+                log.warning("file locks are not supported in %s (%s): going on without the lock that keeps a "
+                            "second coordinator of this run out; start no other", self.run_dir, err.strerror)
             f.truncate(0)
             f.write(str(os.getpid()))
             f.flush()

@@ -15,7 +15,13 @@ from slurmvision.configs.schema import ClusterConfig
 from slurmvision.errors import ClusterError
 
 
-def slurm_parameters(cluster: ClusterConfig, job_name: str, comment: str) -> dict[str, Any]:
+def python_command() -> str:
+    """This interpreter, without the working directory on its module path (-P): a job starts in the
+    directory it was submitted from, where anyone with write access could plant a module."""
+    return f"{shlex.quote(sys.executable)} -P"
+
+
+def slurm_parameters(cluster: ClusterConfig, run_dir: Path, job_name: str, comment: str) -> dict[str, Any]:
     """submitit SlurmExecutor parameters: one task per GPU, requeue allowed, signal before the limit."""
     params: dict[str, Any] = {
         "job_name": job_name,
@@ -44,8 +50,10 @@ def slurm_parameters(cluster: ClusterConfig, job_name: str, comment: str) -> dic
         # and srun would start that many tasks on the nodes it has: one set per node instead.
         tasks = f"$((SLURM_JOB_NUM_NODES * {cluster.tasks_per_node}))"
         setup.append(f"export SLURM_NTASKS={tasks} SLURM_NPROCS={tasks}")
-    if setup:
-        params["setup"] = setup
+    # Each attempt (a requeue runs this script again) checks that no one else could have written
+    # the run directory before submitit unpickles the job from it (slurmvision.slurm.rundir).
+    setup.append(f"{python_command()} -m slurmvision.slurm.rundir {shlex.quote(str(run_dir))} || exit 3")
+    params["setup"] = setup
     if cluster.signal != "USR2":  # submitit writes --signal=USR2@delay; replace the signal name
         params["additional_parameters"]["signal"] = f"{cluster.signal}@{cluster.signal_delay_s}"
     return params
@@ -58,8 +66,8 @@ def make_executor(cluster: ClusterConfig, folder: Path, job_name: str, comment: 
         executor = submitit.LocalExecutor(folder=str(folder))
         executor.update_parameters(tasks_per_node=cluster.tasks_per_node, nodes=1, timeout_min=cluster.time_min)
         return executor
-    executor = submitit.SlurmExecutor(folder=str(folder), python=shlex.quote(sys.executable))
-    executor.update_parameters(**slurm_parameters(cluster, job_name, comment))
+    executor = submitit.SlurmExecutor(folder=str(folder), python=python_command())
+    executor.update_parameters(**slurm_parameters(cluster, folder.parent, job_name, comment))
     return executor
 
 
@@ -67,8 +75,9 @@ def sbatch_script(cluster: ClusterConfig, folder: Path, job_name: str, comment: 
     """The script `launch` would submit (for --dry-run), as submitit writes it."""
     from submitit.slurm.slurm import _make_sbatch_string
 
-    command = " ".join([shlex.quote(sys.executable), "-u", "-m", "submitit.core._submit", shlex.quote(str(folder))])
-    return _make_sbatch_string(command=command, folder=str(folder), **slurm_parameters(cluster, job_name, comment))
+    command = " ".join([python_command(), "-u", "-m", "submitit.core._submit", shlex.quote(str(folder))])
+    return _make_sbatch_string(command=command, folder=str(folder),
+                               **slurm_parameters(cluster, folder.parent, job_name, comment))
 
 
 def run_slurm_command(args: list[str], timeout: float = 30) -> str:

@@ -78,5 +78,5 @@ class TrainJob:
         from slurmvision.slurm.ledger import Ledger
 
         # sacct will show REQUEUED: keep the cause that only this moment tells.
-        Ledger(self.run_dir).set_cause(job_id, int(os.environ.get("SLURM_RESTART_COUNT", 0)), PREEMPTION)
+        Ledger(self.run_dir, writer="job").set_cause(job_id, int(os.environ.get("SLURM_RESTART_COUNT", 0)), PREEMPTION)
         requeue(job_id)

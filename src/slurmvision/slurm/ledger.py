@@ -1,9 +1,19 @@
-"""The run's ledger: one SQLite file (WAL) in the run directory, the record of every attempt.
+"""The run's ledger: the record of every job and attempt, as append-only files in RUN/ledger/.
 
-Writers: `launch` and the coordinator (jobs, causes, decisions) and rank 0 of each attempt
-(start, progress, end). Readers: `status` and the coordinator, also when Slurm's tools are
-slow or down. An attempt is one start of a job: a job requeued by Slurm keeps its id and
-counts up `restart` (SLURM_RESTART_COUNT). Torch-free: it runs on the login node.
+Writers: `launch`, `cancel` and the coordinator (jobs, causes, decisions), on the login node or
+in a watcher job, and rank 0 of each attempt (start, progress, end) on a compute node. Run
+directories live on NFS, Lustre or GPFS, where a database shared between hosts is not safe
+(SQLite's WAL needs all its users on one host) and appends from two hosts to one file can
+interleave. So every writing process appends to a file of its own, one JSON record per line,
+each written whole, fsynced and closed (NFS's close-to-open consistency then shows it to other
+hosts). Readers fold all files into the tables below, ordered by time; a torn last line (a
+writer killed mid-record) is skipped, a corrupt line is skipped with one warning, and a lost
+ledger leaves `status` with what the checkpoints say.
+
+An attempt is one start of a job: a job requeued by Slurm keeps its id and counts up
+`restart` (SLURM_RESTART_COUNT). A job id Slurm hands out again (after its database was
+reset) is a new job: attempts belong to the newest job of that id submitted before them.
+Torch-free: it runs on the login node.
 """
 
 from __future__ import annotations
@@ -11,155 +21,192 @@ from __future__ import annotations
 import json
 import logging
 import os
-import sqlite3
+import re
+import socket
 import time
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Any, Optional
 
 log = logging.getLogger(__name__)
-LEDGER_NAME = "ledger.sqlite"
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS jobs (
-    job_id TEXT PRIMARY KEY,
-    submitted REAL NOT NULL,
-    cluster TEXT NOT NULL,
-    reason TEXT NOT NULL,              -- launch, or the cause it resubmits after
-    exclude TEXT NOT NULL DEFAULT '',  -- nodes kept out of this job
-    handled INTEGER NOT NULL DEFAULT 0 -- the coordinator has acted on its end
-);
-CREATE TABLE IF NOT EXISTS attempts (
-    job_id TEXT NOT NULL,
-    restart INTEGER NOT NULL,          -- SLURM_RESTART_COUNT: 0, then 1 after each requeue
-    nodes TEXT,
-    world_size INTEGER,
-    started REAL,
-    ended REAL,
-    step_start INTEGER,                -- the step it resumed from
-    step_reached INTEGER,              -- the last step it finished (updated as it trains)
-    step_saved INTEGER,                -- the last step it checkpointed
-    step_time REAL,                    -- seconds per step, recently (for the ETA)
-    checkpoint TEXT,                   -- the checkpoint it resumed from
-    outcome TEXT,                      -- finished, stopped (on a signal), failed; NULL while running
-    signal TEXT,
-    error TEXT,
-    cause TEXT,                        -- classified: see slurmvision.slurm.causes
-    lost_steps INTEGER,                -- steps it trained that the next attempt had to redo
-    PRIMARY KEY (job_id, restart)
-);
-CREATE TABLE IF NOT EXISTS events (
-    time REAL NOT NULL,
-    source TEXT NOT NULL,
-    message TEXT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-"""
+LEDGER_DIR = "ledger"
+ATTEMPT_FIELDS = ("job_id", "restart", "nodes", "world_size", "started", "ended", "step_start", "step_reached",
+                  "step_saved", "step_time", "checkpoint", "outcome", "signal", "error", "cause", "lost_steps")
+_warned: set[tuple[str, int]] = set()  # corrupt lines already reported by this process
 
 
 class Ledger:
-    def __init__(self, run_dir: str | Path):
-        self.path = Path(run_dir) / LEDGER_NAME
-        self._ready = False  # WAL mode and the tables, set up by this object's first connection
+    """Reads the whole ledger; writes to this process's own file, named after `writer`."""
 
-    @contextmanager
-    def _db(self) -> Iterator[sqlite3.Connection]:
-        # A connection per use: ranks and the coordinator are separate processes, often on
-        # separate hosts; short transactions keep the file's lock free.
-        db = sqlite3.connect(self.path, timeout=60, isolation_level=None)
-        try:
-            db.row_factory = sqlite3.Row
-            db.execute("PRAGMA busy_timeout=60000")
-            if not self._ready:
-                db.execute("PRAGMA journal_mode=WAL")  # kept by the file from then on
-                db.executescript(SCHEMA)
-                self._ready = True
-            db.execute("BEGIN IMMEDIATE")
-            yield db
-            db.execute("COMMIT")
-        except BaseException:
-            if db.in_transaction:
-                db.execute("ROLLBACK")
-            raise
-        finally:
-            db.close()
+    def __init__(self, run_dir: str | Path, writer: str = "cli"):
+        self.dir = Path(run_dir) / LEDGER_DIR
+        self.writer = re.sub(r"[^\w.-]", "_", writer)
+        self._file: Optional[Path] = None
+        self._cache: tuple[Any, Optional[_Tables]] = (None, None)
 
     def exists(self) -> bool:
-        return self.path.is_file()
+        return self.dir.is_dir() and any(self.dir.glob("*.jsonl"))
 
-    # jobs (launch, coordinator)
+    # writing
+    def _append(self, op: str, **fields) -> None:
+        if self._file is None:
+            self.dir.mkdir(mode=0o700, exist_ok=True)
+            self._file = self.dir / f"{self.writer}.{socket.gethostname()}.{os.getpid()}.{time.time_ns()}.jsonl"
+        record = json.dumps({"t": time.time(), "op": op, **fields}, separators=(",", ":")) + "\n"
+        fd = os.open(self._file, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        try:
+            os.write(fd, record.encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
     def add_job(self, job_id: str, cluster: str, reason: str = "launch", exclude: tuple[str, ...] = ()) -> None:
-        with self._db() as db:
-            db.execute("INSERT OR REPLACE INTO jobs (job_id, submitted, cluster, reason, exclude) VALUES (?, ?, ?, ?, ?)",
-                       (job_id, time.time(), cluster, reason, ",".join(exclude)))
-            db.execute("INSERT INTO events VALUES (?, ?, ?)", (time.time(), "launch", f"job {job_id} submitted ({reason})"))
-
-    def jobs(self) -> list[dict]:
-        with self._db() as db:
-            return [dict(row) for row in db.execute("SELECT * FROM jobs ORDER BY submitted, rowid")]
+        self._append("job", job_id=job_id, cluster=cluster, reason=reason, exclude=",".join(exclude))
+        self.event("launch", f"job {job_id} submitted ({reason})")
 
     def mark_handled(self, job_id: str) -> None:
-        with self._db() as db:
-            db.execute("UPDATE jobs SET handled = 1 WHERE job_id = ?", (job_id,))
+        self._append("handled", job_id=job_id)
 
-    # attempts (rank 0 of each attempt)
     def attempt_started(self, job_id: str, restart: int, *, nodes: str, world_size: int, step: int,
                         checkpoint: Optional[str]) -> None:
-        with self._db() as db:
-            db.execute(
-                "INSERT OR REPLACE INTO attempts (job_id, restart, nodes, world_size, started, step_start, step_reached, "
-                "step_saved, checkpoint) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (job_id, restart, nodes, world_size, time.time(), step, step, step, checkpoint))
-            # The attempt before this one (the same job requeued, or the previous job) lost
-            # whatever it trained past the checkpoint this one resumes from.
-            db.execute("UPDATE attempts SET lost_steps = MAX(0, step_reached - ?) WHERE lost_steps IS NULL AND "
-                       "rowid = (SELECT rowid FROM attempts WHERE NOT (job_id = ? AND restart = ?) "
-                       "ORDER BY started DESC LIMIT 1)", (step, job_id, restart))
+        self._append("started", job_id=job_id, restart=restart, nodes=nodes, world_size=world_size, step=step,
+                     checkpoint=checkpoint)
 
     def attempt_progress(self, job_id: str, restart: int, *, step: int, saved: Optional[int] = None,
                          step_time: Optional[float] = None) -> None:
-        with self._db() as db:
-            db.execute("UPDATE attempts SET step_reached = MAX(step_reached, ?), step_time = COALESCE(?, step_time) "
-                       "WHERE job_id = ? AND restart = ?", (step, step_time, job_id, restart))
-            if saved is not None:
-                db.execute("UPDATE attempts SET step_saved = ? WHERE job_id = ? AND restart = ?", (saved, job_id, restart))
+        self._append("progress", job_id=job_id, restart=restart, step=step, saved=saved, step_time=step_time)
 
     def attempt_ended(self, job_id: str, restart: int, *, outcome: str, step: int, signal: Optional[str] = None,
                       error: Optional[str] = None) -> None:
-        with self._db() as db:
-            db.execute("UPDATE attempts SET ended = ?, outcome = ?, step_reached = MAX(step_reached, ?), signal = ?, "
-                       "error = ? WHERE job_id = ? AND restart = ?",
-                       (time.time(), outcome, step, signal, error, job_id, restart))
-            if outcome == "finished":
-                db.execute("UPDATE attempts SET lost_steps = 0 WHERE job_id = ? AND restart = ?", (job_id, restart))
+        self._append("ended", job_id=job_id, restart=restart, outcome=outcome, step=step, signal=signal, error=error)
 
     def set_cause(self, job_id: str, restart: int, cause: str) -> None:
-        with self._db() as db:
-            db.execute("INSERT OR IGNORE INTO attempts (job_id, restart) VALUES (?, ?)", (job_id, restart))
-            db.execute("UPDATE attempts SET cause = ? WHERE job_id = ? AND restart = ?", (cause, job_id, restart))
+        self._append("cause", job_id=job_id, restart=restart, cause=cause)
 
-    def attempts(self) -> list[dict]:
-        with self._db() as db:
-            rows = db.execute("SELECT * FROM attempts ORDER BY COALESCE(started, 1e300), rowid")
-            return [dict(row) for row in rows]
-
-    # events and coordinator state
     def event(self, source: str, message: str) -> None:
-        with self._db() as db:
-            db.execute("INSERT INTO events VALUES (?, ?, ?)", (time.time(), source, message))
-
-    def events(self, limit: int = 20) -> list[dict]:
-        with self._db() as db:
-            rows = db.execute("SELECT * FROM events ORDER BY time DESC, rowid DESC LIMIT ?", (limit,))
-            return [dict(row) for row in rows][::-1]
-
-    def get(self, key: str, default=None):
-        with self._db() as db:
-            row = db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
-        return json.loads(row["value"]) if row else default
+        self._append("event", source=source, message=message)
 
     def put(self, key: str, value) -> None:
-        with self._db() as db:
-            db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, json.dumps(value)))
+        self._append("put", key=key, value=value)
+
+    # reading
+    def jobs(self) -> list[dict]:
+        return [dict(job) for job in self._tables().jobs]
+
+    def attempts(self) -> list[dict]:
+        attempts = self._tables().attempts.values()
+        ordered = sorted(attempts, key=lambda a: a["started"] if a["started"] is not None else float("inf"))
+        return [{k: a[k] for k in ATTEMPT_FIELDS} for a in ordered]
+
+    def events(self, limit: int = 20) -> list[dict]:
+        return [dict(event) for event in self._tables().events[-limit:]]
+
+    def get(self, key: str, default=None):
+        return self._tables().meta.get(key, default)
+
+    def _tables(self) -> "_Tables":
+        files = sorted(self.dir.glob("*.jsonl")) if self.dir.is_dir() else []
+        signature = [(path.name, *_size_and_mtime(path)) for path in files]
+        if self._cache[0] != signature:
+            self._cache = (signature, _Tables(_read_records(files)))
+        return self._cache[1]
+
+
+def _size_and_mtime(path: Path) -> tuple[int, int]:
+    try:
+        stat = path.stat()
+        return stat.st_size, stat.st_mtime_ns
+    except FileNotFoundError:
+        return -1, -1
+
+
+def _read_records(files: list[Path]) -> list[dict]:
+    """Every whole record of every file, oldest first. The last line of a file without its
+    newline is a record still being written (or torn by a kill): not a record yet."""
+    records = []
+    for path in files:
+        try:
+            lines = path.read_bytes().split(b"\n")[:-1]
+        except FileNotFoundError:
+            continue
+        for number, line in enumerate(lines, 1):
+            try:
+                record = json.loads(line)
+                if not isinstance(record, dict) or not isinstance(record.get("t"), (int, float)):
+                    raise ValueError("not a ledger record")
+            except ValueError as err:
+                if (str(path), number) not in _warned:
+                    _warned.add((str(path), number))
+                    log.warning("ledger file %s, line %d is corrupt (%s): skipped", path, number, err)
+                continue
+            records.append(record)
+    records.sort(key=lambda r: r["t"])  # stable: a file's own records keep their order
+    return records
+
+
+class _Tables:
+    """The ledger folded from its records: jobs, attempts, events and the coordinator's keys."""
+
+    def __init__(self, records: list[dict]):
+        self.jobs: list[dict] = []
+        self.attempts: dict[tuple, dict] = {}
+        self.events: list[dict] = []
+        self.meta: dict[str, Any] = {}
+        self._newest_job: dict[str, int] = {}  # job id -> index in self.jobs of its newest submission
+        for record in records:
+            try:
+                getattr(self, f"_{record['op']}")(record)
+            except (KeyError, TypeError, AttributeError, ValueError) as err:
+                log.warning("ledger record %s could not be read (%s): skipped", record, err)
+
+    def _job(self, r: dict) -> None:
+        self._newest_job[r["job_id"]] = len(self.jobs)
+        self.jobs.append({"job_id": r["job_id"], "submitted": r["t"], "cluster": r["cluster"], "reason": r["reason"],
+                          "exclude": r["exclude"], "handled": 0})
+
+    def _handled(self, r: dict) -> None:
+        if r["job_id"] in self._newest_job:
+            self.jobs[self._newest_job[r["job_id"]]]["handled"] = 1
+
+    def _attempt(self, r: dict) -> dict:
+        key = (self._newest_job.get(r["job_id"]), r["job_id"], int(r["restart"]))
+        if key not in self.attempts:
+            self.attempts[key] = dict.fromkeys(ATTEMPT_FIELDS) | {"job_id": r["job_id"], "restart": int(r["restart"])}
+        return self.attempts[key]
+
+    def _started(self, r: dict) -> None:
+        # The attempt before this one (the same job requeued, or the previous job) lost whatever
+        # it trained past the checkpoint this one resumes from.
+        started = [a for a in self.attempts.values() if a["started"] is not None]
+        attempt = self._attempt(r)
+        previous = max((a for a in started if a is not attempt), key=lambda a: a["started"], default=None)
+        if previous is not None and previous["lost_steps"] is None:
+            previous["lost_steps"] = max(0, (previous["step_reached"] or 0) - r["step"])
+        attempt.update(nodes=r["nodes"], world_size=r["world_size"], started=r["t"], ended=None, outcome=None,
+                       step_start=r["step"], step_reached=r["step"], step_saved=r["step"], checkpoint=r["checkpoint"])
+
+    def _progress(self, r: dict) -> None:
+        attempt = self._attempt(r)
+        attempt["step_reached"] = max(attempt["step_reached"] or 0, r["step"])
+        if r.get("step_time") is not None:
+            attempt["step_time"] = r["step_time"]
+        if r.get("saved") is not None:
+            attempt["step_saved"] = r["saved"]
+
+    def _ended(self, r: dict) -> None:
+        attempt = self._attempt(r)
+        attempt.update(ended=r["t"], outcome=r["outcome"], signal=r["signal"], error=r["error"],
+                       step_reached=max(attempt["step_reached"] or 0, r["step"]))
+        if r["outcome"] == "finished":
+            attempt["lost_steps"] = 0
+
+    def _cause(self, r: dict) -> None:
+        self._attempt(r)["cause"] = r["cause"]
+
+    def _event(self, r: dict) -> None:
+        self.events.append({"time": r["t"], "source": r["source"], "message": r["message"]})
+
+    def _put(self, r: dict) -> None:
+        self.meta[r["key"]] = r["value"]
 
 
 class AttemptRecorder:
@@ -167,42 +214,36 @@ class AttemptRecorder:
     `every_s` seconds, and at each checkpoint), and how it ended. A ledger that cannot be
     written (a full or read-only disk) costs a warning, never the training."""
 
-    def __init__(self, run_dir: str | Path, job_id: Optional[str], restart: int, every_s: float = 2.0,
+    def __init__(self, run_dir: str | Path, job_id: Optional[str], restart: int, every_s: float = 5.0,
                  enabled: bool = True):
-        import socket
-
-        # Only rank 0 records; the other ranks hold a recorder that writes nothing.
-        self.ledger = Ledger(run_dir) if enabled else None
         self.job_id = job_id or f"local-{int(time.time() * 1000)}"
+        # Only rank 0 records; the other ranks hold a recorder that writes nothing.
+        self.ledger = Ledger(run_dir, writer=f"attempt-{self.job_id}.{restart}") if enabled else None
         self.restart, self.every_s = restart, every_s
         self.nodes = os.environ.get("SLURM_JOB_NODELIST") or socket.gethostname()
         self._last = 0.0
 
-    def _write(self, method: str, **kwargs) -> None:
+    def _write(self, method: str, *args, **kwargs) -> None:
         if self.ledger is None:
             return
         try:
-            getattr(self.ledger, method)(self.job_id, self.restart, **kwargs)
-        except sqlite3.Error as err:
-            log.warning("could not write the ledger %s: %s", self.ledger.path, err)
+            getattr(self.ledger, method)(*args, **kwargs)
+        except OSError as err:
+            log.warning("could not write the ledger in %s: %s", self.ledger.dir, err)
 
     def started(self, *, world_size: int, step: int, checkpoint: Optional[str]) -> None:
-        self._write("attempt_started", nodes=self.nodes, world_size=world_size, step=step, checkpoint=checkpoint)
+        self._write("attempt_started", self.job_id, self.restart, nodes=self.nodes, world_size=world_size, step=step,
+                    checkpoint=checkpoint)
 
     def progress(self, step: int, step_time: Optional[float] = None, saved: Optional[int] = None) -> None:
         now = time.monotonic()
         if saved is not None or now - self._last >= self.every_s:
             self._last = now
-            self._write("attempt_progress", step=step, saved=saved, step_time=step_time)
+            self._write("attempt_progress", self.job_id, self.restart, step=step, saved=saved, step_time=step_time)
 
     def ended(self, outcome: str, step: int, signal: Optional[str] = None, error: Optional[str] = None) -> None:
-        self._write("attempt_ended", outcome=outcome, step=step, signal=signal, error=error)
+        self._write("attempt_ended", self.job_id, self.restart, outcome=outcome, step=step, signal=signal, error=error)
 
     def note(self, message: str) -> None:
         """An event of this attempt that `status` shows (for example a run that shrank)."""
-        if self.ledger is None:
-            return
-        try:
-            self.ledger.event("trainer", f"job {self.job_id}.{self.restart}: {message}")
-        except sqlite3.Error as err:
-            log.warning("could not write the ledger %s: %s", self.ledger.path, err)
+        self._write("event", "trainer", f"job {self.job_id}.{self.restart}: {message}")

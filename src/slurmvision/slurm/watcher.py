@@ -41,7 +41,7 @@ ACCOUNTING_LAG_S = 15
 def watcher_script(config: Config) -> str:
     """The watcher's batch script: the profile's setup lines, then one look at the run."""
     run_dir = Path(config.run.dir).resolve()
-    command = shlex.join([sys.executable, "-m", "slurmvision", "coordinate", str(run_dir), "--once"])
+    command = shlex.join([sys.executable, "-P", "-m", "slurmvision", "coordinate", str(run_dir), "--once"])
     return "\n".join(["#!/bin/bash", "set -e", *config.cluster.setup, f"exec {command}", ""])
 
 
@@ -82,7 +82,7 @@ def submit_watcher(config: Config, after: Optional[str], begin_in_s: float = 0.0
                 raise ClusterError(f"could not submit the run's watcher job: {err}") from None
             log.warning("sbatch of the watcher failed (%s): trying again in %ds", err, 10 * 2**attempt)
             time.sleep(10 * 2**attempt)
-    ledger = Ledger(run_dir)
+    ledger = Ledger(run_dir, writer="watcher")
     ledger.put("watcher", {"job_id": job_id, "after": after, "submitted": time.time()})
     ledger.event("watcher", f"watcher job {job_id} submitted" + (f", waiting for job {after}" if after else ""))
     return job_id
