@@ -153,7 +153,7 @@ def cmd_checkpoint_inspect(args) -> int:
 def cmd_eval(args) -> int:
     from slurmvision.evaluate.run import evaluate_checkpoint
 
-    results = evaluate_checkpoint(args.checkpoint, split=args.split, tta=args.tta)
+    results = evaluate_checkpoint(args.checkpoint, split=args.split, tta=args.tta, data_root=args.data_root)
     _print(results, args.json, lambda r: f"{r['split']}: top-1 {r['top1']:.4f}  top-5 {r['top5']:.4f}  "
                                          f"F1 {r['f1_macro']:.4f}  ({r['samples']} samples, step {r['step']})")
     return 0
@@ -162,7 +162,7 @@ def cmd_eval(args) -> int:
 def cmd_export(args) -> int:
     from slurmvision.evaluate.run import export_checkpoint
 
-    _print(export_checkpoint(args.checkpoint, args.out, opset=args.opset), args.json,
+    _print(export_checkpoint(args.checkpoint, args.out, opset=args.opset, data_root=args.data_root), args.json,
            lambda r: f"wrote {r['path']} (max |onnx - torch| = {r['max_abs_diff']:.2e})")
     return 0
 
@@ -171,6 +171,10 @@ def cmd_demo(args) -> int:
     from slurmvision.launch.demo import run_demo
 
     return run_demo(cluster=args.cluster, run_dir=args.run_dir, work_dir=args.work_dir, overrides=args.overrides)
+
+
+# A checkpoint's config, maybe of someone else's run, is data: its pipe: command is not run (configs.from_stored).
+DATA_ROOT_HELP = "shards to read instead of the checkpoint's data.root (needed where that is a pipe: command)"
 
 
 def _recipe_args(p: argparse.ArgumentParser, run_dir: bool = True) -> None:
@@ -239,18 +243,20 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="evaluate a checkpoint (top-1/top-5/F1/confusion matrix, TTA)")
     p.add_argument("checkpoint", help="run directory or checkpoint directory")
     p.add_argument("--split", default="val"), p.add_argument("--tta", default="none", choices=["none", "hflip"])
+    p.add_argument("--data-root", help=DATA_ROOT_HELP)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("export", help="export a checkpoint's model to ONNX")
     p.add_argument("checkpoint"), p.add_argument("out", help="output .onnx file")
     p.add_argument("--opset", type=int, default=18), p.add_argument("--json", action="store_true")
+    p.add_argument("--data-root", help=DATA_ROOT_HELP)
     p.set_defaults(func=cmd_export)
 
     config = sub.add_parser("config", help="show resolved configs").add_subparsers(dest="config_command", required=True)
     p = config.add_parser("show", help="print the resolved config of a recipe with overrides")
     _recipe_args(p)
-    p.add_argument("--cluster", help="cluster profile to merge")
+    p.add_argument("--cluster", default="local", help="cluster profile to merge (as launch does: local by default)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_config_show)
 

@@ -3,6 +3,7 @@
 from slurmvision.configs.loader import (
     config_hash,
     from_dict,
+    from_stored,
     load_cluster,
     load_config,
     load_saved_config,
@@ -23,6 +24,6 @@ from slurmvision.configs.schema import (
 
 __all__ = [
     "ClusterConfig", "Config", "DataConfig", "DistillConfig", "ModelConfig", "OptimConfig", "RunConfig",
-    "TrainerConfig", "config_hash", "from_dict", "load_cluster", "load_config", "load_saved_config",
+    "TrainerConfig", "config_hash", "from_dict", "from_stored", "load_cluster", "load_config", "load_saved_config",
     "save_config", "to_dict", "to_yaml",
 ]

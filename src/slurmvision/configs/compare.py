@@ -30,12 +30,12 @@ def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def meaningful_changes(old: dict, new: dict) -> list[str]:
-    """'key: old -> new' for every difference that changes what a checkpoint means."""
+def meaningful_changes(old: dict, new: dict, harmless: tuple[str, ...] = HARMLESS) -> list[str]:
+    """'key: old -> new' for every difference that changes what a checkpoint means (harmless=(): every one)."""
     before, after = flatten(old), flatten(new)
     changes = []
     for key in sorted(set(before) | set(after)):
-        if key.startswith(HARMLESS) or before.get(key) == after.get(key):
+        if key.startswith(harmless) or before.get(key) == after.get(key):
             continue
         changes.append(f"{key}: {before.get(key)!r} -> {after.get(key)!r}")
     return changes

@@ -6,7 +6,8 @@ import shlex
 from pathlib import Path
 from typing import Optional
 
-from slurmvision.configs import Config, config_hash, load_saved_config, save_config, to_yaml
+from slurmvision.configs import Config, load_saved_config, save_config, to_dict, to_yaml
+from slurmvision.configs.compare import meaningful_changes
 from slurmvision.errors import ClusterError, RunError
 from slurmvision.slurm.cluster import validate_cluster
 from slurmvision.slurm.queue import in_queue
@@ -24,15 +25,23 @@ def job_names(config: Config) -> tuple[str, str]:
     return f"sv-{rid}", f"slurmvision run {rid}"
 
 
-def _check_run_dir(config: Config) -> None:
-    """A run directory is reused only for the same run (a resume), never for another one."""
+def _check_run_dir(config: Config) -> list[str]:
+    """A run directory is reused only to go on with its run: a change of what its checkpoints mean is
+    refused by the trainer's rules for a resume (configs/compare.py); the changes accepted are returned."""
     run_dir = Path(config.run.dir)
     if not (run_dir / "config.yaml").exists():
-        return
+        return []
     saved = load_saved_config(run_dir)
-    if config_hash(saved) != config_hash(config):
-        raise RunError(f"{run_dir} already holds a run with a different config: choose a new --run-dir, "
-                       f"or compare with `slurmvision config show` and relaunch with the same settings to resume it")
+    old, new = to_dict(saved), to_dict(config)
+    refused = meaningful_changes(old, new)
+    before, after = (c.data.batch_size * c.cluster.world_size * c.trainer.grad_accum for c in (saved, config))
+    if before != after:
+        refused.append(f"global batch (batch_size x ranks x grad_accum): {before} -> {after}")
+    if refused and not config.trainer.allow_config_change:
+        raise RunError(f"{run_dir} holds a run whose checkpoints this config changes: {'; '.join(refused)}. Undo the "
+                       "changes (for fewer ranks raise trainer.grad_accum to keep the global batch), use a new "
+                       "--run-dir, or pass trainer.allow_config_change=true")
+    return meaningful_changes(old, new, harmless=())
 
 
 def _check_no_job_active(run_dir: Path) -> None:
@@ -58,7 +67,7 @@ def submit(config: Config, *, reason: str = "launch", exclude: tuple[str, ...] =
     cluster = config.cluster
     make_private()
     check_run_dir(config.run.dir)
-    _check_run_dir(config)
+    changes = _check_run_dir(config)
     if cluster.executor == "slurm":  # without Slurm there is no queue to ask
         if not force:
             _check_no_job_active(Path(config.run.dir))
@@ -76,7 +85,10 @@ def submit(config: Config, *, reason: str = "launch", exclude: tuple[str, ...] =
         message = str(err).strip().splitlines()
         raise ClusterError(f"Slurm refused the job: {message[-1] if message else err}. "
                            f"Check the profile {cluster.name!r} (partition, account, qos, time) against `sinfo`") from None
-    Ledger(run_dir, writer="launch").add_job(str(job.job_id), cluster.name, reason, exclude)
+    ledger = Ledger(run_dir, writer="launch")
+    ledger.add_job(str(job.job_id), cluster.name, reason, exclude)
+    if changes:  # config.yaml now holds the new values; the ledger keeps what they replaced
+        ledger.event("launch", f"job {job.job_id} goes on with config changes: {'; '.join(changes)}")
     return job
 
 
