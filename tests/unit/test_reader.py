@@ -1,6 +1,8 @@
 """The streaming reader: same batches for any worker count, exact resume, bad data skipped within budget."""
 
+import json
 import tarfile
+import time
 from itertools import islice
 
 import pytest
@@ -8,7 +10,10 @@ import torch
 
 from slurmvision.configs.schema import DataConfig
 from slurmvision.errors import DataError
+from slurmvision.shards import tario
+from slurmvision.shards.manifest import MANIFEST_NAME, shard_url
 from slurmvision.shards.reader import LoaderState, TrainReader, eval_batches
+from slurmvision.shards.tario import ShardFile, StreamedShard
 from slurmvision.shards.writer import build_shards
 
 pytestmark = pytest.mark.unit
@@ -109,11 +114,59 @@ def test_loader_workers_outlive_the_job_signals_slurm_sends_to_every_process(sha
 
 def test_shards_stream_through_a_pipe_command_as_from_a_directory(shards):
     """Remote storage: data.root may be any URL webdataset opens, here a `pipe:` command."""
-    local = take(TrainReader(data_config(shards), seed=1, rank=0, world_size=2), 4)
-    piped = take(TrainReader(data_config(f"pipe:cat {shards}/{{}}"), seed=1, rank=0, world_size=2), 4)
+    local = take(TrainReader(data_config(shards), seed=1, rank=0, world_size=2), 8)
+    piped = take(TrainReader(data_config(f"pipe:cat {shards}/{{}}", workers=2), seed=1, rank=0, world_size=2), 8)
     assert [(k, r) for k, r, _ in piped] == [(k, r) for k, r, _ in local]
     assert all(torch.equal(a, b) for (_, _, a), (_, _, b) in zip(piped, local))
     with pytest.raises(DataError, match="without"):
         TrainReader(data_config(f"pipe:cat {shards}"), seed=1, rank=0, world_size=2)
     with pytest.raises(DataError, match="cannot read"):
         TrainReader(data_config(f"pipe:cat {shards}/missing-{{}}"), seed=1, rank=0, world_size=2)
+
+
+def test_a_shard_name_stays_one_file_name_in_a_pipe_command(shards, tmp_path, monkeypatch):
+    """Names go into a `pipe:` command shell-quoted (into a URL, URL-quoted): spaces, quotes or
+    `;` in a name run nothing."""
+    name = 'a "shard"; touch injected'
+    (shards / "val-000000.tar").rename(shards / name)
+    manifest = json.loads((shards / MANIFEST_NAME).read_text(encoding="utf-8"))
+    next(s for s in manifest["shards"] if s["name"] == "val-000000.tar")["name"] = name
+    (shards / MANIFEST_NAME).write_text(json.dumps(manifest), encoding="utf-8")
+    monkeypatch.chdir(tmp_path)
+    batches = list(eval_batches(data_config(f"pipe:cat {shards}/{{}}"), "val", rank=0, world_size=1))
+    assert sum(len(b.keys) for b in batches) == 12 and not any(b.bad for b in batches)
+    assert not (tmp_path / "injected").exists()
+    assert shard_url("https://host/shards", "a b#1.tar") == "https://host/shards/a%20b%231.tar"
+
+
+def test_a_hung_remote_shard_times_out_with_an_error_naming_it(shards, monkeypatch):
+    """A stalled transfer ends after REMOTE_TIMEOUT_S: the loader never hangs, so the trainer
+    always gets to act on a stop signal."""
+    monkeypatch.setattr(tario, "REMOTE_TIMEOUT_S", 1.0)
+    root = f"pipe:if [ {{}} = {MANIFEST_NAME} ]; then exec cat {shards}/{{}}; else exec sleep 1000; fi"
+    reader = TrainReader(data_config(root, bad_sample_budget=0.0), seed=1, rank=0, world_size=1)
+    started = time.monotonic()
+    with pytest.raises(DataError, match=r"over the budget.* in train-\d{6}\.tar: unreadable shard "
+                                        r"\(no data from pipe:.*sleep 1000; fi for 1 s\)"):
+        next(iter(reader))
+    assert time.monotonic() - started < 10
+
+
+def test_a_remote_shard_is_streamed_not_fetched_whole(shards, monkeypatch):
+    """Samples come as their bytes arrive: a transfer that stalls after the first ones still
+    yields them, those asked for later included, then times out once for the rest."""
+    monkeypatch.setattr(tario, "REMOTE_TIMEOUT_S", 1.0)
+    path = shards / "train-000000.tar"
+    with tarfile.open(path) as tar:
+        cut = tar.getmembers()[6].offset_data  # three members a sample: samples 0 and 1, and the header after
+    local = ShardFile(str(path))
+    streamed = StreamedShard(f"pipe:head -c {cut} {path}; exec sleep 1000", wanted=[0, 1, 3, 4])
+    started = time.monotonic()
+    assert streamed.sample(1) == local.sample(1)
+    assert streamed.sample(0) == local.sample(0)
+    for i in (4, 3):
+        with pytest.raises(LookupError, match=r"unreadable shard \(no data from pipe:head .* for 1 s\)"):
+            streamed.sample(i)
+    assert time.monotonic() - started < 5
+    streamed.close()
+    local.close()

@@ -4,6 +4,7 @@ clear errors on bad input, and nothing half-written after a failed or killed bui
 import hashlib
 import io
 import json
+import os
 import re
 import subprocess
 import sys
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from slurmvision.cli import main
 from slurmvision.errors import DataError
 from slurmvision.shards.manifest import MANIFEST_NAME, Manifest
 from slurmvision.shards.verify import verify_shards
@@ -44,7 +46,7 @@ def all_samples(out: Path, manifest: Manifest) -> dict[str, dict[str, bytes]]:
 
 
 def digests(directory: Path) -> dict[str, str]:
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(directory.iterdir())}
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(directory.iterdir()) if p.is_file()}
 
 
 def sources(root: Path) -> dict[str, Path]:
@@ -209,6 +211,52 @@ def test_unreadable_image_fails_and_leaves_nothing(image_folder, tmp_path, worke
     assert list(out.iterdir()) == []
 
 
+def test_failed_rebuild_leaves_the_old_shards_and_the_users_files(image_folder, tmp_path):
+    out = tmp_path / "out"
+    build_shards(image_folder, out, samples_per_shard=5, progress=False)
+    (out / "README.txt").write_text("where these images come from")
+    (out / "extra.tar").write_bytes(b"not listed by the manifest: not the build's to delete")
+    before = digests(out)
+    broken = image_folder / "val" / "Ünï" / "img.broken.png"  # val comes last: the train shards are written first
+    broken.write_bytes(b"not a png at all")
+    for workers in (1, 2):
+        with pytest.raises(DataError, match="cannot read image"):
+            build_shards(image_folder, out, samples_per_shard=7, workers=workers, overwrite=True, progress=False)
+        assert digests(out) == before and sorted(p.name for p in out.iterdir()) == sorted(before)
+    broken.unlink()
+    manifest = build_shards(image_folder, out, samples_per_shard=7, overwrite=True, progress=False)
+    assert sorted(p.name for p in out.iterdir()) == sorted(["README.txt", "extra.tar", MANIFEST_NAME,
+                                                            *(s.name for s in manifest.shards)])
+    assert (out / "extra.tar").read_bytes() == b"not listed by the manifest: not the build's to delete"
+    problems = {(b["shard"], b["problem"]) for b in verify_shards(out).bad}
+    assert problems == {("extra.tar", "tar file not in the manifest")}
+
+
+def test_output_in_the_image_folder_is_refused(image_folder):
+    for out in (image_folder, image_folder / "shards", image_folder / "train" / "shards"):
+        with pytest.raises(DataError, match=f"{re.escape(str(out))} is in the image folder .*write the shards outside"):
+            build_shards(image_folder, out, progress=False)
+    assert not (image_folder / "shards").exists()
+
+
+def test_unwritable_output_is_one_clear_error(image_folder, tmp_path, capsys):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        if os.access(locked, os.W_OK):
+            pytest.skip("root (with CAP_DAC_OVERRIDE) writes to any directory")
+        for out in (locked, locked / "shards"):
+            with pytest.raises(DataError, match=f"cannot write the shards to {re.escape(str(out))}: Permission denied"):
+                build_shards(image_folder, out, progress=False)
+            assert main(["shards", "build", str(image_folder), str(out)]) == 2
+            err = capsys.readouterr().err
+            assert err.startswith("slurmvision: error: cannot write the shards") and "Traceback" not in err
+        assert list(locked.iterdir()) == []
+    finally:
+        locked.chmod(0o700)
+
+
 KILL_ON_SECOND_RENAME = """
 import os, signal, sys
 from slurmvision.shards.writer import build_shards
@@ -219,21 +267,24 @@ def replace(src, dst):
         os.kill(os.getpid(), signal.SIGKILL)
     real_replace(src, dst)
 os.replace = replace
-build_shards(sys.argv[1], sys.argv[2], samples_per_shard=5, progress=False)
+build_shards(sys.argv[1], sys.argv[2], samples_per_shard=5, overwrite=True, progress=False)
 """
 
 
-def test_killed_build_leaves_no_incomplete_tar_and_a_rerun_recovers(image_folder, tmp_path):
+def test_killed_rebuild_leaves_the_old_shards_and_a_rerun_recovers(image_folder, tmp_path):
     out = tmp_path / "out"
+    build_shards(image_folder, out, samples_per_shard=7, progress=False)
+    before = digests(out)
     killed = subprocess.run([sys.executable, "-c", KILL_ON_SECOND_RENAME, str(image_folder), str(out)])
     assert killed.returncode == -9
-    assert not (out / MANIFEST_NAME).exists()
-    assert [p.name for p in out.glob("*.tar")] == ["train-000000.tar"]
-    assert len(shard_samples(out / "train-000000.tar")) == 5  # complete: tarfile read it to the end
-    assert [p.name for p in out.glob("*.tmp")] == ["train-000001.tar.tmp"]
-    # No manifest, so the same command simply runs again and cleans up the leftovers.
-    manifest = build_shards(image_folder, out, samples_per_shard=5, progress=False)
-    assert not list(out.glob("*.tmp")) and manifest.splits["train"]["samples"] == 24
+    assert digests(out) == before
+    (staging,) = [p for p in out.iterdir() if p.is_dir()]  # the killed build's work, all of it
+    assert [p.name for p in staging.glob("*.tar")] == ["train-000000.tar"]
+    assert len(shard_samples(staging / "train-000000.tar")) == 5  # complete: tarfile read it to the end
+    assert [p.name for p in staging.glob("*.tmp")] == ["train-000001.tar.tmp"]
+    # The same command simply runs again and removes the leftovers.
+    manifest = build_shards(image_folder, out, samples_per_shard=5, overwrite=True, progress=False)
+    assert sorted(p.name for p in out.iterdir()) == sorted([MANIFEST_NAME, *(s.name for s in manifest.shards)])
     assert verify_shards(out).ok
 
 
@@ -252,3 +303,22 @@ def test_manifest_load_errors_say_what_to_do(image_folder, tmp_path):
     manifest = build_shards(image_folder, tmp_path / "out", splits=["train"], progress=False)
     with pytest.raises(DataError, match=r"no 'val' split \(they have: train\)"):
         manifest.shards_for("val")
+
+
+@pytest.mark.parametrize("name", ["../train-000000.tar", "/etc/passwd", "train/x.tar", "a\\b.tar", "", ".", "..",
+                                  "a\nb.tar", "a\x00.tar", "a\x85.tar"])
+def test_manifest_shard_names_must_be_plain_file_names(image_folder, tmp_path, name):
+    out = tmp_path / "out"
+    build_shards(image_folder, out, samples_per_shard=5, splits=["train"], progress=False)
+    victim = tmp_path / "train-000000.tar"
+    victim.write_bytes(b"outside the shards directory")
+    data = json.loads((out / MANIFEST_NAME).read_text(encoding="utf-8"))
+    data["shards"][1]["name"] = name
+    (out / MANIFEST_NAME).write_text(json.dumps(data), encoding="utf-8")
+    message = f"{re.escape(str(out / MANIFEST_NAME))}: shard 1 is named {re.escape(repr(name))}, not a plain file name"
+    with pytest.raises(DataError, match=message):
+        Manifest.load(out)
+    with pytest.raises(DataError, match=message):
+        verify_shards(out)
+    build_shards(image_folder, out, samples_per_shard=5, splits=["train"], overwrite=True, progress=False)
+    assert victim.read_bytes() == b"outside the shards directory"

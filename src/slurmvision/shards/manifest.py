@@ -9,6 +9,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shlex
+import unicodedata
+import urllib.parse
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -111,9 +114,21 @@ class Manifest:
             raise DataError(f"{path} has format version {version}; this slurmvision reads {FORMAT_VERSION}: "
                             f"rebuild the shards with this version")
         try:
-            return cls.from_json(data)
+            manifest = cls.from_json(data)
         except (KeyError, TypeError, ValueError) as err:
             raise DataError(f"{path} is not a valid manifest ({type(err).__name__}: {err}): rebuild the shards") from None
+        # Names become paths and shell words (`shard_url`): one that leaves the directory could
+        # read, or with `shards build --overwrite` delete, files elsewhere.
+        for i, shard in enumerate(manifest.shards):
+            if not _plain_name(shard.name):
+                raise DataError(f"{path}: shard {i} is named {shard.name!r}, not a plain file name in the shards "
+                                f"directory (no '/', '..', control characters or empty names): rebuild the shards")
+        return manifest
+
+
+def _plain_name(name: str) -> bool:
+    """A file name inside a directory: not empty, '.' or '..', no path separator or control character."""
+    return name not in ("", ".", "..") and not any(c in "/\\" or unicodedata.category(c) == "Cc" for c in name)
 
 
 def is_remote(root: str) -> bool:
@@ -123,22 +138,25 @@ def is_remote(root: str) -> bool:
 def shard_url(root: str, name: str) -> str:
     """Where file `name` of a shard set lives. `root` is a directory, a URL prefix that
     webdataset can open (`https://host/shards`, `s3://...` with its handlers), or a
-    `pipe:` command with `{}` where the file name goes (`pipe:aws s3 cp s3://b/shards/{} -`)."""
-    if "{}" in root:
-        return root.replace("{}", name)
+    `pipe:` command with `{}` where the file name goes (`pipe:aws s3 cp s3://b/shards/{} -`).
+    The name is quoted for the shell (so `{}` must stand outside quotes) or for the URL: one with
+    spaces, quotes or `;` stays one file name and cannot add a command."""
     if root.startswith("pipe:"):
-        raise DataError(f"data.root={root!r} is a pipe: command without {{}}: put {{}} where the file name goes, "
-                        f"e.g. 'pipe:cat /shards/{{}}'")
+        if "{}" not in root:
+            raise DataError(f"data.root={root!r} is a pipe: command without {{}}: put {{}} where the file name goes, "
+                            f"e.g. 'pipe:cat /shards/{{}}'")
+        return root.replace("{}", shlex.quote(name))
     if is_remote(root):
-        return root.rstrip("/") + "/" + name
-    return str(Path(root) / name)
+        name = urllib.parse.quote(name)
+        return root.replace("{}", name) if "{}" in root else root.rstrip("/") + "/" + name
+    return root.replace("{}", name) if "{}" in root else str(Path(root) / name)
 
 
 def _read_remote(url: str) -> str:
-    import webdataset
+    from slurmvision.shards.tario import RemoteStream
 
     try:
-        with webdataset.gopen(url, "rb") as stream:
+        with RemoteStream(url) as stream:
             return stream.read().decode("utf-8")
-    except Exception as err:  # gopen raises what the transport raises (I/O, a failed command)
+    except Exception as err:  # what the transport raises (I/O, a failed command, a timeout, bad UTF-8)
         raise DataError(f"cannot read {url}: {err}; check data.root and that the shards are reachable") from None

@@ -25,9 +25,9 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from slurmvision.configs.schema import DataConfig
 from slurmvision.errors import DataError
-from slurmvision.shards.manifest import Manifest, shard_url
+from slurmvision.shards.manifest import Manifest, is_remote, shard_url
 from slurmvision.shards.plan import BatchSchedule, RankPlan, locate, plan_rank
-from slurmvision.shards.tario import IMAGE_EXTS, ShardFile
+from slurmvision.shards.tario import IMAGE_EXTS, ShardFile, StreamedShard
 
 log = logging.getLogger(__name__)
 
@@ -86,25 +86,47 @@ class ShardStream(IterableDataset):
     def __iter__(self) -> Iterator[Batch]:
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        files: dict[int, ShardFile] = {}
+        mine = range(worker, len(self.plan.batches), workers)
+        # Which samples of each shard this worker reads, and after which batch it is done with
+        # the shard: closing it then bounds what a worker holds to the shards its window spans.
+        wanted: dict[int, set[int]] = {}
+        last: dict[int, int] = {}
+        for j in mine:
+            for s, i in zip(*(a.tolist() for a in self._located(j))):
+                wanted.setdefault(s, set()).add(i)
+                last[s] = j
+        done_after: dict[int, list[int]] = {}
+        for s, j in last.items():
+            done_after.setdefault(j, []).append(s)
+        files: dict[int, ShardFile | StreamedShard] = {}
         try:
-            for j in range(worker, len(self.plan.batches), workers):
-                yield self._batch(j, files)
+            for j in mine:
+                yield self._batch(j, files, wanted)
+                for s in done_after.get(j, ()):
+                    files.pop(s).close()
         finally:
             for f in files.values():
                 f.close()
 
-    def _batch(self, j: int, files: dict[int, ShardFile]) -> Batch:
+    def _located(self, j: int) -> tuple[np.ndarray, np.ndarray]:
+        """(shard, position in it) of each sample of batch j."""
+        start, size, _ = self.plan.batches[j]
+        return locate(self.plan.stream[start:start + size], self.counts)
+
+    def _batch(self, j: int, files: dict[int, ShardFile | StreamedShard], wanted: dict[int, set[int]]) -> Batch:
         start, size, resolution = self.plan.batches[j]
         ids = self.plan.stream[start:start + size]
-        shards, positions = locate(ids, self.counts)
+        shards, positions = self._located(j)
         images, targets, keys, bad = [], [], [], []
         # Seeded per sample so the augmentation does not depend on which worker ran it;
         # the caller's RNG (the main process when workers=0) is left as it was.
         py_state, np_state = random.getstate(), np.random.get_state()
         with torch.random.fork_rng(devices=[]):
             for sample_id, s, i in zip(ids.tolist(), shards.tolist(), positions.tolist()):
-                shard = files.setdefault(s, ShardFile(self.urls[s]))
+                if s not in files:
+                    url = self.urls[s]
+                    files[s] = StreamedShard(url, wanted[s]) if is_remote(url) else ShardFile(url)
+                shard = files[s]
                 key = f"{self.names[s]}#{i}"
                 seed = int(np.random.SeedSequence([self.seed, self.epoch, sample_id]).generate_state(1)[0])
                 random.seed(seed)

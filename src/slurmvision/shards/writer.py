@@ -3,9 +3,10 @@
 Each sample is `KEY.<ext>` (the original encoded bytes), `KEY.cls` (class index) and
 `KEY.json` (source path, class name, image size). Within a split, samples are put in a
 fixed pseudo-random order so every shard mixes the classes; the same input gives
-byte-identical shards, whatever the number of workers. Shards are written as `*.tar.tmp`
-and renamed when complete, the manifest last: an interrupted build leaves no incomplete
-`*.tar` and no manifest, and a failed one removes what it wrote.
+byte-identical shards, whatever the number of workers. The build happens in a staging
+directory inside the output (shards written as `*.tar.tmp`, renamed when complete) and moves
+into place at the end, the manifest last: a failed build removes what it wrote, and a failed
+or killed one leaves the shards already there untouched.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import json
 import os
 import random
 import re
+import shutil
 import tarfile
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
@@ -28,6 +30,7 @@ IMAGE_SUFFIXES = {".jpg": "jpg", ".jpeg": "jpg", ".png": "png", ".webp": "webp",
 DEFAULT_SPLITS = ("train", "val", "test")
 DEFAULT_SAMPLES_PER_SHARD = 1000
 LOSSY_QUALITY = 95  # re-encoding happens once, so keep it close to the source
+STAGING_PREFIX = ".slurmvision-staging-"  # + pid; inside the output, so moving out of it is a rename
 
 Sample = tuple[str, Path, str, int]  # key, source file, relative path (posix), label
 
@@ -153,9 +156,8 @@ def _write_shard(out: Path, name: str, split: str, samples: list[Sample], classe
             os.fsync(f.fileno())
         info = ShardInfo(name, split, len(samples), tmp.stat().st_size, file_sha256(tmp))
         os.replace(tmp, final)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    except OSError as err:  # reading an image raises DataError: this is the writing (disk full, quota)
+        raise DataError(f"cannot write {tmp}: {err.strerror or err}; free space or choose another directory") from None
     return info
 
 
@@ -192,18 +194,43 @@ def _chunks(samples: list[Sample], classes: list[str], per: Optional[int],
     return chunks + ([current] if current else [])
 
 
-def _clear(out: Path, overwrite: bool) -> None:
-    """Remove leftovers of a killed build (`*.tar.tmp`) and, when overwriting, the old shards."""
-    if (out / MANIFEST_NAME).exists():
-        if not overwrite:
-            raise DataError(f"{out} already holds shards ({MANIFEST_NAME}): choose another directory or pass "
-                            f"--overwrite (overwrite=True) to replace them")
-        # The manifest goes first: old shards must never be listed by a manifest once some are gone.
-        (out / MANIFEST_NAME).unlink()
-        for stale in out.glob("*.tar"):
-            stale.unlink()
-    for stale in out.glob("*.tar.tmp"):
-        stale.unlink()
+def _replaced_shards(out: Path, overwrite: bool) -> list[str]:
+    """The shards a build into `out` replaces: those its manifest lists (an unreadable one lists none)."""
+    if not (out / MANIFEST_NAME).exists():
+        return []
+    if not overwrite:
+        raise DataError(f"{out} already holds shards ({MANIFEST_NAME}): choose another directory or pass "
+                        f"--overwrite (overwrite=True) to replace them")
+    try:
+        return [shard.name for shard in Manifest.load(out).shards]
+    except DataError:
+        return []
+
+
+def _staging(out: Path) -> Path:
+    """A fresh staging directory in `out`, after removing those that killed builds left."""
+    staging = out / f"{STAGING_PREFIX}{os.getpid()}"
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        for stale in out.glob(f"{STAGING_PREFIX}*"):
+            shutil.rmtree(stale)
+        staging.mkdir()
+    except OSError as err:
+        raise DataError(f"cannot write the shards to {out}: {err.strerror or err}; choose a directory you can "
+                        f"write to") from None
+    return staging
+
+
+def _move_in(staging: Path, out: Path, old: list[str], new: list[str]) -> None:
+    """Replace the old shards in `out` with the staged ones. The old manifest goes first (it must
+    never list a shard once one is replaced), then the old shards it lists, no other file; the
+    new manifest comes last, since shards count as built only once it is there."""
+    (out / MANIFEST_NAME).unlink(missing_ok=True)
+    for name in set(old) - set(new):
+        (out / name).unlink(missing_ok=True)
+    for name in [*new, MANIFEST_NAME]:
+        os.replace(staging / name, out / name)
+    staging.rmdir()
 
 
 def build_shards(src: str | Path, out: str | Path, *, samples_per_shard: Optional[int] = None,
@@ -213,7 +240,8 @@ def build_shards(src: str | Path, out: str | Path, *, samples_per_shard: Optiona
 
     A shard ends at `samples_per_shard` samples (1000 if neither limit is given) and/or before
     it would pass `shard_size_mb` (sized from the source files, so with `max_side` shards
-    come out smaller). `overwrite` replaces existing shards in `out` (all its `*.tar`).
+    come out smaller). `overwrite` replaces the shards that the manifest in `out` lists; the
+    directory's other files stay.
     """
     src, out = Path(src), Path(out)
     for option, value in (("samples_per_shard", samples_per_shard), ("shard_size_mb", shard_size_mb),
@@ -224,9 +252,11 @@ def build_shards(src: str | Path, out: str | Path, *, samples_per_shard: Optiona
         raise DataError(f"workers must be at least 1 (got {workers})")
     if out.exists() and not out.is_dir():
         raise DataError(f"{out} exists and is not a directory: give a directory for the shards")
+    if src.resolve() in (out.resolve(), *out.resolve().parents):
+        raise DataError(f"{out} is in the image folder {src}: write the shards outside it")
     classes, samples = scan(src, splits)
-    out.mkdir(parents=True, exist_ok=True)
-    _clear(out, overwrite)
+    old = _replaced_shards(out, overwrite)
+    staging = _staging(out)
     per = samples_per_shard or (None if shard_size_mb else DEFAULT_SAMPLES_PER_SHARD)
     limit = int(shard_size_mb * 2**20) if shard_size_mb else None
     jobs = [(f"{split}-{i:06d}.tar", split, chunk) for split, split_samples in samples.items()
@@ -239,7 +269,7 @@ def build_shards(src: str | Path, out: str | Path, *, samples_per_shard: Optiona
     try:
         if workers > 1 and len(jobs) > 1:
             with ProcessPoolExecutor(min(workers, len(jobs))) as pool:
-                futures = {pool.submit(_write_shard, out, name, split, chunk, classes, max_side): i
+                futures = {pool.submit(_write_shard, staging, name, split, chunk, classes, max_side): i
                            for i, (name, split, chunk) in enumerate(jobs)}
                 try:
                     for future in as_completed(futures):
@@ -252,17 +282,14 @@ def build_shards(src: str | Path, out: str | Path, *, samples_per_shard: Optiona
                     raise
         else:
             for i, (name, split, chunk) in enumerate(jobs):
-                infos[i] = _write_shard(out, name, split, chunk, classes, max_side)
+                infos[i] = _write_shard(staging, name, split, chunk, classes, max_side)
                 bar.update(len(chunk))
+        manifest = Manifest(classes, infos)
+        manifest.save(staging)
+        _move_in(staging, out, old, [name for name, *_ in jobs])
     except BaseException:
-        # Without a manifest the finished shards are orphans: remove them with the partial ones.
-        for name, *_ in jobs:
-            (out / name).unlink(missing_ok=True)
-        for partial in out.glob("*.tar.tmp"):
-            partial.unlink(missing_ok=True)
+        shutil.rmtree(staging, ignore_errors=True)
         raise
     finally:
         bar.close()
-    manifest = Manifest(classes, infos)
-    manifest.save(out)
     return manifest
