@@ -1,4 +1,5 @@
-"""A checkpoint that fails on one rank (a full disk there) fails on all, at once, and replaces nothing."""
+"""A checkpoint that fails on one rank (a full disk there) fails on all, at once, and replaces nothing; ranks
+that see the checkpoints differently resume from the one rank 0 chose, or all stop with one message."""
 
 import errno
 
@@ -47,3 +48,51 @@ def test_one_ranks_full_disk_fails_every_rank_without_a_hang(tmp_path):
     assert "No space left on device on this rank" in results[1]
     assert "failed on 1 other rank" in results[0] and "step-00000001 is still the newest" in results[0]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step-00000001"]
+
+
+def _resume_rank(rank: int, port: int, views: list, outcomes) -> None:
+    from slurmvision.errors import CheckpointError
+    from slurmvision.trainer.checkpoint import CheckpointManager
+    from slurmvision.trainer.distributed import DistEnv
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    for view in views:
+        try:
+            resumed = CheckpointManager(view[rank], DistEnv(rank=rank, world_size=2), keep=3).resume()
+            outcomes.put((rank, (resumed.checkpoint.step, float(resumed.shared["w"][0]))))
+        except CheckpointError as err:
+            outcomes.put((rank, str(err)))
+    dist.destroy_process_group()
+
+
+def test_every_rank_resumes_from_what_rank_0_chose_whatever_it_sees_itself(tmp_path):
+    """Each rank reads its own copy of the checkpoints, as on node-local disks, or through an NFS
+    client whose cached listing lags."""
+    from slurmvision.trainer.checkpoint import CheckpointManager
+    from slurmvision.trainer.distributed import DistEnv
+
+    def checkpoints(name: str, *steps: int) -> str:
+        manager = CheckpointManager(tmp_path / name, DistEnv(), keep=3)
+        for step in steps:
+            manager.save(step, {"w": torch.full((3,), float(step))}, {}, {"step": step, "epoch": 0, "world_size": 1})
+        return str(tmp_path / name)
+
+    newer_on_rank_1 = (checkpoints("a0", 1, 2), checkpoints("a1", 1, 2, 3))
+    missing_on_rank_1 = (checkpoints("b0", 1, 2), checkpoints("b1", 1))
+    context = mp.get_context("spawn")
+    outcomes = context.Queue()
+    port = free_port()
+    procs = [context.Process(target=_resume_rank, args=(r, port, [newer_on_rank_1, missing_on_rank_1], outcomes))
+             for r in range(2)]
+    for p in procs:
+        p.start()
+    results = {0: [], 1: []}
+    for _ in range(4):
+        rank, outcome = outcomes.get(timeout=120)
+        results[rank].append(outcome)
+    for p in procs:
+        p.join(timeout=30)
+    assert results[0][0] == results[1][0] == (2, 2.0)
+    assert "step-00000002, the newest valid checkpoint rank 0 sees: it failed on 1 other rank(s)" in results[0][1]
+    assert "No such file or directory" in results[1][1] and "on this rank" in results[1][1]
+    assert all("put it on a file system they share" in message for message in (results[0][1], results[1][1]))

@@ -120,6 +120,54 @@ def test_a_step_that_cannot_finish_in_time_is_cut_and_saved_from_its_start(tiny_
     assert audit(split) == audit(straight)
 
 
+def _rank_warned_after_step_3s_save(rank, nproc, port, config, queue):
+    """A rank of `train --nproc` whose rank 1 gets the time-limit warning right after step 3's periodic save."""
+    from slurmvision.trainer.loop import Trainer
+
+    save = Trainer.save
+
+    def saved_then_warned(self, *args, **kwargs):
+        save(self, *args, **kwargs)
+        if rank == 1 and self.step == 3:
+            os.kill(os.getpid(), signal.SIGUSR1)
+
+    Trainer.save = saved_then_warned
+    local._rank_main(rank, nproc, port, config, queue)
+
+
+def _rank_warned_after_resuming(rank, nproc, port, config, queue):
+    """A rank of `train --nproc` whose rank 1 gets the time-limit warning as soon as it has resumed."""
+    from slurmvision.trainer.loop import Trainer
+
+    resume = Trainer._resume
+
+    def resumed_then_warned(self):
+        loader_state = resume(self)
+        if rank == 1:
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return loader_state
+
+    Trainer._resume = resumed_then_warned
+    local._rank_main(rank, nproc, port, config, queue)
+
+
+def test_a_stop_right_after_a_save_or_a_resume_saves_nothing_again_and_reports_the_profiles_signal(
+        tiny_shards, tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    config = tiny_config(tiny_shards, run, "trainer.max_steps=8", "cluster.signal=USR1")
+    stopped = {"interrupted": True, "signal": "SIGUSR1", "step": 3}
+    monkeypatch.setattr(local, "_rank_main", _rank_warned_after_step_3s_save)
+    assert train_here(config, nproc=2) == stopped
+    meta = run / "checkpoints" / "step-00000003" / "meta.json"
+    saved_at = meta.stat().st_mtime_ns
+    monkeypatch.setattr(local, "_rank_main", _rank_warned_after_resuming)
+    assert train_here(config, nproc=2) == stopped
+    assert meta.stat().st_mtime_ns == saved_at
+    log = (run / "logs" / "rank-00000.log").read_text()
+    assert log.count("checkpoint step-00000003 saved") == 1 and log.count("(it was on disk already)") == 2
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["latest", "step-00000003"]
+
+
 def test_resume_on_fewer_ranks_loses_and_repeats_nothing_at_the_same_global_batch(tiny_shards, tmp_path):
     run = tmp_path / "run"
     # 12 steps per epoch: the stop lands inside epoch 0 and the change of ranks splits it.

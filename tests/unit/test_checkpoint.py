@@ -1,5 +1,6 @@
 """Checkpoints: atomic, verified, retained; a broken newest one is skipped; SIGKILL mid-write is harmless."""
 
+import itertools
 import json
 import os
 import signal
@@ -7,6 +8,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import traceback
 
 import pytest
 import torch
@@ -109,3 +111,94 @@ def test_a_full_disk_keeps_the_previous_checkpoint_and_says_so(tmp_path, monkeyp
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith("step-")] == ["step-00000001"]
     assert (tmp_path / "latest").read_text().strip() == "step-00000001"
     assert manager.latest_valid().step == 1
+
+
+def _changes_files(event: str, args: tuple) -> bool:
+    """Whether an audit event changes the file system: a point where a SIGKILL leaves a new state on disk."""
+    if event == "open":
+        return bool(args[2] & (os.O_WRONLY | os.O_RDWR | os.O_CREAT))
+    return event in ("os.rename", "os.remove", "os.rmdir", "os.mkdir", "os.truncate")
+
+
+def killed_at(change: int, work) -> bool:
+    """Runs `work` in a forked child SIGKILLed at its `change`-th file-system change; whether it was."""
+    pid = os.fork()
+    if pid == 0:
+        seen = 0
+
+        def hook(event, args):
+            nonlocal seen
+            if _changes_files(event, args):
+                seen += 1
+                if seen == change:
+                    os.kill(os.getpid(), signal.SIGKILL)
+
+        try:
+            sys.addaudithook(hook)
+            work()
+        except BaseException:
+            traceback.print_exc()
+            os._exit(1)
+        os._exit(0)
+    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == -signal.SIGKILL
+
+
+@pytest.mark.parametrize("second_step", [2, 1], ids=["next step", "same step again"])
+def test_a_sigkill_at_any_point_of_a_save_leaves_a_valid_checkpoint_even_keeping_one(tmp_path, second_step):
+    """Saving a step again (when its first copy does not verify) included."""
+    weights = {1.0: torch.full((1000,), 1.0), 2.0: torch.full((1000,), 2.0)}
+
+    def save_value(manager, step, value):
+        meta = {"step": step, "epoch": 0, "value": value}
+        manager.save(step, {"weights": weights[value]}, {"rng": rng_state()}, meta)
+
+    for change in itertools.count(1):
+        directory = tmp_path / str(change)
+        manager = CheckpointManager(directory, DistEnv(), keep=1)
+        save_value(manager, 1, 1.0)
+        died = killed_at(change, lambda: save_value(manager, second_step, 2.0))
+        latest = manager.latest_valid()
+        assert latest is not None, f"no valid checkpoint after a SIGKILL at file-system change {change}"
+        assert torch.equal(latest.load_state()["weights"], weights[latest.meta["value"]])
+        save_value(manager, 3, 1.0)  # the next save clears what the killed one left
+        assert sorted(p.name for p in directory.iterdir()) == ["latest", "step-00000003"]
+        if not died:
+            assert change > 10 and latest.meta["value"] == 2.0
+            break
+
+
+@pytest.mark.parametrize("manifest", ["[]", "{}", "not json", '{"files": []}', '{"files": {}}', "only-state"])
+def test_a_malformed_manifest_makes_the_checkpoint_invalid_everywhere_without_a_traceback(tmp_path, manifest, caplog):
+    run = tmp_path / "run"
+    manager = CheckpointManager(run / "checkpoints", DistEnv(), keep=3)
+    save(manager, 1, 1.0)
+    save(manager, 2, 2.0)
+    broken = run / "checkpoints" / "step-00000002"
+    if manifest == "only-state":  # a manifest that does not list meta.json
+        listed = json.loads((broken / "MANIFEST.json").read_text())
+        manifest = json.dumps({"files": {"state.pt": listed["files"]["state.pt"]}})
+    (broken / "MANIFEST.json").write_text(manifest)
+
+    assert manager.latest_valid().step == 1  # training resumes from the older one
+    assert "skipping checkpoint" in caplog.text and str(broken) in caplog.text
+    report = inspect_checkpoint(broken)
+    assert not report["valid"] and report["problem"]
+    for target, valid, step in ((broken, False, 2), (run, True, 1)):
+        shown = subprocess.run([sys.executable, "-m", "slurmvision", "checkpoint", "inspect", str(target), "--json"],
+                               capture_output=True, text=True)
+        assert shown.returncode == 0 and "Traceback" not in shown.stderr, shown.stderr
+        assert {k: json.loads(shown.stdout)[k] for k in ("valid", "step")} == {"valid": valid, "step": step}
+
+
+def test_every_file_of_a_checkpoint_is_fsynced_before_it_counts(tmp_path, monkeypatch):
+    from slurmvision.trainer import checkpoint as module
+
+    synced, real_fsync = [], os.fsync
+
+    def fsync(fd):
+        synced.append(os.path.basename(os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    monkeypatch.setattr(module.os, "fsync", fsync)
+    save(CheckpointManager(tmp_path, DistEnv(), keep=1), 1)
+    assert {"state.pt", "rank-00000.pt", "meta.json", "MANIFEST.json.tmp", "step-00000001.tmp"} <= set(synced)

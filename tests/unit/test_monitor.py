@@ -32,3 +32,24 @@ def test_a_resume_hides_the_steps_logged_after_the_checkpoint_and_keeps_the_chec
     assert [(e.step, e.value) for e in view.Scalars("train/loss")] == [(s, float(s)) for s in range(1, 9)]
     assert "train/grad_norm" not in view.Tags()["scalars"]  # a value a device does not have is left out
     assert "config/text_summary" in view.Tags()["tensors"]
+
+
+@pytest.mark.parametrize("share", [False, True])
+def test_tensorboard_events_are_private_unless_shared_with_the_group_and_never_group_writable(tmp_path, share):
+    import os
+
+    old = os.umask(0o002)  # a project directory's usual umask
+    try:
+        from slurmvision.slurm.rundir import make_private
+
+        make_private()
+        run_dir = tmp_path / "run"
+        run_dir.mkdir()
+        monitor = Monitor(run_dir, DistEnv(), start_step=0, max_steps=10, hparams={}, share_with_group=share)
+        monitor.scalars(1, {"train/loss": 1.0})
+        monitor.close()
+    finally:
+        os.umask(old)
+    event = next((run_dir / "tb").glob("events.out.tfevents.*"))
+    modes = [p.stat().st_mode & 0o777 for p in (run_dir, run_dir / "tb", event)]
+    assert modes == ([0o710, 0o750, 0o640] if share else [0o700, 0o700, 0o600])

@@ -267,6 +267,9 @@ class ClusterConfig:
 class RunConfig:
     dir: str = "???"  # set from --run-dir or derived from the recipe name
     name: str = "run"
+    # The run directory is private to its owner; this lets the owner's group read its TensorBoard
+    # events (the run directory becomes traversable, never readable or writable, by the group).
+    share_with_group: bool = False
 
     def __post_init__(self) -> None:
         _one_line("run.dir", self.dir)

@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from slurmvision.trainer.manifest import META, find_checkpoint, verify
+from slurmvision.trainer.manifest import find_checkpoint, read_meta, verify
 
 
 def inspect_checkpoint(path: str | Path) -> dict:
     found = find_checkpoint(path)
     problem = verify(found)
-    meta = json.loads((found / META).read_text()) if (found / META).is_file() else {}
+    meta = read_meta(found)
     return {
         "path": str(found), "valid": problem is None, "problem": problem,
         **{key: meta.get(key) for key in ("step", "epoch", "samples_seen", "world_size", "engine", "config_hash",

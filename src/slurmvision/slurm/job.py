@@ -23,14 +23,15 @@ log = logging.getLogger(__name__)
 # the nodes over at once. A preempted job that exited by itself would count as completed.
 
 
-# These run in the time Slurm leaves after a signal: a slurmctld that does not answer must not
-# keep the job until its SIGKILL (the checkpoint is saved by then; the coordinator resubmits).
-SCONTROL_TIMEOUT_S = 10
+# Slurm commands a job runs (these, and trainer.deadline's squeue) may run in the time Slurm
+# leaves after a signal: a slurmctld that does not answer must not keep the job until its
+# SIGKILL (the checkpoint is saved by then; the coordinator resubmits).
+SLURM_TIMEOUT_S = 10
 
 
 def _scontrol(*args: str) -> Optional[subprocess.CompletedProcess]:
     try:
-        return subprocess.run(["scontrol", *args], capture_output=True, text=True, timeout=SCONTROL_TIMEOUT_S)
+        return subprocess.run(["scontrol", *args], capture_output=True, text=True, timeout=SLURM_TIMEOUT_S)
     except (OSError, subprocess.TimeoutExpired) as err:
         log.error("scontrol %s: %s", " ".join(args), err)
         return None
@@ -68,15 +69,16 @@ class TrainJob:
         return result
 
     def _come_back(self, job_id: str, signal: str) -> None:
-        if signal in WARNING_SIGNALS:
-            requeue(job_id)
-            return
+        # Asked after a warning too: a SIGTERM (an scancel) may have come after it, and a job Slurm
+        # has ended stays ended.
         state = job_state(job_id)
         if state != "RUNNING":
             log.info("job %s is %s: Slurm has ended it, not requeueing", job_id, state)
             return
-        from slurmvision.slurm.ledger import Ledger
+        if signal not in WARNING_SIGNALS:
+            from slurmvision.slurm.ledger import Ledger
 
-        # sacct will show REQUEUED: keep the cause that only this moment tells.
-        Ledger(self.run_dir, writer="job").set_cause(job_id, int(os.environ.get("SLURM_RESTART_COUNT", 0)), PREEMPTION)
+            # sacct will show REQUEUED: keep the cause that only this moment tells.
+            restart = int(os.environ.get("SLURM_RESTART_COUNT", 0))
+            Ledger(self.run_dir, writer="job").set_cause(job_id, restart, PREEMPTION)
         requeue(job_id)

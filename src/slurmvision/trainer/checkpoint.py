@@ -5,7 +5,8 @@ everything replicated, from rank 0), `rank-00000.pt`... (each rank's RNG and dat
 `meta.json`, and `MANIFEST.json` with every file's size and sha256, written last. The
 directory is built as `step-N.tmp/` and renamed into place; `latest` is then replaced
 atomically. A checkpoint counts only if its manifest verifies. Files hold tensors and
-plain containers only, and are loaded with `weights_only=True`.
+plain containers only, and are loaded with `weights_only=True`. Rank 0 alone chooses the
+checkpoint a run resumes from (`CheckpointManager.resume`).
 """
 
 from __future__ import annotations
@@ -24,8 +25,9 @@ import numpy as np
 import torch
 
 from slurmvision.errors import CheckpointError
-from slurmvision.trainer.distributed import DistEnv, all_reduce_sum, barrier
-from slurmvision.trainer.manifest import FORMAT_VERSION, MANIFEST, META, STATE, find_checkpoint, rank_file, sha256_file, verify
+from slurmvision.trainer.distributed import DistEnv, all_reduce_sum, barrier, broadcast_object
+from slurmvision.trainer.manifest import (FORMAT_VERSION, MANIFEST, META, STATE, checkpoint_dirs, find_checkpoint,
+                                          rank_file, read_meta, sha256_file, verify)
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +54,13 @@ def _fsync_dir(path: Path) -> None:
 def _save(obj: Any, path: Path) -> None:
     with open(path, "wb") as f:
         torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _write_text(path: Path, text: str) -> None:
+    with open(path, "w") as f:
+        f.write(text)
         f.flush()
         os.fsync(f.fileno())
 
@@ -92,9 +101,15 @@ class Checkpoint:
     def load_state(self) -> dict:
         return torch.load(self.path / STATE, map_location="cpu", weights_only=True)
 
-    def load_rank(self, rank: int) -> Optional[dict]:
-        path = self.path / rank_file(rank)
-        return torch.load(path, map_location="cpu", weights_only=True) if path.exists() else None
+    def load_rank(self, rank: int) -> dict:
+        return torch.load(self.path / rank_file(rank), map_location="cpu", weights_only=True)
+
+
+@dataclass
+class Resumed:
+    checkpoint: Checkpoint
+    shared: dict  # state.pt: model, optimizer, step, data position, config
+    own: Optional[dict]  # this rank's file (RNG states); None after a change of world size
 
 
 class CheckpointManager:
@@ -103,19 +118,42 @@ class CheckpointManager:
         self.env, self.keep, self.device = env, keep, device
 
     def candidates(self) -> list[Path]:
-        if not self.dir.is_dir():
-            return []
-        return sorted((p for p in self.dir.glob("step-*") if p.is_dir() and not p.name.endswith(".tmp")), reverse=True)
+        return checkpoint_dirs(self.dir)
 
     def latest_valid(self) -> Optional[Checkpoint]:
-        """The newest checkpoint that verifies; broken newer ones are skipped with a warning."""
+        """The newest checkpoint that verifies as this process sees it; broken newer ones are skipped with a warning."""
         for path in self.candidates():
             problem = verify(path)
             if problem is None:
-                return Checkpoint(path, json.loads((path / META).read_text()))
-            if self.env.is_main:
-                log.warning("skipping checkpoint %s: %s", path, problem)
+                return Checkpoint(path, read_meta(path))
+            log.warning("skipping checkpoint %s: %s", path, problem)
         return None
+
+    def resume(self) -> Optional[Resumed]:
+        """Collective: the checkpoint to resume from, loaded on every rank (None: start afresh).
+
+        Rank 0 alone chooses, and broadcasts its choice. Ranks may see the directory differently
+        (a listing an NFS client still caches, a run directory on node-local disks); ranks that
+        each chose would resume from different steps and train on as one run. A rank that cannot
+        read rank 0's choice stops every rank, with the same message.
+        """
+        chosen = self.latest_valid() if self.env.is_main else None
+        name, meta = broadcast_object((chosen.path.name, chosen.meta) if chosen else (None, None))
+        if name is None:
+            return None
+        checkpoint, error = Checkpoint(self.dir / name, meta), None
+        try:
+            shared = checkpoint.load_state()
+            own = checkpoint.load_rank(self.env.rank) if meta["world_size"] == self.env.world_size else None
+        except (OSError, RuntimeError) as err:  # torch.load raises RuntimeError on a file cut short
+            error = err
+        failed, = all_reduce_sum([float(error is not None)], self.device)
+        if failed:
+            reason = f"{error} on this rank" if error else f"it failed on {int(failed)} other rank(s)"
+            raise CheckpointError(f"cannot resume from {checkpoint.path}, the newest valid checkpoint rank 0 sees: "
+                                  f"{reason}. Every node must see the run directory alike: put it on a file system "
+                                  f"they share, not on node-local disks")
+        return Resumed(checkpoint, shared, own)
 
     def save(self, step: int, shared: dict, per_rank: dict, meta: dict) -> Path:
         """Collective: every rank calls it. Rank 0 writes the shared state and commits."""
@@ -150,36 +188,36 @@ class CheckpointManager:
         return final
 
     def _commit(self, tmp: Path, final: Path, meta: dict) -> None:
-        meta = {**meta, "format_version": FORMAT_VERSION}
-        (tmp / META).write_text(json.dumps(meta, indent=1, sort_keys=True))
+        _write_text(tmp / META, json.dumps({**meta, "format_version": FORMAT_VERSION}, indent=1, sort_keys=True))
         files = {p.name: {"bytes": p.stat().st_size, "sha256": sha256_file(p)} for p in sorted(tmp.iterdir())}
-        manifest_tmp = tmp / (MANIFEST + ".tmp")
-        with open(manifest_tmp, "w") as f:
-            json.dump({"files": files}, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(manifest_tmp, tmp / MANIFEST)
+        _write_text(tmp / (MANIFEST + ".tmp"), json.dumps({"files": files}, indent=1))
+        os.replace(tmp / (MANIFEST + ".tmp"), tmp / MANIFEST)
         _fsync_dir(tmp)
-        if final.exists():  # a re-save of the same step (e.g. after a resume) replaces it
-            shutil.rmtree(final)
+        # From here `tmp` is a checkpoint (manifest.checkpoint_dirs). A step saved again (its old
+        # copy did not verify) replaces the old copy only now, by renames, never by deleting the
+        # only valid copy first: a SIGKILL at any point leaves one, even with keep_checkpoints=1.
+        if final.exists():
+            old = final.with_name(final.name + ".old.tmp")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
         os.replace(tmp, final)
-        latest_tmp = self.dir / "latest.tmp"
-        latest_tmp.write_text(final.name + "\n")
-        os.replace(latest_tmp, self.dir / "latest")
+        _write_text(self.dir / "latest.tmp", final.name + "\n")
+        os.replace(self.dir / "latest.tmp", self.dir / "latest")
         _fsync_dir(self.dir)
-        self._prune()
+        self._prune(final)
 
-    def _prune(self) -> None:
-        # Completeness (a manifest) is enough here; hashing every kept checkpoint on each
-        # save would cost minutes on large models. Loading still verifies hashes.
-        valid = 0
-        for path in self.candidates():
-            if valid >= self.keep:
+    def _prune(self, committed: Path) -> None:
+        """Keep the `keep` newest complete checkpoints from `committed` down; remove the rest and
+        what killed saves left. Newer ones (which the resume found broken) are left to be replaced
+        when the run saves their step again; counted, they could push out the last valid one."""
+        found = self.candidates()
+        newer, older = found[:found.index(committed)], found[found.index(committed):]
+        # Sizes, not hashes: hashing every kept checkpoint on each save would cost minutes on
+        # large models. Loading still verifies hashes.
+        kept = set(newer + [path for path in older if verify(path, hashes=False) is None][:self.keep])
+        for path in self.dir.glob("step-*"):
+            if path not in kept:
                 shutil.rmtree(path, ignore_errors=True)
-            elif (path / MANIFEST).is_file():
-                valid += 1
-        for stale in self.dir.glob("step-*.tmp"):
-            shutil.rmtree(stale, ignore_errors=True)
 
 
 def open_checkpoint(path: str | Path) -> Checkpoint:
@@ -188,4 +226,4 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
     problem = verify(found)
     if problem:
         raise CheckpointError(f"checkpoint {found} is not valid: {problem}")
-    return Checkpoint(found, json.loads((found / META).read_text()))
+    return Checkpoint(found, read_meta(found))

@@ -21,7 +21,8 @@ from datetime import datetime
 from typing import Optional
 
 from slurmvision.configs.schema import ClusterConfig
-from slurmvision.trainer.signals import StopRequest
+from slurmvision.slurm.job import SLURM_TIMEOUT_S
+from slurmvision.trainer.signals import WARNINGS, StopRequest
 
 log = logging.getLogger(__name__)
 SAFETY = 1.5  # measured times vary (multi-scale batches, a busy file system)
@@ -51,10 +52,9 @@ def lead_time(cluster: ClusterConfig, warning: bool) -> int:
 
 
 def stop_deadline(stop: StopRequest, cluster: ClusterConfig) -> Optional[float]:
-    """The monotonic time by which a stop signal's checkpoint must be written (None: no signal)."""
-    if stop.received_at is None:
-        return None
-    return stop.received_at + lead_time(cluster, stop.is_warning)
+    """The monotonic time by which a stop's checkpoint must be written (None: no signal): the
+    earliest of its signals' deadlines, so a SIGTERM after the warning still shortens it."""
+    return min((at + lead_time(cluster, signum in WARNINGS) for signum, at in stop.received.items()), default=None)
 
 
 def parse_end_time(text: str) -> Optional[float]:
@@ -71,8 +71,8 @@ def parse_end_time(text: str) -> Optional[float]:
 class TimeLimit:
     """When Slurm will end this job (wall-clock epoch seconds), if it has a time limit."""
 
-    def __init__(self, job_id: Optional[str]):
-        self.job_id = job_id
+    def __init__(self, job_id: Optional[str], stop: StopRequest):
+        self.job_id, self.stop = job_id, stop
         # Slurm >= 23.02 exports the end time at the start; older versions are asked.
         exported = os.environ.get("SLURM_JOB_END_TIME") if job_id else None
         self.end = parse_end_time(exported) if exported else self._ask_slurm()
@@ -83,7 +83,7 @@ class TimeLimit:
         try:
             # Epoch seconds whatever the user's SLURM_TIME_FORMAT.
             out = subprocess.run(["squeue", "-h", "-j", self.job_id, "-o", "%e"], capture_output=True, text=True,
-                                 timeout=30, env={**os.environ, "SLURM_TIME_FORMAT": "%s"}).stdout
+                                 timeout=SLURM_TIMEOUT_S, env={**os.environ, "SLURM_TIME_FORMAT": "%s"}).stdout
         except (OSError, subprocess.TimeoutExpired) as err:
             log.warning("cannot read the job's end time (%s): stopping before the time limit relies on its warning", err)
             return None
@@ -92,9 +92,10 @@ class TimeLimit:
     def too_close(self, times: StepTimes, evaluates: bool) -> bool:
         """Whether the next step and a save would end after the time limit.
 
-        Asks Slurm again before saying yes: `scontrol update TimeLimit` may have moved it.
+        Asks Slurm again before saying yes: `scontrol update TimeLimit` may have moved it. Never
+        once a stop signal came: that stop saves anyway, and Slurm is not asked in its grace time.
         """
-        if self.end is None or not times.steps:
+        if self.end is None or not times.steps or self.stop.requested:
             return False
         needed = times.next_step_and_save(evaluates)
         if self.end - time.time() >= needed:

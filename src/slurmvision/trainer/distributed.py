@@ -11,11 +11,12 @@ import os
 import re
 import socket
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
 
+from slurmvision.errors import RunError
 from slurmvision.slurm import hostlist
 
 log = logging.getLogger(__name__)
@@ -85,8 +86,19 @@ def from_environment() -> DistEnv:
     return DistEnv()
 
 
-def init(env: DistEnv) -> torch.device:
-    """Start the process group (NCCL on GPUs, gloo on CPU) and return this rank's device."""
+def init(env: DistEnv, gpus_per_node: int = 0) -> torch.device:
+    """Start the process group (NCCL on GPUs, gloo on CPU) and return this rank's device.
+
+    A task whose profile asks for GPUs but that sees none (a driver too old for this torch, a
+    partition without GPUs) stops here, before any collective: on the CPU it would look like a
+    working job while training hundreds of times slower.
+    """
+    if gpus_per_node and not torch.cuda.is_available():
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES", "unset")
+        raise RunError(f"cluster.gpus_per_node={gpus_per_node} but this task sees no CUDA device on {socket.gethostname()} "
+                       f"(torch {torch.__version__}, built for CUDA {torch.version.cuda or 'none'}; CUDA_VISIBLE_DEVICES="
+                       f"{visible}): stopped instead of training on the CPU. Check that cluster.partition has GPUs and "
+                       f"that its NVIDIA driver supports this CUDA (nvidia-smi), or set cluster.gpus_per_node=0")
     if torch.cuda.is_available():
         torch.cuda.set_device(env.local_rank)
         device, backend = torch.device("cuda", env.local_rank), "nccl"
@@ -113,6 +125,15 @@ def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
     if dist.is_initialized():
         dist.all_reduce(tensor)
     return tensor.tolist()
+
+
+def broadcast_object(obj: Any) -> Any:
+    """Rank 0's `obj` on every rank (a picklable value)."""
+    if not dist.is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def barrier() -> None:

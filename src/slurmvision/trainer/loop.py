@@ -20,8 +20,9 @@ from slurmvision.errors import CheckpointError, DataError, RunError
 from slurmvision.models import build_model, build_teacher
 from slurmvision.shards.reader import LoaderState, ShardSet, TrainReader
 from slurmvision.shards.transforms import DeviceAugment
-from slurmvision.slurm.causes import LIMIT_AHEAD
+from slurmvision.slurm.causes import LIMIT_AHEAD, WARNING_SIGNALS
 from slurmvision.slurm.ledger import AttemptRecorder
+from slurmvision.slurm.rundir import make_private
 from slurmvision.trainer import distributed
 from slurmvision.trainer.checkpoint import CheckpointManager, params_sha256, rng_state, set_rng_state
 from slurmvision.trainer.deadline import StepTimes, TimeLimit, lead_time, stop_deadline
@@ -31,7 +32,7 @@ from slurmvision.trainer.evaluation import evaluate
 from slurmvision.trainer.monitor import Monitor, setup_logging
 from slurmvision.trainer.run_lock import run_lock
 from slurmvision.trainer.schedule import build_schedule
-from slurmvision.trainer.signals import StopRequest
+from slurmvision.trainer.signals import StopRequest, reported_signal
 
 log = logging.getLogger("slurmvision.trainer")
 VERSION = 1
@@ -58,14 +59,12 @@ def distill_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: floa
                     reduction="batchmean", log_target=True) * temperature ** 2
 
 
-def reported_signal(warnings: float) -> str:
-    """The signal every rank reports for a stop: the time-limit warning if any rank got one."""
-    return "SIGUSR2" if warnings else "SIGTERM"
-
-
 class Trainer:
     def __init__(self, config: Config, env: DistEnv, device: torch.device):
         self.config, self.env, self.device = config, env, device
+        # First: a signal while the model builds and the checkpoint loads is kept for the first step
+        # boundary, not left to the default action (USR1 kills) or to submitit's handler.
+        self.stop = StopRequest().install()
         self.run_dir = Path(config.run.dir)
         trainer = config.trainer
         self.num_classes = config.model.num_classes or ShardSet.load(config.data.root, config.data.train_split).num_classes
@@ -82,7 +81,8 @@ class Trainer:
 
             self.ema = ModelEmaV3(self.model, decay=config.model.ema_decay)
         self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", env, trainer.keep_checkpoints, device)
-        self.step, self.samples_seen, self.resumed_from = 0, 0, None
+        # saved_step: the step whose state is on disk (saved or resumed from): a stop then saves nothing.
+        self.step, self.samples_seen, self.resumed_from, self.saved_step = 0, 0, None, None
         self.times = StepTimes()
         loader_state = self._resume()
         self.reader = TrainReader(config.data, seed=trainer.seed, rank=env.rank, world_size=env.world_size,
@@ -92,10 +92,10 @@ class Trainer:
         self.schedule_at = build_schedule(self.engine.optimizer, config, self.global_batch,
                                           self.reader.samples_per_epoch)
         self.augment = DeviceAugment(config.data, self.num_classes, device, trainer.seed, env.rank)
-        self.monitor = Monitor(self.run_dir, env, self.step, trainer.max_steps, to_dict(config))
-        self.stop = StopRequest().install()
+        self.monitor = Monitor(self.run_dir, env, self.step, trainer.max_steps, to_dict(config),
+                               config.run.share_with_group)
         stop_before_limit = env.is_main and config.cluster.executor == "slurm" and config.cluster.stop_before_limit
-        self.time_limit = TimeLimit(env.job_id if stop_before_limit else None)
+        self.time_limit = TimeLimit(env.job_id if stop_before_limit else None, self.stop)
         # Buffers a forward pass changes (BatchNorm statistics): a step cut short puts them back.
         persistent = self.model.state_dict().keys()
         self.persistent_buffers = [b for name, b in self.model.named_buffers() if name in persistent]
@@ -108,11 +108,11 @@ class Trainer:
             self.record.note(f"{resized}, gradient accumulation {self.grad_accum} (global batch {self.global_batch})")
 
     def _resume(self) -> Optional[LoaderState]:
-        checkpoint = self.checkpoints.latest_valid()
-        if checkpoint is None:
+        resumed = self.checkpoints.resume()
+        if resumed is None:
             seed_everything(self.config.trainer.seed, 1, self.env.rank)
             return None
-        shared = checkpoint.load_state()
+        checkpoint, shared = resumed.checkpoint, resumed.shared
         self._check_config(json.loads(shared["config"]), int(shared.get("global_batch", 0)), checkpoint.path)
         self.engine.load_state_dict(shared["engine"])
         if self.ema is not None and "ema" in shared:
@@ -120,13 +120,12 @@ class Trainer:
         self.step, self.samples_seen = int(shared["step"]), int(shared["samples_seen"])
         # What the last attempt measured: a stop soon after this restart plans with it.
         self.times.save_s, self.times.eval_s = (float(checkpoint.meta.get(k, 0.0)) for k in ("last_save_s", "last_eval_s"))
-        own = checkpoint.load_rank(self.env.rank)
-        if own is not None and checkpoint.meta["world_size"] == self.env.world_size:
-            set_rng_state(own["rng"])
+        if resumed.own is not None:
+            set_rng_state(resumed.own["rng"])
         else:  # a new world size: ranks draw fresh, still reproducible, random streams
             seed_everything(self.config.trainer.seed, 2, self.step, self.env.rank)
         log.info("resumed from %s (step %d)", checkpoint.path, self.step)
-        self.resumed_from = str(checkpoint.path)
+        self.resumed_from, self.saved_step = str(checkpoint.path), self.step
         self._trim_audit()
         return LoaderState.from_dict(shared["loader"])
 
@@ -181,7 +180,7 @@ class Trainer:
                     raise error
                 raise DataError("another rank stopped on bad data; see its log for the samples")
             if warnings or terms:
-                return self._stop(reported_signal(warnings), position)
+                return self._stop(reported_signal(warnings, self.config.cluster.signal), position)
             if ahead:
                 log.warning("the time limit is near: one more step and a save (about %.0fs) would not fit; stopping at "
                             "step %d", self.times.next_step_and_save(evaluates_next), self.step)
@@ -205,6 +204,7 @@ class Trainer:
             lr, weight_decay = self.schedule_at(self.step)
             if nonfinite:
                 self.engine.skip()
+                self.saved_step = None  # its batches are consumed: the data position on disk is behind
                 bad_steps += 1
                 log.warning("non-finite loss at step %d on %d rank(s): step skipped (%d in a row)", self.step, int(nonfinite), bad_steps)
                 if bad_steps >= trainer.nonfinite_budget:
@@ -237,7 +237,7 @@ class Trainer:
                 last_save = time.monotonic()
             if trainer.eval_every and self.step % trainer.eval_every == 0 and self.step < trainer.max_steps:
                 self.evaluate()
-        if not self.checkpoints.candidates() or self.checkpoints.candidates()[0].name != f"step-{self.step:08d}":
+        if self.saved_step != self.step:
             self.save()
         results = self.evaluate()
         self.monitor.close()
@@ -249,7 +249,7 @@ class Trainer:
         deadline = stop_deadline(self.stop, self.config.cluster)
         late = deadline is not None and time.monotonic() + self.times.to_finish(micro_left) > deadline
         warnings, late_ranks = all_reduce_sum([float(self.stop.is_warning), float(late)], self.device)
-        return reported_signal(warnings) if late_ranks else None
+        return reported_signal(warnings, self.config.cluster.signal) if late_ranks else None
 
     def _stop_mid_step(self, agreed_signal: str, position: dict, step_start: tuple, done: int) -> dict:
         rng, buffers = step_start
@@ -265,15 +265,18 @@ class Trainer:
         Every rank reports the same signal: a time-limit warning if any rank got one.
         """
         started = time.monotonic()
-        self.save(position, rng)
+        on_disk = self.saved_step == self.step  # saved by the last boundary, or resumed from: the same state
+        if not on_disk:
+            self.save(position, rng)
         waited = started - self.stop.received_at if self.stop.received_at else 0.0
         took = waited + time.monotonic() - started
         cluster = self.config.cluster
-        lead = lead_time(cluster, warning=agreed_signal == "SIGUSR2")
-        log.warning("stopped by %s (this rank: %s) at step %d: checkpoint saved %.1fs after the signal", agreed_signal,
-                    self.stop.name, self.step, took)
+        warning = agreed_signal in WARNING_SIGNALS
+        lead = lead_time(cluster, warning)
+        log.warning("stopped by %s (this rank: %s) at step %d: checkpoint saved %.1fs after the signal%s", agreed_signal,
+                    self.stop.name, self.step, took, " (it was on disk already)" if on_disk else "")
         if agreed_signal != LIMIT_AHEAD and cluster.executor == "slurm" and took > 0.8 * lead:
-            advice = ("raise cluster.signal_delay_s" if agreed_signal == "SIGUSR2" else
+            advice = ("raise cluster.signal_delay_s" if warning else
                       "Slurm's KillWait is tight for this run: save more often (trainer.checkpoint_every_minutes)")
             log.warning("saving took %.0f%% of the %ds Slurm leaves after %s: %s", 100 * took / lead, lead,
                         agreed_signal, advice)
@@ -316,6 +319,7 @@ class Trainer:
                 "version": VERSION, "time": time.time(), "last_save_s": self.times.save_s,
                 "last_eval_s": self.times.eval_s}
         path = self.checkpoints.save(self.step, shared, {"rng": rng or rng_state()}, meta)
+        self.saved_step = self.step
         self.record.progress(self.step, saved=self.step)
         self.times.save_s = time.monotonic() - started
         log.info("checkpoint %s saved in %.1fs", path.name, self.times.save_s)
@@ -371,8 +375,14 @@ def train(config: Config, env: Optional[DistEnv] = None) -> dict:
     """Entry point of one rank (a Slurm task, a submitit task or a `train --nproc` process)."""
     env = env or distributed.from_environment()
     run_dir = Path(config.run.dir)
+    make_private()  # the run directory holds what later runs as its owner (slurmvision.slurm.rundir)
     setup_logging(env, run_dir / "logs" / f"rank-{env.rank:05d}.log")
-    device = distributed.init(env)
+    try:
+        device = distributed.init(env, config.cluster.gpus_per_node)
+    except RunError as err:  # no GPU where the profile asks for them; before any collective, each rank stops alone
+        log.error("%s", err)
+        AttemptRecorder(run_dir, env.job_id, env.restart_count, enabled=env.is_main).ended("failed", 0, error=failure(err))
+        raise
     try:
         with run_lock(run_dir, env, device):  # one job per run directory, from before the resume to the end
             return _fit(config, env, device)
@@ -387,5 +397,10 @@ def _fit(config: Config, env: DistEnv, device: torch.device) -> dict:
         return trainer.fit()
     except Exception as err:
         if trainer is not None:  # for the coordinator: where and why it failed
-            trainer.record.ended("failed", trainer.step, error=f"{type(err).__name__}: {err}"[:2000])
+            trainer.record.ended("failed", trainer.step, error=failure(err))
         raise
+
+
+def failure(err: Exception) -> str:
+    """An error as the ledger keeps it, for the coordinator and `status`."""
+    return f"{type(err).__name__}: {err}"[:2000]

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import stat
 import sys
 import time
 from pathlib import Path
@@ -26,8 +28,10 @@ def setup_logging(env: DistEnv, log_file: Optional[Path] = None) -> None:
 class Monitor:
     """TensorBoard writer continued across resumes (`purge_step`), plus a progress line."""
 
-    def __init__(self, run_dir: Path, env: DistEnv, start_step: int, max_steps: int, hparams: dict):
+    def __init__(self, run_dir: Path, env: DistEnv, start_step: int, max_steps: int, hparams: dict,
+                 share_with_group: bool = False):
         self.env, self.max_steps = env, max_steps
+        self.run_dir, self.share_with_group = run_dir, share_with_group
         self.writer = None
         self.started, self.start_step = time.monotonic(), start_step
         if env.is_main:
@@ -38,6 +42,7 @@ class Monitor:
             self.writer = SummaryWriter(str(run_dir / "tb"), purge_step=start_step + 1 if start_step else None)
             if start_step == 0:
                 self.writer.add_text("config", "```\n" + json.dumps(hparams, indent=1) + "\n```", 0)
+            self._share()
 
     def scalars(self, step: int, values: dict[str, Optional[float]]) -> None:
         if self.writer is None:
@@ -68,7 +73,19 @@ class Monitor:
             return None
         return torch.cuda.max_memory_allocated(device) / 2**30
 
+    def _share(self) -> None:
+        """With run.share_with_group, the group may read the events: it may pass through the run
+        directory (not list or write it) and read tb/; nothing becomes group-writable."""
+        if not self.share_with_group:
+            return
+        self.run_dir.chmod(self.run_dir.stat().st_mode | stat.S_IXGRP)
+        for folder, _, files in os.walk(self.run_dir / "tb"):
+            for path, bits in ((folder, stat.S_IRGRP | stat.S_IXGRP), *((os.path.join(folder, f), stat.S_IRGRP)
+                                                                       for f in files)):
+                os.chmod(path, (os.stat(path).st_mode | bits) & ~(stat.S_IWGRP | stat.S_IWOTH))
+
     def close(self) -> None:
         if self.writer is not None:
             self.writer.flush()
             self.writer.close()
+            self._share()  # files written since the start (hparams)

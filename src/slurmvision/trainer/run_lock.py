@@ -40,7 +40,9 @@ def _take(path: Path, env: DistEnv) -> tuple[Optional[IO], bool]:
     """(the locked file, or None; whether another process holds the lock).
 
     A lock that cannot be had for another reason than its holder (ENOLCK: NFS without a lock
-    manager; ENOSYS: Lustre mounted without flock) costs a warning, never the run.
+    manager; ENOSYS: Lustre mounted without flock) costs a warning, never the run: the lock only
+    guards against a mistake (a second job in the same run directory), and refusing would make
+    such a file system unusable for training, where checkpoints work as well as anywhere.
     """
     try:
         f = open(path, "a+")
