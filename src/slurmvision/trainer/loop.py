@@ -367,7 +367,8 @@ class Trainer:
         if not (self.config.data.audit and self.env.is_main):
             return
         for path in self._audit_file().parent.glob("rank-*.jsonl"):
-            kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] < self.step]
+            # A rank killed mid-write leaves a torn last line: what it recorded was not trained for good.
+            kept = [line for line in path.read_text().split("\n")[:-1] if json.loads(line)["step"] < self.step]
             path.write_text("".join(line + "\n" for line in kept))
 
 
