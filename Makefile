@@ -11,7 +11,7 @@ SLURM_CONF_FILE := $(CURDIR)/.devslurm/etc/slurm.conf
 # network namespaces). The test suite needs two for its multi-node tests.
 NODES ?= 1
 
-.PHONY: venv demo demo-slurm test test-unit test-integration test-slurm slurm-up slurm-down bench clean-venv
+.PHONY: venv demo demo-slurm test test-unit test-integration test-slurm slurm-up slurm-down bench chaos clean-venv
 
 venv: $(STAMP)
 
@@ -58,6 +58,12 @@ slurm-down:
 
 bench: venv
 	$(PY) benchmarks/data_pipeline.py
+
+# Ten faults drawn from SEED on the local cluster, the cluster-wide ones too (slurmctld restarted,
+# slurmdbd stopped a minute): run it alone. Its table goes to benchmarks/RESULTS.md.
+SEED ?= 1
+chaos: venv slurm-up
+	SLURM_CONF=$(SLURM_CONF_FILE) $(PY) benchmarks/chaos.py --seed $(SEED) --faults 10
 
 clean-venv:
 	rm -rf $(VENV)
