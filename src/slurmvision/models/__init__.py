@@ -8,6 +8,7 @@ import torch
 
 from slurmvision.configs.schema import DistillConfig, ModelConfig
 from slurmvision.errors import CheckpointError, ConfigError
+from slurmvision.models import sgformer  # noqa: F401  registers the SG-Former variants with timm
 
 log = logging.getLogger(__name__)
 
