@@ -80,6 +80,7 @@ class Chaos:
         self.kill_wait = int(re.search(r"KillWait\s*=\s*(\d+)", sh("scontrol", "show", "config")).group(1))
         self.coordinator: Optional[subprocess.Popen] = None
         self.coordinator_output = ""
+        self.dbd_back_at: Optional[float] = None  # while slurmdbd is down: when it comes back
 
     # the run
     def job_id(self) -> str:
@@ -88,8 +89,11 @@ class Chaos:
         return Ledger(self.run_dir).jobs()[-1]["job_id"]
 
     def step(self) -> int:
+        """The last step the current attempt trained, -1 before its first (each attempt logs its
+        schedule, "peak lr", once before training)."""
         log = self.run_dir / "logs" / "rank-00000.log"
-        steps = STEP.findall(log.read_text()) if log.exists() else []
+        text = log.read_text() if log.exists() else ""
+        steps = STEP.findall(text[text.rfind("peak lr"):])
         return int(steps[-1]) if steps else -1
 
     def state(self) -> str:
@@ -105,7 +109,11 @@ class Chaos:
         self.coordinator_output += self.coordinator.communicate()[0]
 
     def hurry(self) -> None:
-        """A requeued job waits Slurm's requeue delay: start it once the old attempt is surely gone."""
+        """A requeued job waits Slurm's requeue delay: start it once the old attempt is surely gone.
+        Also ends a slurmdbd outage when it is due."""
+        if self.dbd_back_at is not None and time.monotonic() >= self.dbd_back_at:
+            self._start_daemon("slurmdbd", ["sacctmgr", "-n", "list", "cluster"])
+            self.dbd_back_at = None
         job = self.job_id()
         reason = sh("squeue", "-h", "-j", job, "-o", "%T %r", check=False)
         if reason.startswith("PENDING") and "BeginTime" in reason:
@@ -156,9 +164,14 @@ class Chaos:
     def kill_during_save(self) -> str:
         pid = self.task_pid(0)
         checkpoints = self.run_dir / "checkpoints"
+
+        def writing() -> set[str]:
+            return {path.name for path in checkpoints.iterdir() if path.name.endswith(".tmp")}
+
+        before = writing()  # left by an earlier kill: not this save
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
-            if any(path.name.endswith(".tmp") for path in checkpoints.iterdir()):
+            if writing() - before:
                 os.kill(pid, signal.SIGKILL)
                 return "mid-write"
             time.sleep(0.001)
@@ -183,20 +196,28 @@ class Chaos:
         self.start_coordinator()
         return ""
 
-    def _restart_daemon(self, name: str, outage_s: float, answers: list[str]) -> None:
+    def _stop_daemon(self, name: str) -> None:
         pid = int((self.daemons / f"{name}.pid").read_text())
         os.kill(pid, signal.SIGTERM)
         wait(lambda: not Path(f"/proc/{pid}").exists(), f"{name} stopped", 60)
-        time.sleep(outage_s)
+
+    def _start_daemon(self, name: str, answers: list[str]) -> None:
         subprocess.run([name], check=True, env=os.environ)
         wait(lambda: subprocess.run(answers, capture_output=True).returncode == 0, f"{name} answering", 60, 0.5)
 
     def slurmctld_restart(self) -> str:
-        self._restart_daemon("slurmctld", 1, ["scontrol", "ping"])
+        self._stop_daemon("slurmctld")
+        time.sleep(1)
+        self._start_daemon("slurmctld", ["scontrol", "ping"])
         return ""
 
     def slurmdbd_outage(self) -> str:
-        self._restart_daemon("slurmdbd", self.dbd_outage_s, ["sacctmgr", "-n", "list", "cluster"])
+        """slurmdbd stays down while the run and the next faults go on; `hurry` starts it when due."""
+        if self.dbd_back_at is not None:
+            self.dbd_back_at += self.dbd_outage_s
+        else:
+            self._stop_daemon("slurmdbd")
+            self.dbd_back_at = time.monotonic() + self.dbd_outage_s
         return f"{self.dbd_outage_s:.0f} s"
 
 
@@ -256,15 +277,19 @@ def main() -> int:
         chaos = Chaos(run_dir, args.dbd_outage_s)
         chaos.start_coordinator()
         injected = []
-        for step, kind in faults:
-            chaos.wait_for_step(step)
-            at = chaos.step()
-            note = getattr(chaos, kind.replace("-", "_"))()
-            injected.append({"kind": kind, "planned_step": step, "step": at, "note": note})
-            print(f"chaos: {kind} at step {at} {note}".rstrip(), flush=True)
-        while chaos.coordinator.poll() is None:
-            chaos.hurry()
-            time.sleep(1)
+        try:
+            for step, kind in faults:
+                chaos.wait_for_step(step)
+                at = chaos.step()
+                note = getattr(chaos, kind.replace("-", "_"))()
+                injected.append({"kind": kind, "planned_step": step, "step": at, "note": note})
+                print(f"chaos: {kind} at step {at} {note}".rstrip(), flush=True)
+            while chaos.coordinator.poll() is None:
+                chaos.hurry()
+                time.sleep(1)
+        finally:  # the cluster outlives the run: never leave slurmdbd down
+            if chaos.dbd_back_at is not None:
+                chaos._start_daemon("slurmdbd", ["sacctmgr", "-n", "list", "cluster"])
         chaos.coordinator_output += chaos.coordinator.communicate()[0]
         attempts = Ledger(run_dir).attempts()
         finished = chaos.coordinator.returncode == 0 and "run finished" in chaos.coordinator_output

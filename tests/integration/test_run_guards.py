@@ -20,7 +20,7 @@ from .test_train_resume import train_cli
 pytestmark = pytest.mark.integration
 
 
-def _rank_with_nan_losses(rank, nproc, port, config, queue):
+def _rank_with_nan_losses(target, args, rank, nproc, port, queue):
     """A rank of `train --nproc` whose rank 1 computes NaN at step 2 once, then at step 4 every time."""
     from slurmvision.trainer.loop import Trainer
 
@@ -38,7 +38,7 @@ def _rank_with_nan_losses(rank, nproc, port, config, queue):
             hook.remove()
 
     Trainer._micro_step = nan_on_rank_1
-    local._rank_main(rank, nproc, port, config, queue)
+    local._rank_main(target, args, rank, nproc, port, queue)
 
 
 def test_non_finite_steps_are_skipped_on_every_rank_and_a_run_of_them_stops_with_the_checkpoint_kept(

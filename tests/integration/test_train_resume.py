@@ -83,7 +83,7 @@ def test_signal_on_one_rank_stops_all_and_resume_is_exact(tiny_shards, tmp_path)
 BATCHNORM_MODEL = ["model.name=resnet10t", "model.kwargs={stem_width: 8}", "model.kwargs.channels=[8,16,16,16]"]
 
 
-def _rank_signalled_mid_step(rank, nproc, port, config, queue):
+def _rank_signalled_mid_step(target, args, rank, nproc, port, queue):
     """A rank of `train --nproc` whose rank 1 gets SIGUSR2 after the first micro-batch of step 4."""
     from slurmvision.trainer.loop import Trainer
 
@@ -96,7 +96,7 @@ def _rank_signalled_mid_step(rank, nproc, port, config, queue):
         return loss
 
     Trainer._micro_step = signalled
-    local._rank_main(rank, nproc, port, config, queue)
+    local._rank_main(target, args, rank, nproc, port, queue)
 
 
 def test_a_step_that_cannot_finish_in_time_is_cut_and_saved_from_its_start(tiny_shards, tmp_path, monkeypatch):
@@ -120,7 +120,7 @@ def test_a_step_that_cannot_finish_in_time_is_cut_and_saved_from_its_start(tiny_
     assert audit(split) == audit(straight)
 
 
-def _rank_warned_after_step_3s_save(rank, nproc, port, config, queue):
+def _rank_warned_after_step_3s_save(target, args, rank, nproc, port, queue):
     """A rank of `train --nproc` whose rank 1 gets the time-limit warning right after step 3's periodic save."""
     from slurmvision.trainer.loop import Trainer
 
@@ -132,10 +132,10 @@ def _rank_warned_after_step_3s_save(rank, nproc, port, config, queue):
             os.kill(os.getpid(), signal.SIGUSR1)
 
     Trainer.save = saved_then_warned
-    local._rank_main(rank, nproc, port, config, queue)
+    local._rank_main(target, args, rank, nproc, port, queue)
 
 
-def _rank_warned_after_resuming(rank, nproc, port, config, queue):
+def _rank_warned_after_resuming(target, args, rank, nproc, port, queue):
     """A rank of `train --nproc` whose rank 1 gets the time-limit warning as soon as it has resumed."""
     from slurmvision.trainer.loop import Trainer
 
@@ -148,7 +148,7 @@ def _rank_warned_after_resuming(rank, nproc, port, config, queue):
         return loader_state
 
     Trainer._resume = resumed_then_warned
-    local._rank_main(rank, nproc, port, config, queue)
+    local._rank_main(target, args, rank, nproc, port, queue)
 
 
 def test_a_stop_right_after_a_save_or_a_resume_saves_nothing_again_and_reports_the_profiles_signal(

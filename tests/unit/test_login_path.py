@@ -40,7 +40,8 @@ def test_login_modules_do_not_import_torch():
 
 def test_help_lists_every_command():
     out = subprocess.run([sys.executable, "-m", "slurmvision", "--help"], capture_output=True, text=True, check=True).stdout
-    for command in ("shards", "train", "launch", "coordinate", "status", "eval", "export", "config", "checkpoint", "demo"):
+    for command in ("shards", "train", "launch", "coordinate", "status", "cancel", "eval", "export", "explain", "config",
+                    "checkpoint", "demo"):
         assert command in out
 
 

@@ -288,12 +288,12 @@ def from_dict(data: dict, source: str = "saved config") -> Config:
 def from_stored(data: dict, source: str, data_root: Optional[str] = None) -> Config:
     """The config stored in a checkpoint, maybe of someone else's run: data, which runs no command. A
     `pipe:` URL in it (data.root) would run one when the shards are opened, so it is refused; a data root
-    given by the user (`--data-root`, a pipe: command too) replaces the stored one."""
+    given by the user (`eval --data`, `export --data-root`; a pipe: command too) replaces the stored one."""
     stored = {key: value for key, value in flatten(data).items() if data_root is None or key != "data.root"}
     pipes = [f"{key}={value!r}" for key, value in stored.items() if str(value).startswith("pipe:")]
     if pipes:
         raise ConfigError(f"{source} stores {', '.join(pipes)}, a shell command, and a checkpoint's config runs none: "
-                          "give the shards to read yourself with --data-root")
+                          "give the shards to read yourself (eval --data, export --data-root)")
     if data_root is not None:
         data = {**data, "data": {**data.get("data", {}), "root": data_root}}
     return from_dict(data, source)

@@ -168,6 +168,7 @@ class TrainerConfig:
     keep_checkpoints: int = 3
     log_every: int = 10
     eval_every: int = 0  # 0: evaluate only at the end
+    gradcam_images: int = 4  # Grad-CAM overlays of this many val images in TensorBoard at each evaluation; 0: none
     seed: int = 0
     nonfinite_budget: int = 5  # consecutive non-finite steps before the run stops
     allow_config_change: bool = False  # resume even if the model, data or optimisation changed
@@ -179,6 +180,7 @@ class TrainerConfig:
         for key in ("grad_accum", "max_steps", "checkpoint_every", "keep_checkpoints", "log_every", "nonfinite_budget"):
             _check(getattr(self, key) >= 1, f"trainer.{key}", getattr(self, key), "must be >= 1")
         _check(self.eval_every >= 0, "trainer.eval_every", self.eval_every, "must be >= 0")
+        _check(self.gradcam_images >= 0, "trainer.gradcam_images", self.gradcam_images, "must be >= 0")
         _check(0 <= self.initial_scale_power <= 64, "trainer.initial_scale_power", self.initial_scale_power, "must be 0 to 64")
         _check(self.checkpoint_every_minutes >= 0, "trainer.checkpoint_every_minutes", self.checkpoint_every_minutes, "must be >= 0")
 

@@ -59,7 +59,9 @@ class ClassificationMetrics:
         self.topk_hits = packed[-1].clone()
 
     def compute(self) -> dict:
-        """top1, top5 (fractions), f1_macro, per_class, samples and the confusion matrix as lists."""
+        """top1, top5 (fractions), f1_macro, precision_macro, recall_macro, per_class, samples and the
+        confusion matrix as lists. A macro average is over the classes present in the targets or the
+        predictions (scikit-learn's default labels); an undefined precision or recall counts as 0."""
         counts = self.confusion.cpu()
         confusion = counts.double()
         samples = int(counts.sum())
@@ -70,10 +72,14 @@ class ClassificationMetrics:
         f1 = 2 * precision * recall / (precision + recall).clamp(min=1e-12)
         # A class seen neither in targets nor in predictions says nothing; it must not drag the mean to 0.
         present = (support > 0) | (predicted > 0)
+
+        def macro(values: torch.Tensor) -> float:
+            return float(values[present].mean()) if bool(present.any()) else 0.0
+
         return {
             "top1": float(correct.sum()) / samples if samples else 0.0,
             "top5": int(self.topk_hits) / samples if samples else 0.0,
-            "f1_macro": float(f1[present].mean()) if bool(present.any()) else 0.0,
+            "f1_macro": macro(f1), "precision_macro": macro(precision), "recall_macro": macro(recall),
             "per_class": [{"precision": float(p), "recall": float(r), "f1": float(f), "support": int(s)}
                           for p, r, f, s in zip(precision, recall, f1, support)],
             "samples": samples,
@@ -131,3 +137,15 @@ def _label(name: str, latin1_only: bool, limit: int = 16) -> str:
     label = name if len(name) <= limit else name[: limit - 3] + "..."
     # The bitmap font raises on characters outside Latin-1; a "?" is better than no picture.
     return label.encode("latin-1", errors="replace").decode("latin-1") if latin1_only else label
+
+
+def confusion_csv(confusion: list[list[int]], class_names: list[str]) -> str:
+    """The confusion matrix as CSV: a header of predicted class names, then one row per true class."""
+    import csv
+    import io
+
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(["true \\ predicted", *class_names])
+    writer.writerows([name, *row] for name, row in zip(class_names, confusion))
+    return out.getvalue()

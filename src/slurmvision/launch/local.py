@@ -1,5 +1,6 @@
 """`slurmvision train --nproc N`: N ranks on this machine, the same trainer a Slurm task runs; or,
-under torchrun or srun, the one rank this process was started as."""
+under torchrun or srun, the one rank this process was started as. `run_ranks` starts the ranks
+(also those of `eval --nproc`)."""
 
 from __future__ import annotations
 
@@ -11,18 +12,19 @@ import sys
 import time
 import traceback
 from pathlib import Path
+from typing import Any, Callable
 
 from slurmvision.configs import Config, save_config
 from slurmvision.errors import RunError, SlurmVisionError
 
 
-def _rank_main(rank: int, nproc: int, port: int, config: Config, queue) -> None:
+def _rank_main(target: Callable, args: tuple, rank: int, nproc: int, port: int, queue) -> None:
     try:
         with _stdout_to_stderr():
             from slurmvision.trainer.distributed import DistEnv
-            from slurmvision.trainer.loop import train
 
-            result = train(config, DistEnv(rank=rank, local_rank=rank, world_size=nproc, master_port=port, source="local"))
+            result = target(DistEnv(rank=rank, local_rank=rank, world_size=nproc, master_port=port, source="local"),
+                            *args)
         queue.put((rank, "ok", result))
     except SlurmVisionError as err:
         queue.put((rank, "user", f"{type(err).__name__}:{err}"))
@@ -59,16 +61,30 @@ def _stdout_to_stderr():
         os.close(saved)
 
 
+def _train(env, config: Config) -> dict:
+    from slurmvision.trainer.loop import train
+
+    return train(config, env)
+
+
 def train_here(config: Config, nproc: int = 1) -> dict:
+    save_config(config, Path(config.run.dir))
+    return run_ranks(_train, nproc, config)
+
+
+def run_ranks(target: Callable, nproc: int, *args) -> Any:
+    """`target(env, *args)` in `nproc` new processes, the ranks of one job on this machine (each one's
+    DistEnv says where the rendezvous is); rank 0's result. `target` must be importable by name (the
+    processes are spawned). A user error on any rank is raised here as that error; a rank that fails
+    otherwise or dies without a word is a RuntimeError or a RunError."""
     from slurmvision.trainer.distributed import free_port
 
     if nproc < 1:
         raise RunError(f"--nproc {nproc}: give at least 1")
-    save_config(config, Path(config.run.dir))
     context = mp.get_context("spawn")
     queue = context.Queue()
     port = free_port()
-    procs = [context.Process(target=_rank_main, args=(r, nproc, port, config, queue)) for r in range(nproc)]
+    procs = [context.Process(target=_rank_main, args=(target, args, r, nproc, port, queue)) for r in range(nproc)]
     for p in procs:
         p.start()
     outcomes: dict[int, tuple[str, object]] = {}

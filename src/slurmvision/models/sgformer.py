@@ -78,7 +78,8 @@ def _windows(x: Tensor, size: Size, window: Size) -> Tensor:
 def _unwindows(x: Tensor, batch: int, size: Size, window: Size) -> Tensor:
     """Inverse of `_windows`, dropping the padding."""
     (H, W), (wh, ww) = size, window
-    x = x.unflatten(1, window).unflatten(0, (batch, -(-H // wh), -(-W // ww))).transpose(2, 3)
+    # (n + d - 1) // d, not -(-n // d): traced to ONNX, // divides rounding toward zero
+    x = x.unflatten(1, window).unflatten(0, (batch, (H + wh - 1) // wh, (W + ww - 1) // ww)).transpose(2, 3)
     return x.flatten(1, 2).flatten(2, 3)[:, :H, :W].flatten(1, 2)
 
 
@@ -181,7 +182,7 @@ class SignificanceGuidedAttention(_Attention):
             taken += share
             end = n * taken // 4
             merge: nn.Linear = getattr(self, f"f{i}")
-            chunks = -(-(end - start) // merge.in_features)
+            chunks = (end - start + merge.in_features - 1) // merge.in_features
             if chunks:
                 group = F.pad(tokens[:, start:end], (0, 0, 0, chunks * merge.in_features - (end - start)))
                 parts.append(merge(group.unflatten(1, (chunks, -1)).transpose(2, 3)).squeeze(-1))

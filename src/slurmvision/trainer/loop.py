@@ -16,8 +16,9 @@ import torch.nn.functional as F
 
 from slurmvision.configs import Config, config_hash, to_dict
 from slurmvision.configs.compare import meaningful_changes
-from slurmvision.errors import CheckpointError, DataError, RunError
+from slurmvision.errors import CheckpointError, DataError, RunError, SlurmVisionError
 from slurmvision.models import build_model, build_teacher
+from slurmvision.shards.manifest import Manifest
 from slurmvision.shards.reader import LoaderState, ShardSet, TrainReader
 from slurmvision.shards.transforms import DeviceAugment
 from slurmvision.slurm.causes import LIMIT_AHEAD, WARNING_SIGNALS
@@ -68,6 +69,8 @@ class Trainer:
         self.run_dir = Path(config.run.dir)
         trainer = config.trainer
         self.num_classes = config.model.num_classes or ShardSet.load(config.data.root, config.data.train_split).num_classes
+        self.classes = Manifest.load(config.data.root).classes  # kept in each checkpoint's meta, for `eval --data`
+        self._gradcam_images: Optional[torch.Tensor] = None  # the val images of trainer.gradcam_images, read once
         seed_everything(trainer.seed, 0)  # the same initial weights on every rank
         self.model = build_model(config.model, self.num_classes)
         # An elastic run on fewer ranks than planned accumulates more: the global batch stays.
@@ -111,6 +114,7 @@ class Trainer:
         resumed = self.checkpoints.resume()
         if resumed is None:
             seed_everything(self.config.trainer.seed, 1, self.env.rank)
+            self._trim_audit()  # an attempt killed before its first save: all it recorded is redone
             return None
         checkpoint, shared = resumed.checkpoint, resumed.shared
         self._check_config(json.loads(shared["config"]), int(shared.get("global_batch", 0)), checkpoint.path)
@@ -240,6 +244,7 @@ class Trainer:
         if self.saved_step != self.step:
             self.save()
         results = self.evaluate()
+        self.monitor.final(self.step, results)
         self.monitor.close()
         self.record.ended("finished", self.step)
         return results
@@ -317,7 +322,7 @@ class Trainer:
                 "world_size": self.env.world_size, "engine": self.config.trainer.engine,
                 "config_hash": config_hash(self.config), "params_sha256": params_sha256(shared["engine"]["model"]),
                 "version": VERSION, "time": time.time(), "last_save_s": self.times.save_s,
-                "last_eval_s": self.times.eval_s}
+                "last_eval_s": self.times.eval_s, "classes": self.classes}
         path = self.checkpoints.save(self.step, shared, {"rng": rng or rng_state()}, meta)
         self.saved_step = self.step
         self.record.progress(self.step, saved=self.step)
@@ -333,12 +338,37 @@ class Trainer:
         results.update(step=self.step, params_sha256=params_sha256(live.state_dict()))
         image = results.pop("confusion_image", None)
         self.monitor.eval(self.step, results, image)
+        if self.env.is_main and self.config.trainer.gradcam_images:
+            self._log_gradcam(model)
         if self.env.is_main:
             out = self.run_dir / "eval"
             out.mkdir(parents=True, exist_ok=True)
             (out / f"step-{self.step:08d}.json").write_text(json.dumps(results, indent=1))
             log.info("eval at step %d: top-1 %.4f top-5 %.4f F1 %.4f", self.step, results["top1"], results["top5"], results["f1_macro"])
         return results
+
+    def _log_gradcam(self, model: torch.nn.Module) -> None:
+        """Grad-CAM overlays of the same first val images at each evaluation, to watch what the model
+        looks at as it trains. Without the optional grad-cam package: one warning, no pictures."""
+        from slurmvision.evaluate.explain import gradcam_pictures, require_gradcam
+        from slurmvision.shards.reader import eval_batches
+
+        if self._gradcam_images is None:
+            try:
+                require_gradcam()
+            except SlurmVisionError as err:
+                log.warning("%s; set trainer.gradcam_images=0 to silence this", err)
+                self._gradcam_images = torch.empty(0)
+                return
+            batches = eval_batches(self.config.data, self.config.data.val_split, rank=0, world_size=1)
+            try:
+                self._gradcam_images = next(batches).images[:self.config.trainer.gradcam_images]
+            finally:
+                batches.close()
+        if not len(self._gradcam_images):
+            return
+        pictures = gradcam_pictures(model, self._gradcam_images.to(self.device), self.classes, self.augment.normalize)
+        self.monitor.pictures(self.step, "gradcam", pictures)
 
     def _empty_copy(self) -> torch.nn.Module:
         """The model's architecture, without downloading or loading weights or drawing from the run's RNG."""

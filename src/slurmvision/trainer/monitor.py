@@ -13,7 +13,10 @@ from typing import Optional
 
 import torch
 
+from slurmvision.configs.compare import flatten
 from slurmvision.trainer.distributed import DistEnv
+
+EVAL_METRICS = ("top1", "top5", "f1_macro")
 
 
 def setup_logging(env: DistEnv, log_file: Optional[Path] = None) -> None:
@@ -32,6 +35,7 @@ class Monitor:
                  share_with_group: bool = False):
         self.env, self.max_steps = env, max_steps
         self.run_dir, self.share_with_group = run_dir, share_with_group
+        self.hparams = hparams
         self.writer = None
         self.started, self.start_step = time.monotonic(), start_step
         if env.is_main:
@@ -63,10 +67,32 @@ class Monitor:
     def eval(self, step: int, results: dict, image=None) -> None:
         if self.writer is None:
             return
-        for key in ("top1", "top5", "f1_macro"):
+        for key in EVAL_METRICS:
             self.writer.add_scalar(f"eval/{key}", results[key], step)
+        for entry in results["per_class"]:
+            self.writer.add_scalar(f"eval/f1/{entry['class']}", entry["f1"], step)
         if image is not None:
             self.writer.add_image("eval/confusion", image, step, dataformats="HWC")
+
+    def pictures(self, step: int, name: str, pictures: list) -> None:
+        if self.writer is None:
+            return
+        for i, picture in enumerate(pictures):
+            self.writer.add_image(f"{name}/{i}", picture, step, dataformats="HWC")
+
+    def final(self, step: int, results: dict) -> None:
+        """The config as hyperparameters of this run, with its final eval `results` (logged by `eval` at
+        `step` too), for TensorBoard's HPARAMS tab to set runs side by side: the tab shows the last value of
+        each eval/ scalar the metrics name. Config values that are lists or tables go in as JSON text;
+        torch's `hparams` writes booleans as 1 or 0 and leaves unset ones (None) out."""
+        if self.writer is None:
+            return
+        from torch.utils.tensorboard.summary import hparams
+
+        values = {key: value if value is None or isinstance(value, (bool, int, float, str)) else json.dumps(value)
+                  for key, value in flatten(self.hparams).items()}
+        for summary in hparams(values, {f"eval/{key}": results[key] for key in EVAL_METRICS}):
+            self.writer.file_writer.add_summary(summary, step)
 
     def memory(self, device: torch.device) -> Optional[float]:
         if device.type != "cuda":
