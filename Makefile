@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml $(CONSTRAINTS)
 	# then the package itself; everything pinned by the constraints file.
 	$(PIP) install -q -c $(CONSTRAINTS) torch torchvision
 	$(PIP) install -q -c $(CONSTRAINTS) --no-build-isolation deepspeed
-	$(PIP) install -q -c $(CONSTRAINTS) -e '.[dev]'
+	$(PIP) install -q -c $(CONSTRAINTS) -e '.[dev,deepspeed]'
 	touch $(STAMP)
 
 demo: venv
@@ -31,14 +31,12 @@ demo: venv
 demo-slurm: venv slurm-up
 	SLURM_CONF=$(SLURM_CONF_FILE) $(VENV)/bin/slurmvision demo --cluster devslurm
 
-# The Slurm tests spend most of their time waiting on Slurm: those on localhost and those on
-# node1/node2 run side by side (two pytest-xdist workers, one per group of nodes).
+# One pytest session, two workers: the Slurm tests spend most of their time waiting on Slurm, so
+# the other worker trains meanwhile. Tests that share Slurm nodes form one xdist group (localhost,
+# two-hosts) and run one after another on one worker; everything else is spread over both.
 test: venv
 	bash $(DEVSLURM) up --nodes 2
-	status=0; \
-	SLURM_CONF=$(SLURM_CONF_FILE) $(PY) -m pytest tests -m "not slurm" || status=$$?; \
-	SLURM_CONF=$(SLURM_CONF_FILE) $(PY) -m pytest tests -m slurm -n 2 --dist loadgroup || status=$$?; \
-	exit $$status
+	SLURM_CONF=$(SLURM_CONF_FILE) $(PY) -m pytest tests -n 2 --dist loadgroup
 
 test-unit: venv
 	$(PY) -m pytest tests -m unit

@@ -5,7 +5,7 @@ import torch
 
 from slurmvision.errors import SlurmVisionError
 from slurmvision.launch.local import train_here
-from slurmvision.trainer.loop import distill_loss
+from slurmvision.trainer.step import distill_loss
 
 from .conftest import TINY_MODEL, tiny_config
 

@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 
-from slurmvision.evaluate.run import evaluate_checkpoint
+from slurmvision.launch.evaluation import evaluate_checkpoint
 from slurmvision.launch.local import train_here
 from slurmvision.shards.manifest import Manifest
 

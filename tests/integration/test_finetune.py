@@ -5,7 +5,7 @@ import torch
 import yaml
 
 from slurmvision.configs.schema import ModelConfig
-from slurmvision.evaluate.run import load_model
+from slurmvision.evaluate.model import load_model
 from slurmvision.launch.local import train_here
 from slurmvision.models import build_model
 

@@ -137,17 +137,17 @@ def _rank_warned_after_step_3s_save(target, args, rank, nproc, port, queue):
 
 def _rank_warned_after_resuming(target, args, rank, nproc, port, queue):
     """A rank of `train --nproc` whose rank 1 gets the time-limit warning as soon as it has resumed."""
-    from slurmvision.trainer.loop import Trainer
+    from slurmvision.trainer import loop
 
-    resume = Trainer._resume
+    resume = loop.resume
 
-    def resumed_then_warned(self):
-        loader_state = resume(self)
+    def resumed_then_warned(*given, **named):
+        restored = resume(*given, **named)
         if rank == 1:
             os.kill(os.getpid(), signal.SIGUSR1)
-        return loader_state
+        return restored
 
-    Trainer._resume = resumed_then_warned
+    loop.resume = resumed_then_warned
     local._rank_main(target, args, rank, nproc, port, queue)
 
 

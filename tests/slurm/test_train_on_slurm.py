@@ -309,7 +309,7 @@ def test_node_failure_is_recorded_and_the_run_resumes_bit_for_bit(tiny_shards, t
 
 
 def test_an_attempt_whose_run_directory_became_writable_stops_before_unpickling(tiny_shards, tmp_path):  # noqa: F811
-    from slurmvision.slurm.coordinator import Coordinator
+    from slurmvision.launch.coordinator import Coordinator
 
     run_dir = tmp_path / "run"
     job_id = str(submit(slurm_config(tiny_shards, run_dir, *UNENDING)).job_id)

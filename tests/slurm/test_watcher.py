@@ -15,7 +15,7 @@ from slurmvision.errors import RunError
 from slurmvision.evaluate.inspect import inspect_checkpoint
 from slurmvision.launch.launcher import launch, submit
 from slurmvision.launch.status import format_status, run_status
-from slurmvision.slurm.coordinator import Coordinator
+from slurmvision.launch.coordinator import Coordinator
 from slurmvision.slurm.ledger import Ledger
 
 from ..integration.conftest import tiny_shards  # noqa: F401  (fixture)

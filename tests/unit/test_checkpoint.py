@@ -13,9 +13,10 @@ import traceback
 import pytest
 import torch
 
+from slurmvision.checkpoints import FORMAT_VERSION, VERSION_KEY, manifest_text, open_checkpoint
 from slurmvision.errors import CheckpointError
 from slurmvision.evaluate.inspect import inspect_checkpoint
-from slurmvision.trainer.checkpoint import CheckpointManager, open_checkpoint, rng_state, set_rng_state
+from slurmvision.trainer.checkpoint import CheckpointManager, rng_state, set_rng_state
 from slurmvision.trainer.distributed import DistEnv
 
 pytestmark = pytest.mark.unit
@@ -202,3 +203,28 @@ def test_every_file_of_a_checkpoint_is_fsynced_before_it_counts(tmp_path, monkey
     monkeypatch.setattr(module.os, "fsync", fsync)
     save(CheckpointManager(tmp_path, DistEnv(), keep=1), 1)
     assert {"state.pt", "rank-00000.pt", "meta.json", "MANIFEST.json.tmp", "step-00000001.tmp"} <= set(synced)
+
+
+def rewrite_meta(path, **changes):
+    """The checkpoint's meta record with `changes` (None: drop the field), its manifest written anew."""
+    meta = {**json.loads((path / "meta.json").read_text()), **changes}
+    (path / "meta.json").write_text(json.dumps({k: v for k, v in meta.items() if v is not None}))
+    (path / "MANIFEST.json").unlink()
+    (path / "MANIFEST.json").write_text(manifest_text(path))
+
+
+def test_a_checkpoint_of_a_newer_format_is_refused_with_a_clear_error_and_an_old_one_loads(tmp_path):
+    manager = CheckpointManager(tmp_path, DistEnv(), keep=2)
+    save(manager, 1, 1.0)
+    path = tmp_path / "step-00000001"
+    assert json.loads((path / "meta.json").read_text())[VERSION_KEY] == FORMAT_VERSION
+    rewrite_meta(path, **{VERSION_KEY: FORMAT_VERSION + 1})
+    for load in (lambda: open_checkpoint(tmp_path), manager.resume):
+        with pytest.raises(CheckpointError, match="newer than .* upgrade slurmvision"):
+            load()
+    report = inspect_checkpoint(path)
+    assert not report["valid"] and "upgrade slurmvision" in report["problem"]
+
+    rewrite_meta(path, **{VERSION_KEY: None}, world_size=1)  # saved before the meta record had a version
+    assert open_checkpoint(tmp_path).step == 1 and manager.resume().checkpoint.step == 1
+    assert inspect_checkpoint(path)["valid"]

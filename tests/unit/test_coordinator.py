@@ -12,10 +12,9 @@ import pytest
 
 from slurmvision.configs import load_config, save_config
 from slurmvision.errors import ClusterError, RunError
-from slurmvision.slurm import causes
-from slurmvision.slurm.causes import SlurmAttempt, classify
-from slurmvision.slurm.coordinator import ACCOUNTING_LAG_S, SUBMIT_FAILURES, Coordinator
-from slurmvision.slurm.queue import in_queue
+from slurmvision.launch.coordinator import ACCOUNTING_LAG_S, SUBMIT_FAILURES, Coordinator
+from slurmvision.slurm.causes import Cause, SlurmAttempt, classify
+from slurmvision.slurm.client import in_queue
 from slurmvision.slurm.ledger import AttemptRecorder, Ledger
 
 pytestmark = pytest.mark.unit
@@ -26,18 +25,18 @@ def row(state, nodes="node1", code="0:0"):
 
 
 @pytest.mark.parametrize("attempt, state, tail, cause", [
-    ({"outcome": "finished"}, "COMPLETED", "", causes.FINISHED),
-    ({"outcome": "stopped", "signal": "SIGUSR2"}, "REQUEUED", "", causes.TIME_LIMIT),
-    ({"outcome": "stopped", "signal": "SIGTERM"}, "PREEMPTED", "", causes.PREEMPTION),
-    ({"outcome": None}, "TIMEOUT", "", causes.TIME_LIMIT),
-    ({"outcome": "stopped", "signal": "SIGTERM"}, "REQUEUED", "", causes.REQUEUE),
-    ({"outcome": "stopped", "signal": "SIGTERM"}, "CANCELLED by 0", "", causes.USER_CANCEL),
-    ({"outcome": None}, "NODE_FAIL", "", causes.NODE_FAILURE),
-    ({"outcome": "failed", "error": "OutOfMemoryError: CUDA out of memory"}, "FAILED", "", causes.OOM),
-    (None, "OUT_OF_MEMORY", "", causes.OOM),
-    ({"outcome": "failed", "error": "RuntimeError: boom"}, "FAILED", "", causes.CRASH),
-    (None, "FAILED", "Killed", causes.CRASH),
-    (None, "FAILED", "slurmstepd: error: Detected 1 oom-kill event", causes.OOM),
+    ({"outcome": "finished"}, "COMPLETED", "", Cause.FINISHED),
+    ({"outcome": "stopped", "signal": "SIGUSR2"}, "REQUEUED", "", Cause.TIME_LIMIT),
+    ({"outcome": "stopped", "signal": "SIGTERM"}, "PREEMPTED", "", Cause.PREEMPTION),
+    ({"outcome": None}, "TIMEOUT", "", Cause.TIME_LIMIT),
+    ({"outcome": "stopped", "signal": "SIGTERM"}, "REQUEUED", "", Cause.REQUEUE),
+    ({"outcome": "stopped", "signal": "SIGTERM"}, "CANCELLED by 0", "", Cause.USER_CANCEL),
+    ({"outcome": None}, "NODE_FAIL", "", Cause.NODE_FAILURE),
+    ({"outcome": "failed", "error": "OutOfMemoryError: CUDA out of memory"}, "FAILED", "", Cause.OOM),
+    (None, "OUT_OF_MEMORY", "", Cause.OOM),
+    ({"outcome": "failed", "error": "RuntimeError: boom"}, "FAILED", "", Cause.CRASH),
+    (None, "FAILED", "Killed", Cause.CRASH),
+    (None, "FAILED", "slurmstepd: error: Detected 1 oom-kill event", Cause.OOM),
 ])
 def test_classify(attempt, state, tail, cause):
     assert classify(attempt, row(state), tail) == cause
@@ -179,7 +178,7 @@ def test_requeued_by_slurm_needs_nothing_then_the_run_finishes(run):
     assert coordinator.tick().action == "finished"
     assert not cluster.submitted
     first = Ledger(run_dir).attempts()[0]
-    assert first["cause"] == causes.TIME_LIMIT and first["lost_steps"] == 0
+    assert first["cause"] == Cause.TIME_LIMIT and first["lost_steps"] == 0
 
 
 def test_hard_time_limit_is_resubmitted_and_lost_steps_counted(run):
@@ -291,7 +290,7 @@ def test_a_preempted_job_that_slurm_requeues_is_left_to_slurm(run):
     cluster.rows["1"] = [row("PREEMPTED")]  # sacct before the requeued attempt shows up
     cluster.in_queue.add("1")
     assert coordinator.tick().action == "wait" and not cluster.submitted
-    assert Ledger(run_dir).attempts()[0]["cause"] == causes.PREEMPTION
+    assert Ledger(run_dir).attempts()[0]["cause"] == Cause.PREEMPTION
     cluster.in_queue.clear()  # PreemptMode=CANCEL: gone for good, so resubmit
     assert coordinator.tick().action == "resubmit"
 
@@ -369,7 +368,7 @@ def test_a_job_neither_sacct_nor_squeue_knows_is_ended_once_sacct_had_time_to_sh
     cluster.in_queue.clear()
     decision = coordinator.tick()
     assert decision.action == "resubmit" and decision.message.startswith("job 1 ended by unknown;")
-    assert Ledger(run_dir).attempts()[0]["cause"] == causes.UNKNOWN
+    assert Ledger(run_dir).attempts()[0]["cause"] == Cause.UNKNOWN
     assert Ledger(run_dir).jobs()[0]["handled"] == 1 and len(cluster.submitted) == 1
 
 

@@ -8,7 +8,7 @@ from datetime import datetime
 import pytest
 
 from slurmvision.configs.schema import ClusterConfig
-from slurmvision.slurm.job import SLURM_TIMEOUT_S
+from slurmvision.slurm.client import SLURM_TIMEOUT_S
 from slurmvision.trainer import signals
 from slurmvision.trainer.deadline import MARGIN_S, SAFETY, StepTimes, TimeLimit, parse_end_time, stop_deadline
 from slurmvision.trainer.signals import StopRequest, reported_signal

@@ -11,7 +11,7 @@ from PIL import Image
 
 from slurmvision.cli import main
 from slurmvision.evaluate.explain import gradcam, gradcam_pictures
-from slurmvision.evaluate.run import load_model
+from slurmvision.evaluate.model import load_model
 from slurmvision.shards.reader import eval_batches
 from slurmvision.shards.transforms import DeviceAugment
 

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from slurmvision.slurm import job
+from slurmvision.launch import job
+from slurmvision.slurm import client
 
 pytestmark = pytest.mark.unit
 
@@ -30,7 +31,7 @@ def scontrol(monkeypatch):
 
 def test_the_state_and_the_requeue_ask_scontrol_with_a_timeout(scontrol):
     assert job.job_state("7") == "RUNNING" and job.requeue("7")
-    assert [timeout for _, timeout in scontrol] == [job.SLURM_TIMEOUT_S] * 2
+    assert [timeout for _, timeout in scontrol] == [client.SLURM_TIMEOUT_S] * 2
 
 
 def test_a_slurmctld_that_does_not_answer_costs_the_timeout_not_the_job(scontrol):
@@ -38,7 +39,7 @@ def test_a_slurmctld_that_does_not_answer_costs_the_timeout_not_the_job(scontrol
 
 
 # What a training job imports: the callable, the trainer, and what the callable imports when it stops.
-JOB_IMPORTS = "slurmvision.slurm.job, slurmvision.trainer.loop, slurmvision.slurm.ledger, slurmvision.configs"
+JOB_IMPORTS = "slurmvision.launch.job, slurmvision.trainer.loop, slurmvision.slurm.ledger, slurmvision.configs"
 
 
 def test_every_command_a_training_job_can_run_has_a_timeout():

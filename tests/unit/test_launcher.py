@@ -9,10 +9,9 @@ import pytest
 from slurmvision.cli import main
 from slurmvision.configs import load_config, save_config
 from slurmvision.errors import RunError
-from slurmvision.launch import launcher
+from slurmvision.launch import launcher, watcher
+from slurmvision.launch.coordinator import Coordinator
 from slurmvision.slurm.causes import SlurmAttempt
-from slurmvision.slurm.coordinator import Coordinator
-from slurmvision.slurm import watcher
 from slurmvision.slurm.ledger import Ledger
 
 pytestmark = pytest.mark.unit

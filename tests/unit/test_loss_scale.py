@@ -8,7 +8,7 @@ from slurmvision.configs import load_config
 from slurmvision.errors import RunError
 from slurmvision.models import build_model
 from slurmvision.trainer.deepspeed_engine import DynamicLossScale
-from slurmvision.trainer.engine import DDPEngine
+from slurmvision.trainer.ddp import DDPEngine
 
 pytestmark = pytest.mark.unit
 

@@ -7,7 +7,7 @@ import pytest
 from slurmvision.configs import load_config
 from slurmvision.errors import ConfigError
 from slurmvision.models import build_model
-from slurmvision.trainer.engine import build_optimizer
+from slurmvision.trainer.optim import build_optimizer
 from slurmvision.trainer.schedule import build_schedule
 
 pytestmark = pytest.mark.unit

@@ -4,6 +4,7 @@ import json
 
 import pytest
 
+from slurmvision.checkpoints import manifest_text
 from slurmvision.configs import load_config, save_config
 from slurmvision.launch.status import format_status, run_status
 from slurmvision.slurm.ledger import Ledger
@@ -11,11 +12,13 @@ from slurmvision.slurm.ledger import Ledger
 pytestmark = pytest.mark.unit
 
 
-def checkpoint(run_dir, step, manifest):
+def checkpoint(run_dir, step, manifest=None):
+    """A checkpoint with the trainer's manifest, or with `manifest` instead."""
     path = run_dir / "checkpoints" / f"step-{step:08d}"
     path.mkdir(parents=True)
     (path / "meta.json").write_text(json.dumps({"step": step, "epoch": 0, "world_size": 2}))
-    (path / "MANIFEST.json").write_text(manifest)
+    (path / "state.pt").write_bytes(b"weights")
+    (path / "MANIFEST.json").write_text(manifest or manifest_text(path))
     return path
 
 
@@ -23,7 +26,7 @@ def checkpoint(run_dir, step, manifest):
 def test_status_passes_over_a_broken_checkpoint_and_says_the_ledger_is_missing(tmp_path, broken):
     run_dir = tmp_path / "run"
     save_config(load_config("digits-demo", ["data.root=/nowhere"], run_dir=run_dir), run_dir)
-    good = checkpoint(run_dir, 10, json.dumps({"files": {"meta.json": {}}}))
+    good = checkpoint(run_dir, 10)
     checkpoint(run_dir, 20, broken)
     status = run_status(str(run_dir))
     assert status["last_checkpoint"]["path"] == str(good) and status["step"] == 10

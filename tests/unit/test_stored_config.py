@@ -10,7 +10,7 @@ from slurmvision.cli import main
 from slurmvision.configs import load_config, to_dict
 from slurmvision.errors import SlurmVisionError
 from slurmvision.evaluate.inspect import inspect_checkpoint
-from slurmvision.evaluate.run import load_model
+from slurmvision.evaluate.model import load_model
 from slurmvision.models import build_model, load_weights
 from slurmvision.trainer.checkpoint import CheckpointManager, rng_state
 from slurmvision.trainer.distributed import DistEnv

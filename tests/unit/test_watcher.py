@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 
 from slurmvision.configs import load_config, load_saved_config, save_config
-from slurmvision.slurm import coordinator, watcher
-from slurmvision.slurm.coordinator import Decision
+from slurmvision.launch import coordinator, watcher
+from slurmvision.launch.coordinator import Decision
 from slurmvision.slurm.ledger import Ledger
 
 pytestmark = pytest.mark.unit

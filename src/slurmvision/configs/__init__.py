@@ -6,6 +6,7 @@ from slurmvision.configs.loader import (
     from_stored,
     load_cluster,
     load_config,
+    load_run_config,
     load_saved_config,
     save_config,
     to_dict,
@@ -24,6 +25,7 @@ from slurmvision.configs.schema import (
 
 __all__ = [
     "ClusterConfig", "Config", "DataConfig", "DistillConfig", "ModelConfig", "OptimConfig", "RunConfig",
-    "TrainerConfig", "config_hash", "from_dict", "from_stored", "load_cluster", "load_config", "load_saved_config",
+    "TrainerConfig", "config_hash", "from_dict", "from_stored", "load_cluster", "load_config", "load_run_config",
+    "load_saved_config",
     "save_config", "to_dict", "to_yaml",
 ]

@@ -17,6 +17,7 @@ HARMLESS = (
     "trainer.initial_scale_power",  # a resume continues from the saved loss scale
     "data.workers", "data.audit", "data.val_split", "data.bad_sample_budget", "data.eval_resize_ratio",
     "model.compile", "model.grad_checkpointing", "model.channels_last",
+    "model.pretrained_file", "model.cache_dir",  # where the same weights are read from
 )
 
 

@@ -34,14 +34,15 @@ from slurmvision.configs.schema import ClusterConfig, Config
 from slurmvision.errors import ConfigError
 
 CONFIG_FILE = "config.yaml"
-# The recipes shipped in the repository, found relative to this source tree.
-_REPO_CONFIGS = Path(__file__).resolve().parents[3] / "configs"
+# The recipes and cluster profiles shipped with the package (package data: a wheel carries them).
+PACKAGED_RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 
 
 def search_path() -> list[Path]:
-    """Where recipe and profile names are looked up: $SLURMVISION_CONFIG_PATH, ./configs, the repo's."""
+    """Where recipe and profile names are looked up, the user's first: $SLURMVISION_CONFIG_PATH,
+    ./configs, then the recipes shipped with the package."""
     extra = [Path(p) for p in os.environ.get("SLURMVISION_CONFIG_PATH", "").split(os.pathsep) if p]
-    return [*extra, Path.cwd() / "configs", _REPO_CONFIGS]
+    return [*extra, Path.cwd() / "configs", PACKAGED_RECIPES]
 
 
 def _available(subdir: str) -> list[str]:
@@ -230,13 +231,29 @@ def load_config(
     """The validated config for a recipe (name or path), a cluster profile and overrides; every command
     that takes them (config show, launch, train) merges them here."""
     recipe_path = find_yaml(str(recipe), "", "recipe") if not Path(str(recipe)).is_file() else Path(recipe)
+    return _resolve(recipe_path, _read_yaml(recipe_path, Config), overrides, cluster, run_dir)
+
+
+def load_run_config(run_dir: str | Path, overrides: Iterable[str] = (), *, cluster: Optional[str] = None) -> Config:
+    """A run's saved config (RUN/config.yaml) with overrides, for `slurmvision resume`. A cluster profile
+    given here replaces the saved `cluster:` section (a recipe's would win over it)."""
+    path = _saved_config_path(run_dir)
+    saved = _read_yaml(path, Config)
+    if cluster is not None:
+        saved.pop("cluster", None)
+    return _resolve(path, saved, overrides, cluster, run_dir)
+
+
+def _resolve(source: Path, recipe: dict, overrides: Iterable[str], cluster: Optional[str],
+             run_dir: Optional[str | Path]) -> Config:
+    """Merge, lowest first: the defaults, the cluster profile, the recipe, the overrides; then validate."""
     # The run is named after the recipe unless the recipe names it.
-    merged = _merge(OmegaConf.structured(Config), {"run": {"name": recipe_path.stem}}, str(recipe_path))
+    merged = _merge(OmegaConf.structured(Config), {"run": {"name": source.stem}}, str(source))
     if cluster is not None:
         profile_path, profile = _profile(cluster)
         merged = _merge(merged, {"cluster": profile}, str(profile_path))
     # After the profile: a recipe's (or a saved run config's) `cluster:` keys win over the profile's.
-    merged = _merge(merged, _read_yaml(recipe_path, Config), str(recipe_path))
+    merged = _merge(merged, recipe, str(source))
     for item in overrides:
         merged = _override(merged, item)
     if run_dir is not None:
@@ -299,10 +316,16 @@ def from_stored(data: dict, source: str, data_root: Optional[str] = None) -> Con
     return from_dict(data, source)
 
 
-def load_saved_config(run_dir: str | Path) -> Config:
+def _saved_config_path(run_dir: str | Path) -> Path:
     path = Path(run_dir) / CONFIG_FILE
     if not path.is_file():
-        raise ConfigError(f"{run_dir} is not a slurmvision run directory (no {CONFIG_FILE}); start one with `slurmvision launch` or `train`")
+        raise ConfigError(f"{run_dir} is not a slurmvision run directory (no {CONFIG_FILE}); start one with "
+                          "`slurmvision launch` or `train`")
+    return path
+
+
+def load_saved_config(run_dir: str | Path) -> Config:
+    path = _saved_config_path(run_dir)
     return to_config(_merge(OmegaConf.structured(Config), _read_yaml(path, Config), str(path)))
 
 

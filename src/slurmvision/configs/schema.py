@@ -109,6 +109,10 @@ class ModelConfig:
     compile: bool = False
     ema_decay: float = 0.0  # 0 disables the EMA model
     finetune_from: Optional[str] = None  # weights to start from; the classifier is re-created
+    # model.pretrained=true: the weights file the ranks load (null: timm's, which `launch` fetches on the login
+    # node into cache_dir; the ranks never download); cache_dir null: the Hugging Face cache (HF_HUB_CACHE).
+    pretrained_file: Optional[str] = None
+    cache_dir: Optional[str] = None
     freeze: list[str] = field(default_factory=list)  # parameter-name prefixes to freeze
     distill: DistillConfig = field(default_factory=DistillConfig)
 
@@ -116,6 +120,8 @@ class ModelConfig:
         _check(0.0 <= self.drop_path < 1.0, "model.drop_path", self.drop_path, "must be in [0, 1)")
         _check(0.0 <= self.ema_decay < 1.0, "model.ema_decay", self.ema_decay, "must be in [0, 1)")
         _check(self.num_classes is None or self.num_classes >= 2, "model.num_classes", self.num_classes, "must be >= 2")
+        _check(self.pretrained or not self.pretrained_file, "model.pretrained_file", self.pretrained_file,
+               "set model.pretrained=true to start from it")
 
 
 @dataclass
@@ -186,6 +192,42 @@ class TrainerConfig:
 
 
 @dataclass
+class ContainerConfig:
+    """The image the tasks run in: pyxis (`srun --container-image`) or Apptainer/Singularity (`apptainer exec`)."""
+
+    runtime: Optional[str] = None  # pyxis | apptainer | singularity; null: no container
+    image: Optional[str] = None  # pyxis: nvcr.io#nvidia/pytorch:24.05-py3 or a .sqsh file; apptainer: a .sif file
+    # Host paths the job reads or writes, SRC[:DST[:ro|rw]]; the run directory is mounted without asking.
+    mounts: list[str] = field(default_factory=list)
+    python: str = "python3"  # the image's interpreter, with slurmvision installed
+    args: list[str] = field(default_factory=list)  # more options for srun (pyxis) or `apptainer exec`
+
+    def __post_init__(self) -> None:
+        if self.runtime is not None:
+            _choice("cluster.container.runtime", self.runtime, ("pyxis", "apptainer", "singularity"))
+        _check(bool(self.runtime) == bool(self.image), "cluster.container.image", self.image,
+               "set both cluster.container.runtime and cluster.container.image, or neither")
+        for key, values in (("mounts", self.mounts), ("args", self.args), ("image", [self.image]),
+                            ("python", [self.python])):
+            for value in values:
+                _one_line(f"cluster.container.{key}", value)
+        for mount in self.mounts:
+            parts = mount.split(":")
+            _check(all(p.startswith("/") for p in parts[:2]) and "," not in mount and len(parts) <= 3
+                   and parts[2:] in ([], ["ro"], ["rw"]), "cluster.container.mounts", mount,
+                   "give SRC[:DST[:ro|rw]] with absolute paths, one mount per entry")
+
+    def sees(self, path: str) -> bool:
+        return mounted(path, self.mounts)
+
+
+def mounted(path: str, mounts: list[str]) -> bool:
+    """Whether a container sees the absolute `path`: it is inside a mount's destination (SRC[:DST[:opts]])."""
+    targets = [mount.split(":")[1] if ":" in mount else mount for mount in mounts]
+    return any(path == t or path.startswith(t.rstrip("/") + "/") for t in targets)
+
+
+@dataclass
 class ClusterConfig:
     """Where jobs run: submitit's local executor or a Slurm cluster."""
 
@@ -194,7 +236,7 @@ class ClusterConfig:
     nodes: int = 1
     # Fewest nodes an attempt may run on (None: `nodes`). Below `nodes` a job left waiting for a
     # node that failed is shrunk to the nodes that work, and trains at the same global batch
-    # (more gradient accumulation); see slurmvision.slurm.coordinator.
+    # (more gradient accumulation); see slurmvision.launch.coordinator.
     min_nodes: Optional[int] = None
     tasks_per_node: int = 2  # one task per GPU (or per CPU rank without GPUs)
     gpus_per_node: int = 0
@@ -213,6 +255,10 @@ class ClusterConfig:
     # for steps too long for the warning's lead time.
     stop_before_limit: bool = True
     setup: list[str] = field(default_factory=list)  # shell lines run before the job (module load ...)
+    # The interpreter on the compute nodes (the run-directory check; the tasks unless in a container);
+    # null: this one, the login node's.
+    python: Optional[str] = None
+    container: ContainerConfig = field(default_factory=ContainerConfig)
     additional: dict[str, Any] = field(default_factory=dict)  # extra sbatch options
     # The coordinator's budgets: attempts in all (requeues count), crashes at the same step,
     # node failures; the back-off doubles with each repeat.
@@ -232,7 +278,10 @@ class ClusterConfig:
     def __post_init__(self) -> None:
         _choice("cluster.executor", self.executor, ("local", "slurm"))
         _choice("cluster.coordinate", self.coordinate, ("watcher", "daemon", "none"))
-        for key in ("name", "partition", "account", "qos", "constraint", "exclude", "watcher_partition", "watcher_qos"):
+        _check(not self.container.runtime or self.executor == "slurm", "cluster.container.runtime",
+               self.container.runtime, "containers need cluster.executor=slurm (the local executor runs none)")
+        for key in ("name", "partition", "account", "qos", "constraint", "exclude", "watcher_partition", "watcher_qos",
+                    "python"):
             _one_line(f"cluster.{key}", getattr(self, key))
         for i, line in enumerate(self.setup):
             _one_line(f"cluster.setup[{i}]", line)
@@ -295,6 +344,19 @@ class Config:
                               "partitions: set model.ema_decay=0 or use trainer.zero_stage=2")
         if self.cluster.elastic:
             self._check_elastic_batch()
+        if self.cluster.container.runtime:
+            self._check_container_paths()
+
+    def _check_container_paths(self) -> None:
+        """What the ranks read must be mounted in the container (the run directory always is)."""
+        for key, path in (("data.root", self.data.root), ("model.pretrained_file", self.model.pretrained_file),
+                          ("model.cache_dir", self.model.cache_dir), ("model.finetune_from", self.model.finetune_from),
+                          ("model.distill.teacher_weights", self.model.distill.teacher_weights)):
+            if path and not path.startswith("/"):
+                raise ConfigError(f"{key}={path!r} is read in a container: give an absolute path")
+            if path and not self.cluster.container.sees(path):
+                raise ConfigError(f"{key}={path} is not mounted in the container: add it, or a directory above it, "
+                                  f"to cluster.container.mounts (now {list(self.cluster.container.mounts)})")
 
     def _check_elastic_batch(self) -> None:
         """Every node count from min_nodes to nodes must split the global batch into whole micro-batches."""

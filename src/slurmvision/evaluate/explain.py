@@ -131,7 +131,7 @@ def explain_run(checkpoint_path: str | Path, images: Sequence[str | Path], out: 
     from PIL import Image
 
     from slurmvision.evaluate.export import set_image_size
-    from slurmvision.evaluate.run import load_model
+    from slurmvision.evaluate.model import load_model
     from slurmvision.shards.manifest import Manifest
     from slurmvision.shards.reader import transform_sample
     from slurmvision.shards.transforms import DeviceAugment, eval_transform

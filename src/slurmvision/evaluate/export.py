@@ -184,7 +184,7 @@ def export_run(checkpoint_path: str | Path, out: str | Path, *, opset: int = 18,
     The INT8 record adds "int8": {"mode", "calibration", "max_drop", "drop", "val_samples", "models"}, where
     models maps "fp32" and "int8" to {"top1", "size_mb", "latency_ms": {batch: median ms}}.
     """
-    from slurmvision.evaluate.run import load_model
+    from slurmvision.evaluate.model import load_model
 
     if calibration and int8 != "static":
         raise SlurmVisionError("--calibration gives the data of static INT8 quantization: add --int8 static")

@@ -59,7 +59,7 @@ def tta_scales(tta: str, scales: Optional[Sequence[int]], data: DataConfig) -> l
 
 def check_scales(model: torch.nn.Module, scales: Sequence[int], device: torch.device) -> None:
     """Run the model (in eval mode) once on a blank image of each size, so that a model fixed to one input
-    size fails here, before the data is read. (evaluate.run.load_model(any_size=True) builds timm's Swin
+    size fails here, before the data is read. (evaluate.model.load_model(any_size=True) builds timm's Swin
     and ViT models so that they take any size.)"""
     import torch
 

@@ -104,7 +104,7 @@ def run_demo(cluster: str = "local", run_dir: Optional[str] = None, work_dir: st
     if results.get("interrupted"):
         raise RunError(f"the demo job was stopped by {results['signal']} at step {results['step']}; rerun to resume: "
                        f"slurmvision demo --run-dir {run_dir}")
-    from slurmvision.evaluate.run import evaluate_checkpoint
+    from slurmvision.launch.evaluation import evaluate_checkpoint
 
     test = evaluate_checkpoint(run_dir, split="test")  # the split training never saw
     print()

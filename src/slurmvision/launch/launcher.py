@@ -9,8 +9,9 @@ from typing import Optional
 from slurmvision.configs import Config, load_saved_config, save_config, to_dict, to_yaml
 from slurmvision.configs.compare import meaningful_changes
 from slurmvision.errors import ClusterError, RunError
+from slurmvision.pretrained import fetch as fetch_pretrained
+from slurmvision.slurm.client import in_queue, scancel
 from slurmvision.slurm.cluster import validate_cluster
-from slurmvision.slurm.queue import in_queue
 from slurmvision.slurm.executor import make_executor, sbatch_script
 from slurmvision.slurm.ledger import Ledger
 from slurmvision.slurm.rundir import check_run_dir, make_private
@@ -62,7 +63,7 @@ def submit(config: Config, *, reason: str = "launch", exclude: tuple[str, ...] =
     `force` submits even while the run's newest job is queued or running (`launch --force`, and
     the coordinator, which resubmits only after that job has ended).
     """
-    from slurmvision.slurm.job import TrainJob
+    from slurmvision.launch.job import TrainJob
 
     cluster = config.cluster
     make_private()
@@ -73,6 +74,7 @@ def submit(config: Config, *, reason: str = "launch", exclude: tuple[str, ...] =
             _check_no_job_active(Path(config.run.dir))
         validate_cluster(cluster)
     run_dir = Path(config.run.dir)
+    fetch_pretrained(config.model)  # once, here: the ranks read the weights from disk, never download them
     save_config(config, run_dir)
     executor = make_executor(cluster, run_dir / "slurm", *job_names(config))
     if exclude and cluster.executor == "slurm":
@@ -109,7 +111,7 @@ def launch(config: Config, *, dry_run: bool = False, wait: bool = False, coordin
            force: bool = False) -> Optional[dict]:
     """Submit the run; `coordinate` (watcher, daemon, none; default: the profile's cluster.coordinate)
     says who resubmits what Slurm does not bring back."""
-    from slurmvision.slurm import watcher
+    from slurmvision.launch import watcher
 
     run_dir = Path(config.run.dir)
     mode = coordinate or config.cluster.coordinate
@@ -145,8 +147,6 @@ def launch(config: Config, *, dry_run: bool = False, wait: bool = False, coordin
 
 def cancel(run_dir: Path) -> list[str]:
     """Cancel the run's queued or running jobs, its watcher included, and record it; the ids cancelled."""
-    from slurmvision.slurm.executor import run_slurm_command
-
     ledger = Ledger(run_dir, writer="cancel")
     if not ledger.exists():
         raise RunError(f"{run_dir} has no ledger: nothing was launched there")
@@ -158,7 +158,7 @@ def cancel(run_dir: Path) -> list[str]:
         ledger.mark_handled(job_id)
     ledger.put("watcher", None)
     if active:
-        run_slurm_command(["scancel", *active])
+        scancel(active)
     ledger.event("cancel", f"run cancelled by the user: jobs {', '.join(active) or 'none'} cancelled")
     return active
 

@@ -10,40 +10,32 @@ import json
 from pathlib import Path
 from typing import Optional
 
+from slurmvision import checkpoints
 from slurmvision.configs import load_saved_config
 from slurmvision.errors import ClusterError, RunError
+from slurmvision.slurm.client import pending_order, sacct_attempts
 from slurmvision.slurm.ledger import Ledger
 
 
 def _latest_checkpoint(run_dir: Path) -> Optional[dict]:
-    """The newest checkpoint whose manifest lists its meta record, read without hashing its
-    (possibly large) files: a glance, not the trainer's full check. Broken ones are passed over."""
-    checkpoints = run_dir / "checkpoints"
-    for path in sorted(checkpoints.glob("step-*"), reverse=True) if checkpoints.is_dir() else []:
-        if not path.is_dir() or path.name.endswith(".tmp"):
-            continue
-        try:
-            if "meta.json" not in json.loads((path / "MANIFEST.json").read_text())["files"]:
-                continue
-            meta = json.loads((path / "meta.json").read_text())
-            return {"path": str(path), "step": int(meta["step"]), "epoch": int(meta["epoch"]),
-                    "world_size": int(meta["world_size"])}
-        except (OSError, ValueError, KeyError, TypeError):
-            continue
-    return None
+    """The newest valid checkpoint, checked without hashing its (possibly large) files: a glance,
+    not the trainer's full check. Broken ones are passed over."""
+    found = checkpoints.latest(checkpoints.checkpoints_of(run_dir), hashes=False, warn=False)
+    try:
+        return found and {"path": str(found.path), "step": int(found.meta["step"]), "epoch": int(found.meta["epoch"]),
+                          "world_size": int(found.meta["world_size"])}
+    except (KeyError, TypeError, ValueError):  # a meta record without them
+        return None
 
 
 def _live_state(job_id: str) -> tuple[str, Optional[int]]:
     """(Slurm state, place in the pending queue or None)."""
-    from slurmvision.slurm.queue import sacct_attempts
-    from slurmvision.slurm.executor import run_slurm_command
-
     try:
         attempts = sacct_attempts(job_id, timeout=10)
         state = attempts[-1].state if attempts else "UNKNOWN"
         position = None
         if state == "PENDING":
-            queue = run_slurm_command(["squeue", "-h", "-t", "PD", "--sort=-p,i", "-o", "%i"], timeout=10).split()
+            queue = pending_order(timeout=10)
             position = queue.index(job_id) + 1 if job_id in queue else None
         return state, position
     except ClusterError:
@@ -58,7 +50,7 @@ def run_status(run: Optional[str]) -> dict:
     ledger = Ledger(run_dir)
     # A run that trained or was submitted has ledger records; without them (deleted, lost
     # with a file system) the checkpoints still tell how far it got.
-    jobs_expected = (run_dir / "checkpoints").is_dir() or (run_dir / "slurm").is_dir()
+    jobs_expected = checkpoints.checkpoints_of(run_dir).is_dir() or (run_dir / "slurm").is_dir()
     jobs = ledger.jobs() if ledger.exists() else []
     attempts = ledger.attempts() if ledger.exists() else []
     checkpoint = _latest_checkpoint(run_dir)
@@ -74,7 +66,7 @@ def run_status(run: Optional[str]) -> dict:
                            else ("running" if attempts and not attempts[-1]["outcome"] else "submitted", None))
     watcher = None
     if config.cluster.executor == "slurm" and ledger.exists():
-        from slurmvision.slurm.watcher import watcher_state
+        from slurmvision.launch.watcher import watcher_state
 
         watcher = watcher_state(run_dir)
     step_time = next((a["step_time"] for a in reversed(attempts) if a["step_time"]), None)
@@ -134,5 +126,6 @@ def format_status(status: dict) -> str:
         lines.append(f"    job {a['job_id']}.{a['restart']} on {a['nodes'] or '?'}{resized}: {steps}, {end}{lost}")
     for event in status["events"]:
         lines.append(f"  {event['source']}: {event['message']}")
+    lines.append(f"  logs:       slurmvision logs {status['run']} [--rank N] [--attempt K] [--coordinator] [-f]")
     lines.append(f"  tensorboard --logdir {status['tensorboard']}")
     return "\n".join(lines)

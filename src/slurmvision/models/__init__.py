@@ -6,8 +6,10 @@ import logging
 
 import torch
 
+from slurmvision.checkpoints import evaluated_weights, open_checkpoint
 from slurmvision.configs.schema import DistillConfig, ModelConfig
 from slurmvision.errors import CheckpointError, ConfigError
+from slurmvision.pretrained import timm_kwargs as pretrained_timm_kwargs
 from slurmvision.models import sgformer  # noqa: F401  registers the SG-Former variants with timm
 
 log = logging.getLogger(__name__)
@@ -28,7 +30,7 @@ def _create(key: str, name: str, kwargs_key: str, **kwargs) -> torch.nn.Module:
 
 
 def build_model(config: ModelConfig, num_classes: int) -> torch.nn.Module:
-    model = _create("model.name", config.name, "model.kwargs", pretrained=config.pretrained, num_classes=num_classes,
+    model = _create("model.name", config.name, "model.kwargs", **pretrained_timm_kwargs(config), num_classes=num_classes,
                     drop_path_rate=config.drop_path, **config.kwargs)
     if config.finetune_from:
         load_finetune_weights(model, config.finetune_from)
@@ -67,10 +69,7 @@ def load_weights(path: str, key: str) -> dict:
 
     source = Path(path)
     if source.is_dir():
-        from slurmvision.trainer.checkpoint import open_checkpoint
-
-        state = open_checkpoint(source).load_state()
-        return state.get("ema") or state["engine"]["model"]  # the weights the run was evaluated with
+        return evaluated_weights(open_checkpoint(source).load_state())
     if source.is_file():
         state = torch.load(source, map_location="cpu", weights_only=True)
         return state.get("model", state.get("state_dict", state))

@@ -8,7 +8,7 @@ from typing import Optional
 
 from slurmvision.configs.schema import ClusterConfig
 from slurmvision.errors import ClusterError
-from slurmvision.slurm.executor import run_slurm_command
+from slurmvision.slurm import client
 
 
 @dataclass
@@ -49,7 +49,7 @@ def parse_kill_wait(scontrol_config: str) -> Optional[int]:
 
 
 def partitions() -> dict[str, Partition]:
-    out = run_slurm_command(["sinfo", "--noheader", "--format=%P|%l|%G"])
+    out = client.partitions()
     found: dict[str, Partition] = {}
     for line in out.splitlines():
         if not line.strip():
@@ -83,7 +83,7 @@ def validate_cluster(cluster: ClusterConfig) -> None:
                            f"{partition.time_limit_min} min: lower it (checkpoints make long runs span several jobs)")
     # The shortest time Slurm leaves after a SIGTERM: scancel, requeue and the time limit give
     # KillWait; preemption gives the partition's GraceTime first, then KillWait.
-    kill_wait = parse_kill_wait(run_slurm_command(["scontrol", "show", "config"]))
+    kill_wait = parse_kill_wait(client.cluster_config())
     if kill_wait is not None and cluster.sigterm_grace_s > kill_wait:
         raise ClusterError(f"cluster.sigterm_grace_s={cluster.sigterm_grace_s} but this cluster kills a job {kill_wait}s "
                            f"after its SIGTERM (KillWait): set cluster.sigterm_grace_s={kill_wait}, or a step planned "

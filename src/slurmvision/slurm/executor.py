@@ -1,28 +1,67 @@
 """submitit executors from a cluster profile, and the sbatch script a launch would submit.
 
+With `cluster.container`, the tasks run in the image: pyxis through srun's `--container-image`
+and `--container-mounts`, Apptainer/Singularity as the tasks' interpreter (`apptainer exec --nv
+--bind ... IMAGE python3`, submitit's `python=`). The batch script itself, the run-directory
+check of each attempt and the watcher job stay on the host: they call Slurm's commands, which
+images seldom carry, and need no GPU. Every task runs with HF_HUB_OFFLINE=1: the ranks never
+download pretrained weights (slurmvision.pretrained fetches them on the login node).
+
 Login-node code: imports submitit, never torch.
 """
 
 from __future__ import annotations
 
+import os
 import shlex
-import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
-from slurmvision.configs.schema import ClusterConfig
-from slurmvision.errors import ClusterError
+from slurmvision.configs.schema import ClusterConfig, mounted
 
-
-def python_command() -> str:
-    """This interpreter, without the working directory on its module path (-P): a job starts in the
-    directory it was submitted from, where anyone with write access could plant a module."""
-    return f"{shlex.quote(sys.executable)} -P"
+# The ranks load pretrained weights from files fetched before submission, never from the network.
+OFFLINE = "--export=ALL,HF_HUB_OFFLINE=1"
 
 
-def slurm_parameters(cluster: ClusterConfig, run_dir: Path, job_name: str, comment: str) -> dict[str, Any]:
-    """submitit SlurmExecutor parameters: one task per GPU, requeue allowed, signal before the limit."""
+def python_command(cluster: ClusterConfig) -> str:
+    """The compute nodes' interpreter on the host (cluster.python, default this one), without the working
+    directory on its module path (-P): a job starts in the directory it was submitted from, where anyone
+    with write access could plant a module."""
+    return f"{shlex.quote(cluster.python or sys.executable)} -P"
+
+
+def _mounts(cluster: ClusterConfig, run_dirs: Iterable[Path]) -> list[str]:
+    """The profile's mounts, and each run directory where the job finds it: at its real path (the trainer
+    resolves it) and, if a symlink leads there, at the path submitit was given."""
+    mounts = list(cluster.container.mounts)
+    for run_dir in run_dirs:
+        real, given = os.path.realpath(run_dir), os.path.abspath(run_dir)
+        for path in dict.fromkeys([real, given]):
+            if not mounted(path, mounts):
+                mounts.append(real if path == real else f"{real}:{path}")
+    return mounts
+
+
+def task_command(cluster: ClusterConfig, run_dirs: Iterable[Path]) -> tuple[str, list[str]]:
+    """(the tasks' python command, srun options that put them in the container)."""
+    container = cluster.container
+    if not container.runtime:
+        return python_command(cluster), []
+    mounts = _mounts(cluster, run_dirs)
+    python = f"{shlex.quote(container.python)} -P"
+    if container.runtime == "pyxis":
+        return python, [f"--container-image={container.image}", f"--container-mounts={','.join(mounts)}",
+                        *container.args]
+    gpus = ["--nv"] if cluster.gpus_per_node else []
+    runtime = [container.runtime, "exec", *gpus, "--bind", ",".join(mounts), *container.args, container.image]
+    return f"{shlex.join(runtime)} {python}", []
+
+
+def slurm_parameters(cluster: ClusterConfig, run_dir: Path, job_name: str, comment: str,
+                     also_check: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """submitit SlurmExecutor parameters: one task per GPU, requeue allowed, signal before the limit.
+    `also_check`: run directories each attempt checks besides `run_dir` (a sweep's runs, in one job array)."""
     params: dict[str, Any] = {
         "job_name": job_name,
         "comment": comment,
@@ -35,7 +74,7 @@ def slurm_parameters(cluster: ClusterConfig, run_dir: Path, job_name: str, comme
         "additional_parameters": {"requeue": True, **cluster.additional},
         # A rank that dies takes the others with it: without this they could wait in a
         # collective until the time limit.
-        "srun_args": ["--kill-on-bad-exit=1"],
+        "srun_args": ["--kill-on-bad-exit=1", OFFLINE, *task_command(cluster, (run_dir, *also_check))[1]],
     }
     if cluster.gpus_per_node:
         params["gpus_per_node"] = cluster.gpus_per_node
@@ -52,22 +91,24 @@ def slurm_parameters(cluster: ClusterConfig, run_dir: Path, job_name: str, comme
         setup.append(f"export SLURM_NTASKS={tasks} SLURM_NPROCS={tasks}")
     # Each attempt (a requeue runs this script again) checks that no one else could have written
     # the run directory before submitit unpickles the job from it (slurmvision.slurm.rundir).
-    setup.append(f"{python_command()} -m slurmvision.slurm.rundir {shlex.quote(str(run_dir))} || exit 3")
+    for folder in (run_dir, *also_check):
+        setup.append(f"{python_command(cluster)} -m slurmvision.slurm.rundir {shlex.quote(str(folder))} || exit 3")
     params["setup"] = setup
     if cluster.signal != "USR2":  # submitit writes --signal=USR2@delay; replace the signal name
         params["additional_parameters"]["signal"] = f"{cluster.signal}@{cluster.signal_delay_s}"
     return params
 
 
-def make_executor(cluster: ClusterConfig, folder: Path, job_name: str, comment: str):
+def make_executor(cluster: ClusterConfig, folder: Path, job_name: str, comment: str, also_check: tuple[Path, ...] = ()):
     import submitit
 
     if cluster.executor == "local":
         executor = submitit.LocalExecutor(folder=str(folder))
         executor.update_parameters(tasks_per_node=cluster.tasks_per_node, nodes=1, timeout_min=cluster.time_min)
         return executor
-    executor = submitit.SlurmExecutor(folder=str(folder), python=python_command())
-    executor.update_parameters(**slurm_parameters(cluster, folder.parent, job_name, comment))
+    python = task_command(cluster, (folder.parent, *also_check))[0]
+    executor = submitit.SlurmExecutor(folder=str(folder), python=python)
+    executor.update_parameters(**slurm_parameters(cluster, folder.parent, job_name, comment, also_check))
     return executor
 
 
@@ -75,21 +116,7 @@ def sbatch_script(cluster: ClusterConfig, folder: Path, job_name: str, comment: 
     """The script `launch` would submit (for --dry-run), as submitit writes it."""
     from submitit.slurm.slurm import _make_sbatch_string
 
-    command = " ".join([python_command(), "-u", "-m", "submitit.core._submit", shlex.quote(str(folder))])
+    python = task_command(cluster, (folder.parent,))[0]
+    command = " ".join([python, "-u", "-m", "submitit.core._submit", shlex.quote(str(folder))])
     return _make_sbatch_string(command=command, folder=str(folder),
                                **slurm_parameters(cluster, folder.parent, job_name, comment))
-
-
-def run_slurm_command(args: list[str], timeout: float = 30) -> str:
-    """stdout of a Slurm client command, or a ClusterError that says how to reach the cluster."""
-    try:
-        result = subprocess.run(args, capture_output=True, text=True, timeout=timeout)
-    except FileNotFoundError:
-        raise ClusterError(f"`{args[0]}` not found: run this on a Slurm login node, or start the local test cluster with `make slurm-up`") from None
-    except subprocess.TimeoutExpired:
-        raise ClusterError(f"`{' '.join(args)}` did not answer in {timeout:.0f}s: is slurmctld up? (`make slurm-up` for the local cluster)") from None
-    if result.returncode != 0:
-        message = (result.stderr or result.stdout).strip().splitlines()
-        raise ClusterError(f"`{' '.join(args)}` failed: {message[-1] if message else 'exit ' + str(result.returncode)}"
-                           " (for the local cluster: `make slurm-up`, then the `export SLURM_CONF=...` line it prints)")
-    return result.stdout

@@ -27,6 +27,8 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
+from slurmvision.slurm.causes import Outcome, StopReason
+
 log = logging.getLogger(__name__)
 LEDGER_DIR = "ledger"
 ATTEMPT_FIELDS = ("job_id", "restart", "nodes", "world_size", "started", "ended", "step_start", "step_reached",
@@ -75,8 +77,8 @@ class Ledger:
                          step_time: Optional[float] = None) -> None:
         self._append("progress", job_id=job_id, restart=restart, step=step, saved=saved, step_time=step_time)
 
-    def attempt_ended(self, job_id: str, restart: int, *, outcome: str, step: int, signal: Optional[str] = None,
-                      error: Optional[str] = None) -> None:
+    def attempt_ended(self, job_id: str, restart: int, *, outcome: Outcome, step: int,
+                      signal: Optional[StopReason] = None, error: Optional[str] = None) -> None:
         self._append("ended", job_id=job_id, restart=restart, outcome=outcome, step=step, signal=signal, error=error)
 
     def set_cause(self, job_id: str, restart: int, cause: str) -> None:
@@ -196,7 +198,7 @@ class _Tables:
         attempt = self._attempt(r)
         attempt.update(ended=r["t"], outcome=r["outcome"], signal=r["signal"], error=r["error"],
                        step_reached=max(attempt["step_reached"] or 0, r["step"]))
-        if r["outcome"] == "finished":
+        if r["outcome"] == Outcome.FINISHED:
             attempt["lost_steps"] = 0
 
     def _cause(self, r: dict) -> None:
@@ -241,7 +243,8 @@ class AttemptRecorder:
             self._last = now
             self._write("attempt_progress", self.job_id, self.restart, step=step, saved=saved, step_time=step_time)
 
-    def ended(self, outcome: str, step: int, signal: Optional[str] = None, error: Optional[str] = None) -> None:
+    def ended(self, outcome: Outcome, step: int, signal: Optional[StopReason] = None,
+              error: Optional[str] = None) -> None:
         self._write("attempt_ended", self.job_id, self.restart, outcome=outcome, step=step, signal=signal, error=error)
 
     def note(self, message: str) -> None:

@@ -1,19 +1,15 @@
-"""Atomic, verifiable checkpoints written by all ranks together.
+"""Atomic, verifiable checkpoints written by all ranks together, in the format of
+`slurmvision.checkpoints` (its layout is described there).
 
-Layout of `<run>/checkpoints/step-00000100/`: `state.pt` (model, optimizer, scaler, EMA:
-everything replicated, from rank 0), `rank-00000.pt`... (each rank's RNG and data position),
-`meta.json`, and `MANIFEST.json` with every file's size and sha256, written last. The
-directory is built as `step-N.tmp/` and renamed into place; `latest` is then replaced
-atomically. A checkpoint counts only if its manifest verifies. Files hold tensors and
-plain containers only, and are loaded with `weights_only=True`. Rank 0 alone chooses the
-checkpoint a run resumes from (`CheckpointManager.resume`).
+The directory is built as `step-N.tmp/` and renamed into place; `latest` is then replaced
+atomically. Files hold tensors and plain containers only, and are loaded with
+`weights_only=True`. Rank 0 alone chooses the checkpoint a run resumes from
+(`CheckpointManager.resume`).
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
-import logging
 import os
 import random
 import shutil
@@ -24,12 +20,10 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
+from slurmvision.checkpoints import (LATEST, MANIFEST, META, STATE, Checkpoint, check_format, checkpoint_dirs,
+                                     latest, leftovers, manifest_text, meta_text, rank_file, step_dir, verify)
 from slurmvision.errors import CheckpointError
 from slurmvision.trainer.distributed import DistEnv, all_reduce_sum, barrier, broadcast_object
-from slurmvision.trainer.manifest import (FORMAT_VERSION, MANIFEST, META, STATE, checkpoint_dirs, find_checkpoint,
-                                          rank_file, read_meta, sha256_file, verify)
-
-log = logging.getLogger(__name__)
 
 
 def params_sha256(model_state: dict[str, torch.Tensor]) -> str:
@@ -90,22 +84,6 @@ def set_rng_state(state: dict) -> None:
 
 
 @dataclass
-class Checkpoint:
-    path: Path
-    meta: dict
-
-    @property
-    def step(self) -> int:
-        return int(self.meta["step"])
-
-    def load_state(self) -> dict:
-        return torch.load(self.path / STATE, map_location="cpu", weights_only=True)
-
-    def load_rank(self, rank: int) -> dict:
-        return torch.load(self.path / rank_file(rank), map_location="cpu", weights_only=True)
-
-
-@dataclass
 class Resumed:
     checkpoint: Checkpoint
     shared: dict  # state.pt: model, optimizer, step, data position, config
@@ -122,12 +100,7 @@ class CheckpointManager:
 
     def latest_valid(self) -> Optional[Checkpoint]:
         """The newest checkpoint that verifies as this process sees it; broken newer ones are skipped with a warning."""
-        for path in self.candidates():
-            problem = verify(path)
-            if problem is None:
-                return Checkpoint(path, read_meta(path))
-            log.warning("skipping checkpoint %s: %s", path, problem)
-        return None
+        return latest(self.dir)
 
     def resume(self) -> Optional[Resumed]:
         """Collective: the checkpoint to resume from, loaded on every rank (None: start afresh).
@@ -142,6 +115,7 @@ class CheckpointManager:
         if name is None:
             return None
         checkpoint, error = Checkpoint(self.dir / name, meta), None
+        check_format(meta, checkpoint.path)  # on every rank alike: the meta record is rank 0's
         try:
             shared = checkpoint.load_state()
             own = checkpoint.load_rank(self.env.rank) if meta["world_size"] == self.env.world_size else None
@@ -157,8 +131,7 @@ class CheckpointManager:
 
     def save(self, step: int, shared: dict, per_rank: dict, meta: dict) -> Path:
         """Collective: every rank calls it. Rank 0 writes the shared state and commits."""
-        final = self.dir / f"step-{step:08d}"
-        tmp = self.dir / f"step-{step:08d}.tmp"
+        final, tmp = step_dir(self.dir, step), step_dir(self.dir, step, tmp=True)
         if self.env.is_main:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
@@ -188,12 +161,11 @@ class CheckpointManager:
         return final
 
     def _commit(self, tmp: Path, final: Path, meta: dict) -> None:
-        _write_text(tmp / META, json.dumps({**meta, "format_version": FORMAT_VERSION}, indent=1, sort_keys=True))
-        files = {p.name: {"bytes": p.stat().st_size, "sha256": sha256_file(p)} for p in sorted(tmp.iterdir())}
-        _write_text(tmp / (MANIFEST + ".tmp"), json.dumps({"files": files}, indent=1))
+        _write_text(tmp / META, meta_text(meta))
+        _write_text(tmp / (MANIFEST + ".tmp"), manifest_text(tmp))
         os.replace(tmp / (MANIFEST + ".tmp"), tmp / MANIFEST)
         _fsync_dir(tmp)
-        # From here `tmp` is a checkpoint (manifest.checkpoint_dirs). A step saved again (its old
+        # From here `tmp` is a checkpoint (checkpoints.checkpoint_dirs). A step saved again (its old
         # copy did not verify) replaces the old copy only now, by renames, never by deleting the
         # only valid copy first: a SIGKILL at any point leaves one, even with keep_checkpoints=1.
         if final.exists():
@@ -201,8 +173,8 @@ class CheckpointManager:
             shutil.rmtree(old, ignore_errors=True)
             os.replace(final, old)
         os.replace(tmp, final)
-        _write_text(self.dir / "latest.tmp", final.name + "\n")
-        os.replace(self.dir / "latest.tmp", self.dir / "latest")
+        _write_text(self.dir / (LATEST + ".tmp"), final.name + "\n")
+        os.replace(self.dir / (LATEST + ".tmp"), self.dir / LATEST)
         _fsync_dir(self.dir)
         self._prune(final)
 
@@ -215,15 +187,5 @@ class CheckpointManager:
         # Sizes, not hashes: hashing every kept checkpoint on each save would cost minutes on
         # large models. Loading still verifies hashes.
         kept = set(newer + [path for path in older if verify(path, hashes=False) is None][:self.keep])
-        for path in self.dir.glob("step-*"):
-            if path not in kept:
-                shutil.rmtree(path, ignore_errors=True)
-
-
-def open_checkpoint(path: str | Path) -> Checkpoint:
-    """A checkpoint directory, or the newest valid one of a run or checkpoints directory."""
-    found = find_checkpoint(path)
-    problem = verify(found)
-    if problem:
-        raise CheckpointError(f"checkpoint {found} is not valid: {problem}")
-    return Checkpoint(found, read_meta(found))
+        for path in leftovers(self.dir, kept):
+            shutil.rmtree(path, ignore_errors=True)

@@ -14,14 +14,14 @@ from __future__ import annotations
 
 import logging
 import os
-import subprocess
 import time
 from collections import deque
 from datetime import datetime
 from typing import Optional
 
 from slurmvision.configs.schema import ClusterConfig
-from slurmvision.slurm.job import SLURM_TIMEOUT_S
+from slurmvision.errors import ClusterError
+from slurmvision.slurm.client import job_end_time
 from slurmvision.trainer.signals import WARNINGS, StopRequest
 
 log = logging.getLogger(__name__)
@@ -32,11 +32,10 @@ MARGIN_S = 10.0  # process exit and the requeue itself
 class StepTimes:
     """Recent durations of micro-steps, steps, saves and evaluations on this rank."""
 
-    def __init__(self, window: int = 50):
+    def __init__(self, window: int = 50, save_s: float = 0.0, eval_s: float = 0.0):
         self.micro: deque[float] = deque(maxlen=window)
         self.steps: deque[float] = deque(maxlen=window)
-        self.save_s = 0.0
-        self.eval_s = 0.0
+        self.save_s, self.eval_s = save_s, eval_s
 
     def to_finish(self, micro_left: int) -> float:
         """Seconds to finish a step with `micro_left` micro-steps to go, then save."""
@@ -81,13 +80,10 @@ class TimeLimit:
         if not self.job_id:
             return None
         try:
-            # Epoch seconds whatever the user's SLURM_TIME_FORMAT.
-            out = subprocess.run(["squeue", "-h", "-j", self.job_id, "-o", "%e"], capture_output=True, text=True,
-                                 timeout=SLURM_TIMEOUT_S, env={**os.environ, "SLURM_TIME_FORMAT": "%s"}).stdout
-        except (OSError, subprocess.TimeoutExpired) as err:
+            return parse_end_time(job_end_time(self.job_id))
+        except ClusterError as err:
             log.warning("cannot read the job's end time (%s): stopping before the time limit relies on its warning", err)
             return None
-        return parse_end_time(out.splitlines()[0] if out else "")
 
     def too_close(self, times: StepTimes, evaluates: bool) -> bool:
         """Whether the next step and a save would end after the time limit.

@@ -1,6 +1,6 @@
 """The DeepSpeed engine: ZeRO stage 0/1/2/3 in fp32, bf16 or fp16 (torch autocast inside
 DeepSpeed, fp32 weights; fp16 with a dynamic loss scale), behind the loop's engine interface
-(see trainer.engine).
+(trainer.engine.Engine).
 
 Gradient accumulation is the loop's (DeepSpeed's `managed_gradient_accumulation=false`):
 every micro-step calls `backward`, the step calls `step` once, as with DDP.
@@ -8,9 +8,8 @@ every micro-step calls `backward`, the step calls `step` once, as with DDP.
 Checkpoints hold no DeepSpeed files and do not depend on the world size: the full fp32
 weights and the full optimizer state of every parameter, gathered from the ZeRO partitions
 (DeepSpeed's flat fp32 groups) on save and cut into the new ranks' partitions on load.
-A run saved on 2 ranks resumes on 1 or on 4, which DeepSpeed's own checkpoints cannot.
-ZeRO 1/2 cut one flat group into equal slices, one per rank; ZeRO-3 cuts every parameter
-into equal (padded) slices and concatenates a rank's slices.
+A run saved on 2 ranks resumes on 1 or on 4, which DeepSpeed's own checkpoints cannot. How
+each ZeRO stage cuts them is in trainer.zero.
 """
 
 from __future__ import annotations
@@ -25,7 +24,8 @@ import torch.distributed as dist
 
 from slurmvision.configs.schema import Config
 from slurmvision.errors import RunError
-from slurmvision.trainer.engine import build_optimizer, check_loss_scale
+from slurmvision.trainer.optim import build_optimizer, check_loss_scale
+from slurmvision.trainer.zero import FlatPartitions, ParameterPartitions, check_version
 
 
 def deepspeed_config(config: Config, grad_accum: Optional[int] = None) -> dict:
@@ -99,6 +99,7 @@ class DeepSpeedEngine:
             os.environ.setdefault("DS_ACCELERATOR", "cpu")
         import deepspeed
 
+        check_version(deepspeed.__version__)
         # DeepSpeed calls torch.distributed's deprecated *_tensor collectives every step, and
         # each call would print the deprecation again into the rank's log.
         warnings.filterwarnings("ignore", category=FutureWarning, message=r"`torch\.distributed\.\w+` is deprecated")
@@ -119,14 +120,15 @@ class DeepSpeedEngine:
             self.model.compile()
         # ZeRO keeps fp32 master weights and optimizer state as flat, per-rank partitions.
         self.zero = self.model.optimizer if trainer.zero_stage else None
-        self.stage = trainer.zero_stage
+        self.layout = ParameterPartitions(self.zero) if trainer.zero_stage == 3 else FlatPartitions(self.zero)
         # fp16: without ZeRO, DeepSpeed drives a torch GradScaler (ours, for its initial scale);
         # ZeRO needs our own scale.
         self.scaler = None
         if trainer.precision == "fp16":
             initial_scale = 2.0**trainer.initial_scale_power
             if self.zero is None:
-                self.scaler = self.model.torch_autocast_z0_gradscaler = torch.amp.GradScaler(device.type, init_scale=initial_scale)
+                self.scaler = torch.amp.GradScaler(device.type, init_scale=initial_scale)
+                self.model.torch_autocast_z0_gradscaler = self.scaler
             else:
                 self.zero.torch_autocast_gradscaler = None
                 self.scaler = DynamicLossScale(initial_scale)
@@ -163,67 +165,12 @@ class DeepSpeedEngine:
     def loss_scale(self) -> Optional[float]:
         return None if self.scaler is None else float(self.scaler.get_scale())
 
-    def _groups(self) -> list[tuple[list[torch.nn.Parameter], torch.Tensor]]:
-        """(parameters, this rank's flat fp32 partition of them) for each ZeRO group."""
-        if self.stage == 3:
-            return list(zip(self.zero.fp16_groups, self.zero.fp32_partitioned_groups_flat))
-        return list(zip(self.zero.round_robin_bit16_groups, self.zero.single_partition_of_fp32_groups))
-
-    def _split(self, params: list[torch.nn.Parameter], slices: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Every parameter's full tensor from all ranks' flat partitions, in the group's order."""
-        if self.stage == 3:
-            fulls, offset = [], 0
-            for param in params:
-                size = param.ds_tensor.numel()
-                fulls.append(torch.cat([s[offset:offset + size] for s in slices])[:param.ds_numel].view(param.ds_shape))
-                offset += size
-            return fulls
-        flat, offset, fulls = torch.cat(slices), 0, []
-        for param in params:
-            fulls.append(flat[offset:offset + param.numel()].view_as(param))
-            offset += param.numel()
-        return fulls
-
-    def _own_slice(self, params: list[torch.nn.Parameter], fulls: list[torch.Tensor], partition: torch.Tensor) -> torch.Tensor:
-        """This rank's flat partition of the given full tensors (the inverse of `_split`)."""
-        rank, world = dist.get_rank(), dist.get_world_size()
-        pad = torch.nn.functional.pad
-        if self.stage == 3:
-            pieces = []
-            for param, full in zip(params, fulls):
-                size = param.ds_tensor.numel()
-                pieces.append(pad(full.reshape(-1).float(), (0, size * world - full.numel()))[rank * size:(rank + 1) * size])
-            flat = torch.cat(pieces)
-            return pad(flat, (0, partition.numel() - flat.numel())).to(partition.device)
-        size = partition.numel()
-        flat = pad(torch.cat([t.reshape(-1).float() for t in fulls]), (0, size * world - sum(t.numel() for t in fulls)))
-        return flat[rank * size:(rank + 1) * size].to(partition.device)
-
-    def model_state(self, everywhere: bool = True) -> dict:
-        """The full model state dict; with `everywhere=False` only rank 0 gets it (a collective
-        with ZeRO-3, whose ranks hold slices of the weights: gathered one parameter at a time)."""
-        if self.stage != 3:
-            return self.module.state_dict()
-        import deepspeed
-
-        keep = everywhere or dist.get_rank() == 0
-        params = dict(self.module.named_parameters())
-        # The buffers as they are: ZeRO-3 partitions only the parameters.
-        state = {n: t.detach().clone().cpu() for n, t in self.module.state_dict().items() if keep and n not in params}
-        for name, param in params.items():
-            with deepspeed.zero.GatheredParameters([param]):
-                if keep:
-                    state[name] = param.detach().clone().cpu()
-        return state
+    def model_state(self) -> dict:
+        """The full model state dict on every rank (a collective with ZeRO-3)."""
+        return self.layout.model_state(self.module)
 
     def eval_module(self, build) -> torch.nn.Module:
-        """A module to evaluate with: ranks evaluate different numbers of batches, which ZeRO-3's
-        per-layer gathers cannot, so under ZeRO-3 a full copy is built with `build()`."""
-        if self.stage != 3:
-            return self.module
-        module = build()
-        module.load_state_dict(self.model_state())
-        return module.to(self.device)
+        return self.layout.eval_module(self.module, build, self.device)
 
     def state_dict(self) -> dict:
         """World-size-independent state; a collective. Only rank 0, which saves it, holds it whole:
@@ -231,44 +178,23 @@ class DeepSpeedEngine:
         scaler = {"scaler": self.scaler.state_dict()} if self.scaler is not None else {}
         if self.zero is None:  # ZeRO 0: a plain, replicated optimizer
             return {"model": self.module.state_dict(), "optimizer": self.model.optimizer.state_dict(), **scaler}
-        main = dist.get_rank() == 0
+        model = self.layout.checkpoint_weights(self.module, self._gather_to_main)
         names = {id(p): n for n, p in self.module.named_parameters()}
         moments, steps = {}, []
-        # ZeRO 1/2: the fp32 master weights are the model's; ZeRO-3 gathers them from the partitions.
-        model = self.model_state(everywhere=False) if self.stage == 3 else {}
-        for params, partition in self._groups():
+        for params, partition in self.layout.groups():
             slot = self.zero.optimizer.state.get(partition, {})
             keys = sorted(k for k, v in slot.items() if torch.is_tensor(v) and v.shape == partition.shape)
-            gathered = [*([("master", partition)] if self.stage != 3 else []), *((k, slot[k]) for k in keys)]
-            fulls = {key: self._gather_to_main(tensor) for key, tensor in gathered}
-            if not main:
+            fulls = {key: self._gather_to_main(slot[key]) for key in keys}
+            if dist.get_rank() != 0:
                 continue
-            fulls = {key: self._split(params, slices) for key, slices in fulls.items()}
+            fulls = {key: self.layout.split(params, slices) for key, slices in fulls.items()}
             for j, param in enumerate(params):
-                name = names[id(param)]
-                if self.stage != 3:
-                    model[name] = fulls["master"][j].clone()
-                moments[name] = {k: fulls[k][j].clone() for k in keys}
+                moments[names[id(param)]] = {k: fulls[k][j].clone() for k in keys}
             steps.append(slot["step"].clone().cpu() if torch.is_tensor(slot.get("step")) else torch.tensor(0.0))
-        if main and self.stage != 3:  # frozen parameters and buffers are not in the optimizer's groups
-            model = {n: model.get(n, t).cpu() for n, t in self.module.state_dict().items()}
         return {"model": model, "optimizer_state": moments, "optimizer_steps": steps, **scaler}
 
     def load_state_dict(self, state: dict) -> None:
-        if self.stage == 3:
-            import deepspeed
-
-            params = dict(self.module.named_parameters())
-            missing = params.keys() - state["model"].keys()
-            if missing:
-                raise RunError(f"the checkpoint lacks weights of this model: {', '.join(sorted(missing)[:5])}")
-            # One parameter at a time: leaving the context re-partitions the loaded weights.
-            for name, param in params.items():
-                with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
-                    param.data.copy_(state["model"][name])
-            self.module.load_state_dict({n: t for n, t in state["model"].items() if n not in params}, strict=False)
-        else:
-            self.module.load_state_dict(state["model"])
+        self.layout.load_weights(self.module, state["model"])
         if ("optimizer" in state) != (self.zero is None):
             saved = "a plain optimizer (ZeRO stage 0)" if "optimizer" in state else "ZeRO-partitioned optimizer state"
             raise RunError(f"this checkpoint holds {saved}: resume it with the trainer.zero_stage it was saved with")
@@ -280,12 +206,12 @@ class DeepSpeedEngine:
             self.model.optimizer.load_state_dict(state["optimizer"])
             return
         names = {id(p): n for n, p in self.module.named_parameters()}
-        steps = state["optimizer_steps"]
-        for i, (params, partition) in enumerate(self._groups()):
-            partition.data.copy_(self._own_slice(params, [state["model"][names[id(p)]] for p in params], partition))
+        own_slice, steps = self.layout.own_slice, state["optimizer_steps"]
+        for i, (params, partition) in enumerate(self.layout.groups()):
+            partition.data.copy_(own_slice(params, [state["model"][names[id(p)]] for p in params], partition))
             keys = state["optimizer_state"][names[id(params[0])]].keys()
             if keys:  # saved before the first step, the optimizer had no state yet
-                slot = {k: self._own_slice(params, [state["optimizer_state"][names[id(p)]][k] for p in params], partition)
+                slot = {k: own_slice(params, [state["optimizer_state"][names[id(p)]][k] for p in params], partition)
                         for k in keys}
                 # Every group steps together: a checkpoint from another stage may group differently.
                 self.zero.optimizer.state[partition] = {**slot, "step": steps[min(i, len(steps) - 1)].clone()}

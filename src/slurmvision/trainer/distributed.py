@@ -10,8 +10,8 @@ import logging
 import os
 import re
 import socket
-from dataclasses import dataclass
-from typing import Any, Optional
+from dataclasses import dataclass, fields
+from typing import Any, Optional, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -20,6 +20,7 @@ from slurmvision.errors import RunError
 from slurmvision.slurm import hostlist
 
 log = logging.getLogger(__name__)
+Record = TypeVar("Record")
 
 
 @dataclass(frozen=True)
@@ -125,6 +126,13 @@ def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
     if dist.is_initialized():
         dist.all_reduce(tensor)
     return tensor.tolist()
+
+
+def agree(record: type[Record], device: torch.device, **local: float) -> Record:
+    """A collective: `record` (a dataclass of numbers) with each field summed over all ranks,
+    this rank's values given by field name. One all-reduce, whatever the number of fields."""
+    names = [f.name for f in fields(record)]
+    return record(*all_reduce_sum([float(local[name]) for name in names], device))
 
 
 def broadcast_object(obj: Any) -> Any:

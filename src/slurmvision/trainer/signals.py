@@ -13,6 +13,8 @@ import signal
 import time
 from typing import Optional
 
+from slurmvision.slurm.causes import StopReason
+
 log = logging.getLogger(__name__)
 WARNINGS = (signal.SIGUSR1, signal.SIGUSR2)
 STOP_SIGNALS = (*WARNINGS, signal.SIGTERM, signal.SIGINT)
@@ -51,7 +53,7 @@ class StopRequest:
         return "+".join(signal.Signals(signum).name for signum in self.received) or "none"
 
 
-def reported_signal(warnings: float, configured: str) -> str:
+def reported_signal(warnings: float, configured: str) -> StopReason:
     """The signal every rank reports for a stop: the profile's warning (`cluster.signal`) if any
     rank got a warning, else SIGTERM."""
-    return f"SIG{configured}" if warnings else "SIGTERM"
+    return StopReason(f"SIG{configured}") if warnings else StopReason.SIGTERM

@@ -20,23 +20,24 @@ import os
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
 from typing import Callable, Optional
 
 from slurmvision.configs import load_saved_config
 from slurmvision.errors import ClusterError, RunError
-from slurmvision.slurm import causes, hostlist, queue
-from slurmvision.slurm.causes import SlurmAttempt, classify
+from slurmvision.slurm import client, hostlist
+from slurmvision.slurm.causes import Cause, Outcome, SlurmAttempt, classify
+from slurmvision.slurm.client import in_queue, node_states, sacct_attempts
 from slurmvision.slurm.ledger import Ledger
-from slurmvision.slurm.queue import in_queue, node_states, sacct_attempts
 from slurmvision.slurm.rundir import UnsafeRunDir, check_run_dir
 
 log = logging.getLogger("slurmvision.coordinator")
 # Ends a new job would meet again: the run stops with this advice. Every other end is retried.
 ADVICE = {
-    causes.OOM: "out of memory: lower data.batch_size (raise trainer.grad_accum to keep the global batch), "
+    Cause.OOM: "out of memory: lower data.batch_size (raise trainer.grad_accum to keep the global batch), "
                 "or set model.grad_checkpointing=true, then relaunch",
-    causes.USER_CANCEL: "the job was cancelled by a user; relaunch the same config to resume it",
+    Cause.USER_CANCEL: "the job was cancelled by a user; relaunch the same config to resume it",
 }
 # sacct lags a fresh submission by seconds; a job that neither it nor squeue knows this long after
 # its submission has ended without a trace (an accounting database that lost it).
@@ -48,16 +49,23 @@ UNUSABLE = ("down", "drain", "drng", "fail", "maint", "*")
 SUBMIT_FAILURES = 5
 
 
+class Action(StrEnum):
+    WAIT = "wait"
+    RESUBMIT = "resubmit"
+    FINISHED = "finished"
+    STOP = "stop"
+
+
 @dataclass
 class Decision:
-    action: str  # wait, resubmit, finished, stop
+    action: Action
     message: str = ""
     exclude: tuple[str, ...] = ()
     delay_s: float = 0.0  # back-off before resubmitting; for a wait, how long until the next try
 
     @property
     def final(self) -> bool:
-        return self.action in ("finished", "stop")
+        return self.action in (Action.FINISHED, Action.STOP)
 
 
 def _log_tail(run_dir: Path, job_id: str, size: int = 4000) -> str:
@@ -74,9 +82,9 @@ class Coordinator:
                  attempts_of: Callable[[str], list[SlurmAttempt]] = sacct_attempts,
                  queued: Callable[[str], bool] = in_queue, submit: Optional[Callable] = None,
                  node_states: Callable[[list[str]], dict[str, str]] = node_states,
-                 pending_nodes: Callable[[str], Optional[int]] = queue.pending_nodes,
-                 partition_states: Callable[[Optional[str]], dict[str, str]] = queue.partition_node_states,
-                 resize: Callable[[str, int, int], None] = queue.resize_pending):
+                 pending_nodes: Callable[[str], Optional[int]] = client.pending_nodes,
+                 partition_states: Callable[[Optional[str]], dict[str, str]] = client.partition_node_states,
+                 resize: Callable[[str, int, int], None] = client.resize_pending):
         self.run_dir = Path(run_dir)
         self.config = load_saved_config(self.run_dir)
         if self.config.cluster.executor != "slurm":
@@ -121,34 +129,34 @@ class Coordinator:
             check_run_dir(self.run_dir)
         except UnsafeRunDir as err:  # resubmitting would run what someone else may have written
             self.ledger.put("stopped", str(err))
-            return Decision("stop", str(err))
+            return Decision(Action.STOP, str(err))
         try:
             slurm = self.attempts_of(job["job_id"])
             ended = self._ended(job, slurm)
         except ClusterError as err:  # Slurm's tools down or slow: look again next time
             log.warning("cannot read the state of job %s: %s", job["job_id"], err)
-            return Decision("wait", f"Slurm unreachable: {err}")
+            return Decision(Action.WAIT, f"Slurm unreachable: {err}")
         if ended and not slurm:
             log.warning("job %s is neither in the queue nor in sacct %.0fs after its submission: taken as ended",
                         job["job_id"], time.time() - job["submitted"])
             slurm = [SlurmAttempt("UNKNOWN", "", "")]
         self._record_causes(job["job_id"], slurm)
         if self._finished():
-            return Decision("finished", f"run finished: step {self.config.trainer.max_steps} reached")
+            return Decision(Action.FINISHED, f"run finished: step {self.config.trainer.max_steps} reached")
         if not ended:
             if self.config.cluster.elastic:
                 self._fit_waiting_job(job["job_id"])
-            return Decision("wait")
+            return Decision(Action.WAIT)
         if job["handled"]:  # stopped earlier: say so again (a relaunch submits a new job)
-            return Decision("stop", self.ledger.get("stopped", "run stopped"))
+            return Decision(Action.STOP, self.ledger.get("stopped", "run stopped"))
         decision = self.decide(job, slurm)
-        if decision.action == "resubmit":
+        if decision.action == Action.RESUBMIT:
             # The back-off is kept in the ledger: a restarted coordinator honours it.
             key = f"resubmit_after:{job['job_id']}"
             if self.ledger.get(key) is None:
                 self.ledger.put(key, time.time() + decision.delay_s)
             if time.time() < self.ledger.get(key):
-                return Decision("wait", f"backing off until {time.ctime(self.ledger.get(key))}",
+                return Decision(Action.WAIT, f"backing off until {time.ctime(self.ledger.get(key))}",
                                 delay_s=self.ledger.get(key) - time.time())
             try:
                 new_id = self.resubmit(decision)
@@ -158,7 +166,7 @@ class Coordinator:
             decision.message += f"; job {new_id} submitted"
             self.ledger.event("coordinator", decision.message)
             log.info("%s", decision.message)
-        elif decision.action == "stop":
+        elif decision.action == Action.STOP:
             self.ledger.put("stopped", decision.message)
             self.ledger.mark_handled(job["job_id"])
         return decision
@@ -179,7 +187,7 @@ class Coordinator:
         if failures >= SUBMIT_FAILURES:
             self.ledger.put(f"submit_failures:{job_id}", 0)
             self.ledger.put(f"resubmit_after:{job_id}", time.time())
-            return Decision("stop", f"run stopped: {failures} resubmissions of job {job_id} failed in a row, the last: "
+            return Decision(Action.STOP, f"run stopped: {failures} resubmissions of job {job_id} failed in a row, the last: "
                                     f"{err}. Fix the cause, then run `slurmvision coordinate {self.run_dir}` again")
         retry_at = time.time() + self._backoff(failures)
         self.ledger.put(f"submit_failures:{job_id}", failures)
@@ -188,10 +196,10 @@ class Coordinator:
                    f"trying again after {time.ctime(retry_at)}")
         log.warning("%s", message)
         self.ledger.event("coordinator", message)
-        return Decision("wait", message, delay_s=retry_at - time.time())
+        return Decision(Action.WAIT, message, delay_s=retry_at - time.time())
 
     def _finished(self) -> bool:
-        return any(a["outcome"] == "finished" and (a["step_reached"] or 0) >= self.config.trainer.max_steps
+        return any(a["outcome"] == Outcome.FINISHED and (a["step_reached"] or 0) >= self.config.trainer.max_steps
                    for a in self.ledger.attempts())
 
     def _record_causes(self, job_id: str, slurm: list[SlurmAttempt]) -> None:
@@ -215,25 +223,25 @@ class Coordinator:
         cause = (last or {}).get("cause") or classify(last, slurm[-1])
         cluster = self.config.cluster
         if cause in ADVICE:
-            return Decision("stop", f"run stopped: {ADVICE[cause]}")
-        if cause == causes.FINISHED:
-            return Decision("finished", "run finished")
+            return Decision(Action.STOP, f"run stopped: {ADVICE[cause]}")
+        if cause == Cause.FINISHED:
+            return Decision(Action.FINISHED, "run finished")
         total = len(attempts)
         if total >= cluster.max_attempts:
-            return Decision("stop", f"run stopped: {total} attempts used (cluster.max_attempts={cluster.max_attempts}); "
+            return Decision(Action.STOP, f"run stopped: {total} attempts used (cluster.max_attempts={cluster.max_attempts}); "
                                     f"the last ended by {cause}. Raise cluster.max_attempts and relaunch the same config to resume")
-        if cause == causes.CRASH:
+        if cause == Cause.CRASH:
             return self._after_crash(attempts, last)
         exclude = tuple(job["exclude"].split(",")) if job["exclude"] else ()
-        if cause == causes.NODE_FAILURE:
-            failures = sum(a["cause"] == causes.NODE_FAILURE for a in attempts)
+        if cause == Cause.NODE_FAILURE:
+            failures = sum(a["cause"] == Cause.NODE_FAILURE for a in attempts)
             if failures > cluster.node_failure_retries:
-                return Decision("stop", f"run stopped: {failures} node failures (cluster.node_failure_retries="
+                return Decision(Action.STOP, f"run stopped: {failures} node failures (cluster.node_failure_retries="
                                         f"{cluster.node_failure_retries}); check the cluster's health")
             exclude = tuple(sorted(set(exclude) | set(self._failed_nodes(slurm[-1].nodes))))
-            return Decision("resubmit", f"job {job['job_id']} ended by {cause} on {slurm[-1].nodes}; excluding it",
+            return Decision(Action.RESUBMIT, f"job {job['job_id']} ended by {cause} on {slurm[-1].nodes}; excluding it",
                             exclude, self._backoff(failures))
-        return Decision("resubmit", f"job {job['job_id']} ended by {cause}", exclude)
+        return Decision(Action.RESUBMIT, f"job {job['job_id']} ended by {cause}", exclude)
 
     def _fit_waiting_job(self, job_id: str) -> None:
         """An elastic run's pending job asks for as many nodes as the partition has working, within
@@ -272,7 +280,7 @@ class Coordinator:
 
     def _after_crash(self, attempts: list[dict], last: Optional[dict]) -> Decision:
         """Retry a crash; stop when it keeps failing at the same step (a bug, not bad luck)."""
-        crashes = [a for a in attempts if a["cause"] == causes.CRASH]
+        crashes = [a for a in attempts if a["cause"] == Cause.CRASH]
         step = (last or {}).get("step_reached")
         same_step = 0
         for attempt in reversed(crashes):
@@ -281,10 +289,10 @@ class Coordinator:
             same_step += 1
         error = (last or {}).get("error") or "no Python error recorded (a killed process?)"
         if same_step > self.config.cluster.crash_retries:
-            return Decision("stop", f"run stopped: {same_step} attempts crashed at step {step} "
+            return Decision(Action.STOP, f"run stopped: {same_step} attempts crashed at step {step} "
                                     f"(cluster.crash_retries={self.config.cluster.crash_retries}): {error}. "
                                     f"Fix the cause, then relaunch to resume from the last checkpoint")
-        return Decision("resubmit", f"crash at step {step}: {error}", delay_s=self._backoff(same_step))
+        return Decision(Action.RESUBMIT, f"crash at step {step}: {error}", delay_s=self._backoff(same_step))
 
     def _backoff(self, repeats: int) -> float:
         """Doubling with each repeat of the same failure, at most an hour."""

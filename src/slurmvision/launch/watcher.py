@@ -26,11 +26,11 @@ from typing import TYPE_CHECKING, Optional
 
 from slurmvision.configs import Config
 from slurmvision.errors import ClusterError
-from slurmvision.slurm.executor import run_slurm_command
+from slurmvision.slurm.client import in_queue, run_slurm_command, sacct_attempts
 from slurmvision.slurm.ledger import Ledger
 
 if TYPE_CHECKING:
-    from slurmvision.slurm.coordinator import Decision
+    from slurmvision.launch.coordinator import Decision
 
 log = logging.getLogger("slurmvision.watcher")
 SCRIPT_NAME = "watcher.sh"
@@ -41,7 +41,7 @@ ACCOUNTING_LAG_S = 15
 def watcher_script(config: Config) -> str:
     """The watcher's batch script: the profile's setup lines, then one look at the run."""
     run_dir = Path(config.run.dir).resolve()
-    command = shlex.join([sys.executable, "-P", "-m", "slurmvision", "coordinate", str(run_dir), "--once"])
+    command = shlex.join([config.cluster.python or sys.executable, "-P", "-m", "slurmvision", "coordinate", str(run_dir), "--once"])
     return "\n".join(["#!/bin/bash", "set -e", *config.cluster.setup, f"exec {command}", ""])
 
 
@@ -107,7 +107,7 @@ def watch(run_dir: str | Path) -> "Decision":
     """What a watcher job runs: one look at the run (`Coordinator.once`), then its successor,
     unless the run is over. A successor that cannot be submitted is recorded: the run is
     then unwatched until someone runs `slurmvision coordinate RUN` (once, or as a daemon)."""
-    from slurmvision.slurm.coordinator import Coordinator
+    from slurmvision.launch.coordinator import Coordinator
 
     coordinator = Coordinator(run_dir)
     decision = coordinator.once()
@@ -126,8 +126,6 @@ def watch(run_dir: str | Path) -> "Decision":
 
 def watcher_state(run_dir: str | Path) -> Optional[dict]:
     """The run's newest watcher and its Slurm state (None if the run has none)."""
-    from slurmvision.slurm.queue import in_queue, sacct_attempts
-
     watcher = Ledger(run_dir).get("watcher")
     if not watcher:
         return None

@@ -1,4 +1,5 @@
-"""The model of a checkpoint, and its evaluation on this machine (in one process or N ranks)."""
+"""`slurmvision eval`: a checkpoint evaluated on this machine, in one process or N ranks started by
+`run_ranks` (as `train --nproc` starts them), and its record saved beside the run's own evaluations."""
 
 from __future__ import annotations
 
@@ -10,53 +11,16 @@ import logging
 import os
 import re
 import tempfile
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
-from slurmvision.configs import ModelConfig, from_stored
-from slurmvision.errors import ConfigError, DataError, RunError
-from slurmvision.shards.manifest import MANIFEST_NAME, Manifest, is_remote
+from slurmvision.checkpoints import open_checkpoint, run_of
+from slurmvision.errors import DataError, RunError
+from slurmvision.launch.local import run_ranks
+from slurmvision.shards.manifest import MANIFEST_NAME, is_remote
 
 log = logging.getLogger(__name__)
-
-# Switches of timm models built for one input size that let them take others with the same weights, and
-# compute the same at the trained size: Swin's padded windows with masks made for each input, ViT's position
-# embedding resampled to the patch grid. Tried in this order; a model that takes neither is built as it was.
-ANY_SIZE_KWARGS = ({"strict_img_size": False}, {"dynamic_img_size": True})
-
-
-def load_model(checkpoint_path: str | Path, data_root: Optional[str] = None, any_size: bool = False):
-    """(model in eval mode with the checkpoint's weights — EMA ones if the run kept them, config, checkpoint,
-    number of classes); `data_root` replaces the stored one (which must not be a pipe: command). With
-    `any_size`, the model is built to take other image sizes than it trained at where it can (ANY_SIZE_KWARGS)."""
-    from slurmvision.trainer.checkpoint import open_checkpoint
-
-    checkpoint = open_checkpoint(checkpoint_path)
-    state = checkpoint.load_state()
-    config = from_stored(json.loads(state["config"]), f"{checkpoint.path}", data_root)
-    # The classes the run trained on, not those of the data to evaluate (for checkpoints from before the
-    # meta named them: the data's manifest, as the trainer counted them).
-    trained_on = checkpoint.meta.get("classes")
-    num_classes = config.model.num_classes or len(trained_on or Manifest.load(config.data.root).classes)
-    model_config = config.model
-    model_config.pretrained, model_config.finetune_from = False, None
-    model = _build(model_config, num_classes, any_size)
-    model.load_state_dict(state.get("ema") or state["engine"]["model"])
-    return model.eval(), config, checkpoint, num_classes
-
-
-def _build(config: ModelConfig, num_classes: int, any_size: bool):
-    from slurmvision.models import build_model
-
-    for switch in ANY_SIZE_KWARGS if any_size else ():
-        if switch.keys() & config.kwargs.keys():  # the run chose for itself
-            continue
-        try:
-            return build_model(replace(config, kwargs={**config.kwargs, **switch}), num_classes)
-        except ConfigError:  # not a switch of this model (build_model's word for a TypeError)
-            continue
-    return build_model(config, num_classes)
 
 
 @dataclass(frozen=True)
@@ -86,8 +50,6 @@ def evaluate_checkpoint(checkpoint_path: str | Path, split: Optional[str] = None
     Returns the record: checkpoint, step, data, split, tta, scales, samples, top1, top5, f1_macro,
     precision_macro, recall_macro, per_class (class, precision, recall, f1, support), files.
     """
-    from slurmvision.launch.local import run_ranks
-    from slurmvision.trainer.checkpoint import open_checkpoint
     from slurmvision.trainer.distributed import DistEnv
 
     checkpoint = open_checkpoint(checkpoint_path)  # chosen once: every rank reads this one
@@ -102,8 +64,7 @@ def evaluate_checkpoint(checkpoint_path: str | Path, split: Optional[str] = None
         **{key: results[key] for key in ("samples", "top1", "top5", "f1_macro", "precision_macro", "recall_macro",
                                          "per_class")},
     }
-    in_run = checkpoint.path.parent.name == "checkpoints"
-    folder = (checkpoint.path.parent.parent if in_run else checkpoint.path.parent) / "eval"
+    folder = (run_of(checkpoint.path) or checkpoint.path.parent) / "eval"
     name = eval_name(checkpoint.step, split, tta, results["scales"], given)
     _save(folder, name, record, results["confusion"], results["confusion_image"])
     return record
@@ -124,6 +85,7 @@ def eval_name(step: int, split: Optional[str], tta: str, scales: Sequence[int], 
 
 def _evaluate(env, job: EvalJob) -> dict:
     """One rank's part of `evaluate_checkpoint`: every rank returns the totals of all ranks."""
+    from slurmvision.evaluate.model import load_model
     from slurmvision.evaluate.tta import check_scales, tta_scales
     from slurmvision.trainer import distributed
     from slurmvision.trainer.evaluation import evaluate

@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import logging
 import os
-import subprocess
 from pathlib import Path
-from typing import Optional
 
-from slurmvision.slurm.causes import PREEMPTION, WARNING_SIGNALS
+from slurmvision.slurm.causes import WARNING_SIGNALS, Cause
+from slurmvision.slurm.client import job_state, requeue
 
 log = logging.getLogger(__name__)
 # After saving on a signal, rank 0 requeues the job when Slurm would not bring it back by
@@ -21,33 +20,6 @@ log = logging.getLogger(__name__)
 # has already ended the job (COMPLETING), and Slurm's decision stands; a job still RUNNING
 # is being preempted (Slurm shows the grace time as RUNNING) and is requeued now, handing
 # the nodes over at once. A preempted job that exited by itself would count as completed.
-
-
-# Slurm commands a job runs (these, and trainer.deadline's squeue) may run in the time Slurm
-# leaves after a signal: a slurmctld that does not answer must not keep the job until its
-# SIGKILL (the checkpoint is saved by then; the coordinator resubmits).
-SLURM_TIMEOUT_S = 10
-
-
-def _scontrol(*args: str) -> Optional[subprocess.CompletedProcess]:
-    try:
-        return subprocess.run(["scontrol", *args], capture_output=True, text=True, timeout=SLURM_TIMEOUT_S)
-    except (OSError, subprocess.TimeoutExpired) as err:
-        log.error("scontrol %s: %s", " ".join(args), err)
-        return None
-
-
-def job_state(job_id: str) -> str:
-    result = _scontrol("show", "job", job_id)
-    words = result.stdout.split() if result else []
-    return next((word.split("=", 1)[1] for word in words if word.startswith("JobState=")), "UNKNOWN")
-
-
-def requeue(job_id: str) -> bool:
-    result = _scontrol("requeue", job_id)
-    if result is not None and result.returncode != 0:
-        log.error("scontrol requeue %s failed: %s", job_id, result.stderr.strip())
-    return bool(result) and result.returncode == 0
 
 
 class TrainJob:
@@ -80,5 +52,5 @@ class TrainJob:
 
             # sacct will show REQUEUED: keep the cause that only this moment tells.
             restart = int(os.environ.get("SLURM_RESTART_COUNT", 0))
-            Ledger(self.run_dir, writer="job").set_cause(job_id, restart, PREEMPTION)
+            Ledger(self.run_dir, writer="job").set_cause(job_id, restart, Cause.PREEMPTION)
         requeue(job_id)
