@@ -11,7 +11,7 @@ SLURM_CONF_FILE := $(CURDIR)/.devslurm/etc/slurm.conf
 # network namespaces). The test suite needs two for its multi-node tests.
 NODES ?= 1
 
-.PHONY: venv demo demo-slurm test test-unit test-integration test-slurm slurm-up slurm-down bench chaos clean-venv
+.PHONY: venv demo demo-slurm test lint fmt test-unit test-integration test-slurm slurm-up slurm-down bench chaos clean-venv
 
 venv: $(STAMP)
 
@@ -34,9 +34,18 @@ demo-slurm: venv slurm-up
 # One pytest session, two workers: the Slurm tests spend most of their time waiting on Slurm, so
 # the other worker trains meanwhile. Tests that share Slurm nodes form one xdist group (localhost,
 # two-hosts) and run one after another on one worker; everything else is spread over both.
-test: venv
+test: venv lint
 	bash $(DEVSLURM) up --nodes 2
 	SLURM_CONF=$(SLURM_CONF_FILE) $(PY) -m pytest tests -n 2 --dist loadgroup
+
+# ruff: the format (line length 120) and the lint rules of pyproject.toml; `make fmt` applies both.
+lint: venv
+	$(VENV)/bin/ruff format --check src tests benchmarks
+	$(VENV)/bin/ruff check src tests benchmarks
+
+fmt: venv
+	$(VENV)/bin/ruff format src tests benchmarks
+	$(VENV)/bin/ruff check --fix src tests benchmarks
 
 test-unit: venv
 	$(PY) -m pytest tests -m unit

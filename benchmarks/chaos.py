@@ -93,7 +93,7 @@ class Chaos:
         schedule, "peak lr", once before training)."""
         log = self.run_dir / "logs" / "rank-00000.log"
         text = log.read_text() if log.exists() else ""
-        steps = STEP.findall(text[text.rfind("peak lr"):])
+        steps = STEP.findall(text[text.rfind("peak lr") :])
         return int(steps[-1]) if steps else -1
 
     def state(self) -> str:
@@ -102,7 +102,10 @@ class Chaos:
     def start_coordinator(self) -> None:
         self.coordinator = subprocess.Popen(
             [sys.executable, "-m", "slurmvision", "coordinate", str(self.run_dir), "--poll", "1"],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
 
     def stop_coordinator(self) -> None:
         self.coordinator.kill()
@@ -186,8 +189,12 @@ class Chaos:
             self.until_requeued(job)
         finally:
             sh("scontrol", "update", f"nodename={node}", "state=resume", check=False)
-            wait(lambda: not any(word in sh("sinfo", "-h", "-n", node, "-o", "%T") for word in ("down", "drain", "fail")),
-                 f"node {node} back")
+            wait(
+                lambda: (
+                    not any(word in sh("sinfo", "-h", "-n", node, "-o", "%T") for word in ("down", "drain", "fail"))
+                ),
+                f"node {node} back",
+            )
         return node
 
     def coordinator_restart(self) -> str:
@@ -244,14 +251,20 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--faults", type=int, default=10)
-    parser.add_argument("--kinds", choices=("all", "job"), default="all",
-                        help="job: leave out the faults that disturb the whole cluster")
+    parser.add_argument(
+        "--kinds",
+        choices=("all", "job"),
+        default="all",
+        help="job: leave out the faults that disturb the whole cluster",
+    )
     parser.add_argument("--dbd-outage-s", type=float, default=60.0)
     parser.add_argument("--results", type=Path, default=Path(__file__).with_name("RESULTS.md"))
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args()
     if not os.environ.get("SLURM_CONF"):
-        print("needs the local cluster: `make slurm-up`, then the `export SLURM_CONF=...` line it prints", file=sys.stderr)
+        print(
+            "needs the local cluster: `make slurm-up`, then the `export SLURM_CONF=...` line it prints", file=sys.stderr
+        )
         return 2
 
     from slurmvision.configs import load_config
@@ -267,9 +280,16 @@ def main() -> int:
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="sv-chaos-") as tmp:
         shards = prepare_shards(Path(tmp) / "work")
-        overrides = [f"data.root={shards}", f"trainer.max_steps={max_steps}", "trainer.checkpoint_every=5",
-                     "trainer.log_every=1", "data.audit=true", "cluster.retry_backoff_s=0",
-                     f"cluster.crash_retries={args.faults + 1}", f"cluster.max_attempts={2 * args.faults + 2}"]
+        overrides = [
+            f"data.root={shards}",
+            f"trainer.max_steps={max_steps}",
+            "trainer.checkpoint_every=5",
+            "trainer.log_every=1",
+            "data.audit=true",
+            "cluster.retry_backoff_s=0",
+            f"cluster.crash_retries={args.faults + 1}",
+            f"cluster.max_attempts={2 * args.faults + 2}",
+        ]
         reference_dir = Path(tmp) / "reference"
         train_here(load_config("digits-demo", overrides, cluster="local", run_dir=reference_dir), nproc=2)
         run_dir = Path(tmp) / "run"
@@ -293,14 +313,23 @@ def main() -> int:
         chaos.coordinator_output += chaos.coordinator.communicate()[0]
         attempts = Ledger(run_dir).attempts()
         finished = chaos.coordinator.returncode == 0 and "run finished" in chaos.coordinator_output
-        equal = finished and inspect_checkpoint(run_dir)["params_sha256"] == inspect_checkpoint(reference_dir)[
-            "params_sha256"]
+        equal = (
+            finished
+            and inspect_checkpoint(run_dir)["params_sha256"] == inspect_checkpoint(reference_dir)["params_sha256"]
+        )
         lost_samples, repeated = compare_samples(trained_samples(reference_dir), trained_samples(run_dir))
         figures = {
-            "seed": args.seed, "faults": injected, "finished": finished, "weights_equal": equal,
-            "attempts": len(attempts), "jobs": len(Ledger(run_dir).jobs()),
-            "steps_lost": sum(a["lost_steps"] or 0 for a in attempts), "samples_lost": lost_samples,
-            "samples_repeated": repeated, "max_steps": max_steps, "minutes": (time.monotonic() - started) / 60,
+            "seed": args.seed,
+            "faults": injected,
+            "finished": finished,
+            "weights_equal": equal,
+            "attempts": len(attempts),
+            "jobs": len(Ledger(run_dir).jobs()),
+            "steps_lost": sum(a["lost_steps"] or 0 for a in attempts),
+            "samples_lost": lost_samples,
+            "samples_repeated": repeated,
+            "max_steps": max_steps,
+            "minutes": (time.monotonic() - started) / 60,
             "coordinator_output": chaos.coordinator_output[-4000:],
         }
     if args.json:
@@ -310,7 +339,7 @@ def main() -> int:
     text = f"""{SECTION}
 
 `{command}` on the local cluster (2 CPU cores, the `digits-demo` recipe, 2 ranks, {max_steps} steps,
-checkpoints every 5 steps, the coordinator as a daemon; {time.strftime('%Y-%m-%d')}, {figures['minutes']:.0f} min).
+checkpoints every 5 steps, the coordinator as a daemon; {time.strftime("%Y-%m-%d")}, {figures["minutes"]:.0f} min).
 
 | # | fault | at step | note |
 |---|---|---:|---|
@@ -319,10 +348,10 @@ checkpoints every 5 steps, the coordinator as a daemon; {time.strftime('%Y-%m-%d
 | figure | value | target |
 |---|---:|---:|
 | faults injected | {len(injected)} | |
-| run finished | {'yes' if finished else 'NO'} | yes |
-| final weights equal to an uninterrupted run | {'yes' if equal else 'NO'} | yes |
-| attempts (jobs) | {len(attempts)} ({figures['jobs']}) | |
-| steps lost (trained again after a resume) | {figures['steps_lost']} | |
+| run finished | {"yes" if finished else "NO"} | yes |
+| final weights equal to an uninterrupted run | {"yes" if equal else "NO"} | yes |
+| attempts (jobs) | {len(attempts)} ({figures["jobs"]}) | |
+| steps lost (trained again after a resume) | {figures["steps_lost"]} | |
 | samples lost / seen twice | {lost_samples} / {repeated} | 0 / 0 |
 
 Steps lost are those an attempt trained past its last checkpoint before a SIGKILL (a kill

@@ -32,8 +32,17 @@ from results import write_section  # benchmarks/ is on the path of a script run 
 RESOLUTION = 224
 BATCH = 64
 COLOR_JITTER = 0.4
-PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "stereo_motorcycle", "hubble_deep_field", "retina",
-          "immunohistochemistry", "camera")
+PHOTOS = (
+    "astronaut",
+    "chelsea",
+    "coffee",
+    "rocket",
+    "stereo_motorcycle",
+    "hubble_deep_field",
+    "retina",
+    "immunohistochemistry",
+    "camera",
+)
 SECTION = "## Data pipeline"
 
 
@@ -57,8 +66,9 @@ def make_imagefolder(root: Path, count: int, seed: int = 0) -> Path:
         image = source.crop((left, top, left + crop_w, top + crop_h))
         longer = rng.integers(400, 641)
         scale = longer / max(image.size)
-        image = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))),
-                             Image.Resampling.BICUBIC)
+        image = image.resize(
+            (max(1, round(image.width * scale)), max(1, round(image.height * scale))), Image.Resampling.BICUBIC
+        )
         if rng.random() < 0.5:
             image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         folder = root / "train" / PHOTOS[label]
@@ -70,8 +80,15 @@ def make_imagefolder(root: Path, count: int, seed: int = 0) -> Path:
 def data_config(shards: Path, workers: int):
     from slurmvision.configs.schema import DataConfig
 
-    return DataConfig(root=str(shards), batch_size=BATCH, workers=workers, img_size=RESOLUTION,
-                      color_jitter=COLOR_JITTER, interpolation="bicubic", shuffle_buffer=1000)
+    return DataConfig(
+        root=str(shards),
+        batch_size=BATCH,
+        workers=workers,
+        img_size=RESOLUTION,
+        color_jitter=COLOR_JITTER,
+        interpolation="bicubic",
+        shuffle_buffer=1000,
+    )
 
 
 def steady_rate(batch_sizes) -> float:
@@ -91,8 +108,13 @@ def bench_imagefolder(images: Path, workers: int) -> float:
     from torchvision.datasets import ImageFolder
 
     transform = create_transform(RESOLUTION, is_training=True, color_jitter=COLOR_JITTER, interpolation="bicubic")
-    loader = torch.utils.data.DataLoader(ImageFolder(str(images / "train"), transform=transform), batch_size=BATCH,
-                                         shuffle=True, num_workers=workers, generator=torch.Generator().manual_seed(0))
+    loader = torch.utils.data.DataLoader(
+        ImageFolder(str(images / "train"), transform=transform),
+        batch_size=BATCH,
+        shuffle=True,
+        num_workers=workers,
+        generator=torch.Generator().manual_seed(0),
+    )
     return steady_rate(len(batch) for batch, _ in loader)
 
 
@@ -154,10 +176,12 @@ def main() -> int:
         build_shards(images, shards, samples_per_shard=256, workers=args.workers, progress=False)
         sizes = [f.stat().st_size for f in (images / "train").rglob("*.jpg")]
         figures = {}
-        for name, run in (("imagefolder", lambda: bench_imagefolder(images, args.workers)),
-                          ("shards", lambda: bench_shards(shards, args.workers, device_work_here=False)),
-                          ("shards_cpu_norm", lambda: bench_shards(shards, args.workers, device_work_here=True)),
-                          ("decode_only", lambda: bench_decode_only(images, shards, args.workers))):
+        for name, run in (
+            ("imagefolder", lambda: bench_imagefolder(images, args.workers)),
+            ("shards", lambda: bench_shards(shards, args.workers, device_work_here=False)),
+            ("shards_cpu_norm", lambda: bench_shards(shards, args.workers, device_work_here=True)),
+            ("decode_only", lambda: bench_decode_only(images, shards, args.workers)),
+        ):
             figures[name] = max(run() for _ in range(args.repeats))
             print(f"{name:12s} {figures[name]:8.1f} images/s", flush=True)
 
@@ -169,17 +193,17 @@ def main() -> int:
 `{command}` on {platform.machine()} with {os.cpu_count()} CPU cores, {args.workers} loader workers,
 {args.images} JPEGs from scikit-image photographs (mean {np.mean(sizes) / 1024:.0f} KiB, 400–640 px on the
 longer side), timm training transform at {RESOLUTION} (RandomResizedCrop, flip, colour jitter
-{COLOR_JITTER}, normalisation), batch {BATCH}, best of {args.repeats} passes, loader start-up excluded; {time.strftime('%Y-%m-%d')}.
+{COLOR_JITTER}, normalisation), batch {BATCH}, best of {args.repeats} passes, loader start-up excluded; {time.strftime("%Y-%m-%d")}.
 
 | pipeline | images/s |
 |---|---:|
-| (a) torchvision ImageFolder + DataLoader | {figures['imagefolder']:.1f} |
-| (b) slurmvision shard reader (uint8 batches; colour jitter and normalisation on the device) | {figures['shards']:.1f} |
-| (b') the same, with the jitter and normalisation on this CPU by the training process | {figures['shards_cpu_norm']:.1f} |
-| (c) the reader's decode + transform only (the limit) | {figures['decode_only']:.1f} |
+| (a) torchvision ImageFolder + DataLoader | {figures["imagefolder"]:.1f} |
+| (b) slurmvision shard reader (uint8 batches; colour jitter and normalisation on the device) | {figures["shards"]:.1f} |
+| (b') the same, with the jitter and normalisation on this CPU by the training process | {figures["shards_cpu_norm"]:.1f} |
+| (c) the reader's decode + transform only (the limit) | {figures["decode_only"]:.1f} |
 
-(b) / (a) = {speedup:.2f} (target >= 1.5: {'met' if speedup >= 1.5 else 'NOT met'});
-(b) / (c) = {of_limit:.0%} (target >= 85%: {'met' if of_limit >= 0.85 else 'NOT met'}).
+(b) / (a) = {speedup:.2f} (target >= 1.5: {"met" if speedup >= 1.5 else "NOT met"});
+(b) / (c) = {of_limit:.0%} (target >= 85%: {"met" if of_limit >= 0.85 else "NOT met"}).
 """
     write_section(args.results, text)
     print(text)

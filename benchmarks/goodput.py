@@ -67,7 +67,9 @@ def main() -> int:
     parser.add_argument("--results", type=Path, default=Path(__file__).with_name("RESULTS.md"))
     args = parser.parse_args()
     if not os.environ.get("SLURM_CONF"):
-        print("needs the local cluster: `make slurm-up`, then the `export SLURM_CONF=...` line it prints", file=sys.stderr)
+        print(
+            "needs the local cluster: `make slurm-up`, then the `export SLURM_CONF=...` line it prints", file=sys.stderr
+        )
         return 2
 
     from slurmvision.configs import load_config
@@ -78,12 +80,23 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="sv-goodput-") as tmp:
         shards = prepare_shards(Path(tmp) / "work")
         run_dir = Path(tmp) / "run"
-        config = load_config("digits-demo", [f"data.root={shards}", f"trainer.max_steps={args.max_steps}",
-                                              "trainer.log_every=1", "cluster.retry_backoff_s=0"],
-                             cluster="devslurm", run_dir=run_dir)
+        config = load_config(
+            "digits-demo",
+            [
+                f"data.root={shards}",
+                f"trainer.max_steps={args.max_steps}",
+                "trainer.log_every=1",
+                "cluster.retry_backoff_s=0",
+            ],
+            cluster="devslurm",
+            run_dir=run_dir,
+        )
         job_id = str(submit(config).job_id)
-        coordinator = subprocess.Popen([sys.executable, "-m", "slurmvision", "coordinate", str(run_dir), "--poll", "2"],
-                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        coordinator = subprocess.Popen(
+            [sys.executable, "-m", "slurmvision", "coordinate", str(run_dir), "--poll", "2"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         log = run_dir / "logs" / "rank-00000.log"
         cpus = slurm("sinfo", "-h", "-o", "%c").split()[0]
         preemptions, training_since = 0, None
@@ -119,14 +132,14 @@ def main() -> int:
     text = f"""{SECTION}
 
 `{command}` on the local cluster (2 CPU cores, the `digits-demo` recipe, 2 ranks, {args.max_steps} steps,
-a `high` job preempting every {args.preempt_every:.0f} s of training; {time.strftime('%Y-%m-%d')}).
+a `high` job preempting every {args.preempt_every:.0f} s of training; {time.strftime("%Y-%m-%d")}).
 
 | figure | value | target |
 |---|---:|---:|
 | preemptions | {preemptions} | |
 | attempts | {len(attempts)} | |
-| steps lost per preemption | {', '.join(map(str, lost)) or 'none'} | 0 |
-| restart overhead, job start to first step (s) | {', '.join(f'{o:.1f}' for o in overheads)} | <= 30 |
+| steps lost per preemption | {", ".join(map(str, lost)) or "none"} | 0 |
+| restart overhead, job start to first step (s) | {", ".join(f"{o:.1f}" for o in overheads)} | <= 30 |
 | goodput | {goodput:.1%} | >= 98% |
 | allocated time not training, per preemption (s) | {cost:.1f} | |
 

@@ -55,8 +55,11 @@ def measure(model_name: str, batch: int, size: int, checkpointing: bool, steps: 
     if device == "cuda":
         torch.cuda.synchronize()
     seconds = (time.perf_counter() - start) / steps
-    peak_mib = (torch.cuda.max_memory_allocated() / 2**20 if device == "cuda"
-                else (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)
+    peak_mib = (
+        torch.cuda.max_memory_allocated() / 2**20
+        if device == "cuda"
+        else (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+    )
     name = torch.cuda.get_device_name() if device == "cuda" else f"{platform.machine()} CPU"
     return {"device": name, "step_s": seconds, "peak_mib": peak_mib, "loss": loss}
 
@@ -76,24 +79,25 @@ def main() -> int:
 
     figures = {}
     for variant in ("off", "on"):  # a fresh process each: peak memory does not carry over
-        out = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--one", variant], capture_output=True,
-                             text=True, check=True).stdout
+        out = subprocess.run(
+            [sys.executable, __file__, *sys.argv[1:], "--one", variant], capture_output=True, text=True, check=True
+        ).stdout
         figures[variant] = json.loads(out.strip().splitlines()[-1])
         print(variant, figures[variant], flush=True)
     off, on = figures["off"], figures["on"]
     command = " ".join(["python", "benchmarks/grad_checkpointing.py", *sys.argv[1:]])
     text = f"""{SECTION}
 
-`{command}` on {off['device']}: {args.model}, batch {args.batch} at {args.size} px, bf16 autocast,
-AdamW, mean of {args.steps} steps after a warm-up; {time.strftime('%Y-%m-%d')}. Peak memory is
-{'torch.cuda.max_memory_allocated' if 'CPU' not in off['device'] else "the growth of the process's peak RSS"}.
+`{command}` on {off["device"]}: {args.model}, batch {args.batch} at {args.size} px, bf16 autocast,
+AdamW, mean of {args.steps} steps after a warm-up; {time.strftime("%Y-%m-%d")}. Peak memory is
+{"torch.cuda.max_memory_allocated" if "CPU" not in off["device"] else "the growth of the process's peak RSS"}.
 
 | grad checkpointing | step time (s) | peak memory (MiB) | loss |
 |---|---:|---:|---:|
-| off | {off['step_s']:.3f} | {off['peak_mib']:.0f} | {off['loss']:.4f} |
-| on | {on['step_s']:.3f} | {on['peak_mib']:.0f} | {on['loss']:.4f} |
+| off | {off["step_s"]:.3f} | {off["peak_mib"]:.0f} | {off["loss"]:.4f} |
+| on | {on["step_s"]:.3f} | {on["peak_mib"]:.0f} | {on["loss"]:.4f} |
 
-Memory {on['peak_mib'] / max(off['peak_mib'], 1e-9):.0%} of the plain step, time {on['step_s'] / off['step_s']:.2f}x.
+Memory {on["peak_mib"] / max(off["peak_mib"], 1e-9):.0%} of the plain step, time {on["step_s"] / off["step_s"]:.2f}x.
 """
     write_section(args.results, text)
     print(text)

@@ -10,5 +10,5 @@ def write_section(path: Path, text: str) -> None:
     heading = text.splitlines()[0]
     old = path.read_text() if path.exists() else "# Benchmark results\n"
     head, _, rest = old.partition(heading)
-    tail = rest[rest.find("\n## "):] if "\n## " in rest else ""
+    tail = rest[rest.find("\n## ") :] if "\n## " in rest else ""
     path.write_text(head.rstrip() + "\n\n" + text.rstrip() + "\n" + tail)

@@ -80,8 +80,10 @@ def format_problem(meta: dict) -> Optional[str]:
     version = meta.get(VERSION_KEY, 1)
     if isinstance(version, int) and version <= FORMAT_VERSION:
         return None
-    return (f"has format version {version!r}, newer than the {FORMAT_VERSION} this slurmvision reads: "
-            "upgrade slurmvision to load it")
+    return (
+        f"has format version {version!r}, newer than the {FORMAT_VERSION} this slurmvision reads: "
+        "upgrade slurmvision to load it"
+    )
 
 
 def check_format(meta: dict, path: Path) -> None:

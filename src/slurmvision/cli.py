@@ -17,8 +17,15 @@ from slurmvision.errors import SlurmVisionError
 def cmd_shards_build(args) -> int:
     from slurmvision.shards.writer import build_shards
 
-    manifest = build_shards(args.src, args.out, samples_per_shard=args.samples_per_shard, shard_size_mb=args.shard_size_mb,
-                            workers=args.workers, max_side=args.max_side, overwrite=args.overwrite)
+    manifest = build_shards(
+        args.src,
+        args.out,
+        samples_per_shard=args.samples_per_shard,
+        shard_size_mb=args.shard_size_mb,
+        workers=args.workers,
+        max_side=args.max_side,
+        overwrite=args.overwrite,
+    )
     for split, totals in manifest.splits.items():
         print(f"{split}: {totals['samples']} samples in {totals['shards']} shards")
     print(f"manifest: {args.out}/manifest.json; check with `slurmvision shards verify {args.out}`")
@@ -49,8 +56,9 @@ def cmd_shards_stats(args) -> int:
 def _config(args):
     from slurmvision.configs import load_config
 
-    return load_config(args.recipe, args.overrides, cluster=getattr(args, "cluster", None),
-                       run_dir=getattr(args, "run_dir", None))
+    return load_config(
+        args.recipe, args.overrides, cluster=getattr(args, "cluster", None), run_dir=getattr(args, "run_dir", None)
+    )
 
 
 def cmd_config_show(args) -> int:
@@ -74,7 +82,9 @@ def cmd_train(args) -> int:
     require_engine(config.trainer.engine)
     if started_as_a_rank():
         if args.nproc != 1:
-            raise RunError(f"--nproc {args.nproc} under torchrun or srun: each process is one rank already; drop --nproc")
+            raise RunError(
+                f"--nproc {args.nproc} under torchrun or srun: each process is one rank already; drop --nproc"
+            )
         results, reports = train_as_started(config)
     else:
         from slurmvision.pretrained import fetch
@@ -84,10 +94,20 @@ def cmd_train(args) -> int:
     if not reports:  # another rank of the same run; rank 0 reports for all
         return 3 if results.get("interrupted") else 0
     if results.get("interrupted"):
-        _print(results, args.json, lambda r: f"stopped by {r['signal']} at step {r['step']} with a checkpoint saved; "
-                                             f"run the same command with --run-dir {config.run.dir} to resume")
+        _print(
+            results,
+            args.json,
+            lambda r: (
+                f"stopped by {r['signal']} at step {r['step']} with a checkpoint saved; "
+                f"run the same command with --run-dir {config.run.dir} to resume"
+            ),
+        )
         return 3
-    _print(results, args.json, lambda r: f"top-1 {r['top1']:.4f}  top-5 {r['top5']:.4f}  F1 {r['f1_macro']:.4f}  (step {r['step']})")
+    _print(
+        results,
+        args.json,
+        lambda r: f"top-1 {r['top1']:.4f}  top-5 {r['top5']:.4f}  F1 {r['f1_macro']:.4f}  (step {r['step']})",
+    )
     return 0
 
 
@@ -107,8 +127,11 @@ def _submit(config, args) -> int:
 
     require_engine_for_jobs(config)
     if args.force and not args.dry_run:
-        print("slurmvision: warning: --force: not checking whether a job of this run is still queued or running; "
-              "if one is, only one of the two can train (the trainer's run lock refuses the other)", file=sys.stderr)
+        print(
+            "slurmvision: warning: --force: not checking whether a job of this run is still queued or running; "
+            "if one is, only one of the two can train (the trainer's run lock refuses the other)",
+            file=sys.stderr,
+        )
     launch(config, dry_run=args.dry_run, wait=args.wait, coordinate=args.coordinate, force=args.force)
     return 0
 
@@ -143,8 +166,12 @@ def cmd_sweep(args) -> int:
     print(f"sweep {sweep_dir}: {len(runs)} runs submitted to {runs[0][1].cluster.name}")
     print("\n".join(f"  {name}: job {job_id}" for (name, _), job_id in zip(runs, job_ids)))
     if runs[0][1].cluster.executor == "slurm":
-        print("\n".join(f"  {line}" for line in sweep.coordinate(runs, job_ids, args.coordinate or
-                                                                     runs[0][1].cluster.coordinate)))
+        print(
+            "\n".join(
+                f"  {line}"
+                for line in sweep.coordinate(runs, job_ids, args.coordinate or runs[0][1].cluster.coordinate)
+            )
+        )
     print(f"  status: slurmvision status {sweep_dir}")
     return 0
 
@@ -201,8 +228,11 @@ def cmd_cancel(args) -> int:
     if not run:
         raise RunError("give a run directory: slurmvision cancel RUN_DIR")
     cancelled = cancel(Path(run))
-    print(f"cancelled jobs {', '.join(cancelled)}" if cancelled else "no job of the run was queued or running",
-          f"; recorded in the ledger, {Path(run) / 'ledger'}", sep="")
+    print(
+        f"cancelled jobs {', '.join(cancelled)}" if cancelled else "no job of the run was queued or running",
+        f"; recorded in the ledger, {Path(run) / 'ledger'}",
+        sep="",
+    )
     return 0
 
 
@@ -222,16 +252,32 @@ def _recipe_args(p: argparse.ArgumentParser, run_dir: bool = True) -> None:
 def build_parser() -> argparse.ArgumentParser:
     from slurmvision.launch import results
 
-    parser = argparse.ArgumentParser(prog="slurmvision", description="Train vision models on Slurm from WebDataset shards.")
+    parser = argparse.ArgumentParser(
+        prog="slurmvision", description="Train vision models on Slurm from WebDataset shards."
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_shards, _add_train, _add_launch, _add_resume, _add_sweep, _add_coordinate, _add_cancel,
-                _add_status, _add_logs, results.add_parsers, _add_config, _add_demo):
+    for add in (
+        _add_shards,
+        _add_train,
+        _add_launch,
+        _add_resume,
+        _add_sweep,
+        _add_coordinate,
+        _add_cancel,
+        _add_status,
+        _add_logs,
+        results.add_parsers,
+        _add_config,
+        _add_demo,
+    ):
         add(sub)
     return parser
 
 
 def _add_shards(sub) -> None:
-    shards = sub.add_parser("shards", help="build, verify and describe WebDataset shards").add_subparsers(dest="shards_command", required=True)
+    shards = sub.add_parser("shards", help="build, verify and describe WebDataset shards").add_subparsers(
+        dest="shards_command", required=True
+    )
     p = shards.add_parser("build", help="ImageFolder tree (train/val/test) -> tar shards + manifest")
     p.add_argument("src"), p.add_argument("out")
     p.add_argument("--samples-per-shard", type=int)
@@ -241,7 +287,11 @@ def _add_shards(sub) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace shards already in OUT")
     p.set_defaults(func=cmd_shards_build)
     p = shards.add_parser("verify", help="check every shard against the manifest")
-    p.add_argument("out"), p.add_argument("--workers", type=int, default=1), p.add_argument("--json", action="store_true")
+    (
+        p.add_argument("out"),
+        p.add_argument("--workers", type=int, default=1),
+        p.add_argument("--json", action="store_true"),
+    )
     p.set_defaults(func=cmd_shards_verify)
     p = shards.add_parser("stats", help="samples per split and class, image sizes, bytes")
     p.add_argument("out"), p.add_argument("--json", action="store_true")
@@ -249,8 +299,11 @@ def _add_shards(sub) -> None:
 
 
 def _add_train(sub) -> None:
-    p = sub.add_parser("train", help="train on this machine (--nproc ranks), the code path a Slurm task runs; "
-                                     "under torchrun or srun, as the rank it was started as")
+    p = sub.add_parser(
+        "train",
+        help="train on this machine (--nproc ranks), the code path a Slurm task runs; "
+        "under torchrun or srun, as the rank it was started as",
+    )
     _recipe_args(p)
     p.add_argument("--nproc", type=int, default=1, help="ranks to start on this machine (not under torchrun or srun)")
     p.add_argument("--json", action="store_true")
@@ -261,27 +314,42 @@ def _submit_args(p: argparse.ArgumentParser) -> None:
     """The options of the commands that submit a run (launch, resume)."""
     p.add_argument("--dry-run", action="store_true", help="print the sbatch script and resolved config; submit nothing")
     p.add_argument("--wait", action="store_true", help="wait for the job and print its result")
-    p.add_argument("--coordinate", nargs="?", const="watcher", choices=["watcher", "daemon", "none"],
-                   help="who resubmits what Slurm does not bring back: a chain of small watcher jobs inside Slurm "
-                        "(the default on Slurm profiles, set by cluster.coordinate; no login-node process), a "
-                        "background `slurmvision coordinate` on this node (log: RUN/logs/coordinator.log), or none")
-    p.add_argument("--force", action="store_true",
-                   help="submit even if the run's newest job is still queued or running")
+    p.add_argument(
+        "--coordinate",
+        nargs="?",
+        const="watcher",
+        choices=["watcher", "daemon", "none"],
+        help="who resubmits what Slurm does not bring back: a chain of small watcher jobs inside Slurm "
+        "(the default on Slurm profiles, set by cluster.coordinate; no login-node process), a "
+        "background `slurmvision coordinate` on this node (log: RUN/logs/coordinator.log), or none",
+    )
+    p.add_argument(
+        "--force", action="store_true", help="submit even if the run's newest job is still queued or running"
+    )
 
 
 def _add_launch(sub) -> None:
-    p = sub.add_parser("launch", help="submit a training run through submitit (into an existing run directory: "
-                                      "go on with its run, as resume does)")
+    p = sub.add_parser(
+        "launch",
+        help="submit a training run through submitit (into an existing run directory: "
+        "go on with its run, as resume does)",
+    )
     _recipe_args(p)
-    p.add_argument("--cluster", default="local", help="cluster profile: local, devslurm, a100 (shipped), a name in "
-                                                      "./configs/clusters/, or a path")
+    p.add_argument(
+        "--cluster",
+        default="local",
+        help="cluster profile: local, devslurm, a100 (shipped), a name in ./configs/clusters/, or a path",
+    )
     _submit_args(p)
     p.set_defaults(func=cmd_launch)
 
 
 def _add_resume(sub) -> None:
-    p = sub.add_parser("resume", help="submit a run again from its saved config (RUN/config.yaml) and newest "
-                                      "checkpoint; changes of what its checkpoints mean are refused")
+    p = sub.add_parser(
+        "resume",
+        help="submit a run again from its saved config (RUN/config.yaml) and newest "
+        "checkpoint; changes of what its checkpoints mean are refused",
+    )
     p.add_argument("run", metavar="RUN", help="the run directory")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. trainer.log_every=100 cluster.time_min=600")
     p.add_argument("--cluster", help="cluster profile to run on instead of the saved cluster settings")
@@ -290,14 +358,18 @@ def _add_resume(sub) -> None:
 
 
 def _add_sweep(sub) -> None:
-    p = sub.add_parser("sweep", help="one run per combination of values (optim.lr=1e-3,5e-4 ...), on Slurm as "
-                                     "one job array; `status SWEEP_DIR` ranks them")
+    p = sub.add_parser(
+        "sweep",
+        help="one run per combination of values (optim.lr=1e-3,5e-4 ...), on Slurm as "
+        "one job array; `status SWEEP_DIR` ranks them",
+    )
     p.add_argument("recipe", help="recipe name (shipped, or in ./configs/) or path to a .yaml file")
     p.add_argument("overrides", nargs="*", help="dotted overrides; several values separated by commas are swept")
     p.add_argument("--cluster", default="local", help="cluster profile, as for launch")
     p.add_argument("--sweep-dir", help="where the runs go (default: runs/sweep-<recipe>)")
-    p.add_argument("--dry-run", action="store_true",
-                   help="validate every run's config and list the runs; submit nothing")
+    p.add_argument(
+        "--dry-run", action="store_true", help="validate every run's config and list the runs; submit nothing"
+    )
     p.add_argument("--coordinate", choices=["watcher", "daemon", "none"], help="as for launch, for each run")
     p.set_defaults(func=cmd_sweep)
 
@@ -306,9 +378,12 @@ def _add_coordinate(sub) -> None:
     p = sub.add_parser("coordinate", help="watch a run, resubmit within budgets, keep the ledger")
     p.add_argument("run", nargs="?"), p.add_argument("--run-dir")
     p.add_argument("--poll", type=float, default=30.0, help="seconds between looks at the run's jobs")
-    p.add_argument("--once", action="store_true",
-                   help="look and act once, then leave a watcher job to look again when the run's job ends (what "
-                        "each watcher job runs; also restarts a broken chain)")
+    p.add_argument(
+        "--once",
+        action="store_true",
+        help="look and act once, then leave a watcher job to look again when the run's job ends (what "
+        "each watcher job runs; also restarts a broken chain)",
+    )
     p.set_defaults(func=cmd_coordinate)
 
 
@@ -327,15 +402,23 @@ def _add_status(sub) -> None:
 def _add_logs(sub) -> None:
     from slurmvision.launch.logs import STREAMS
 
-    p = sub.add_parser("logs", help="the log of one rank of one attempt (default: rank 0 of the newest), or the "
-                                    "coordinator's")
+    p = sub.add_parser(
+        "logs", help="the log of one rank of one attempt (default: rank 0 of the newest), or the coordinator's"
+    )
     p.add_argument("run", metavar="RUN", help="the run directory")
     p.add_argument("--rank", type=int, default=0, help="the rank (default 0)")
-    p.add_argument("--attempt", metavar="K", help="the K-th attempt (1 the first, -1 the newest, the default) or "
-                                                  "JOB.RESTART as status lists them")
-    p.add_argument("--stream", choices=STREAMS, default="stderr",
-                   help="stderr: what the rank wrote (log lines, tracebacks; the default); stdout: submitit's "
-                        "lines and prints; rank-log: RUN/logs/rank-NNNNN.log")
+    p.add_argument(
+        "--attempt",
+        metavar="K",
+        help="the K-th attempt (1 the first, -1 the newest, the default) or JOB.RESTART as status lists them",
+    )
+    p.add_argument(
+        "--stream",
+        choices=STREAMS,
+        default="stderr",
+        help="stderr: what the rank wrote (log lines, tracebacks; the default); stdout: submitit's "
+        "lines and prints; rank-log: RUN/logs/rank-NNNNN.log",
+    )
     p.add_argument("--coordinator", action="store_true", help="the coordinator's and the watcher jobs' logs instead")
     p.add_argument("-f", "--follow", action="store_true", help="then print what is appended, until Ctrl-C")
     p.set_defaults(func=cmd_logs)

@@ -14,9 +14,11 @@ def require_engine(engine: str) -> None:
     """Raise a ConfigError saying what to install if `trainer.engine` needs a package this interpreter lacks.
     Called where the engine is chosen, and on the login node before a job that runs this interpreter is submitted."""
     if engine == "deepspeed" and importlib.util.find_spec("deepspeed") is None:
-        raise ConfigError("trainer.engine=deepspeed needs DeepSpeed, which is not installed here: "
-                          "pip install 'slurmvision[deepspeed]' (after torch: its build imports torch), "
-                          "or use trainer.engine=ddp")
+        raise ConfigError(
+            "trainer.engine=deepspeed needs DeepSpeed, which is not installed here: "
+            "pip install 'slurmvision[deepspeed]' (after torch: its build imports torch), "
+            "or use trainer.engine=ddp"
+        )
 
 
 def require_engine_for_jobs(config) -> None:

@@ -45,8 +45,10 @@ def source(name: str) -> Source:
     except RuntimeError as err:
         raise ConfigError(f"model.name={name!r}: {err}") from None
     if cfg is None or not (cfg.hf_hub_id or cfg.url):
-        raise ConfigError(f"timm has no pretrained weights for model.name={name!r}: set model.pretrained_file to a "
-                          "weights file, or model.pretrained=false")
+        raise ConfigError(
+            f"timm has no pretrained weights for model.name={name!r}: set model.pretrained_file to a "
+            "weights file, or model.pretrained=false"
+        )
     if cfg.hf_hub_id:
         return Source(name, repo=cfg.hf_hub_id, filenames=(cfg.hf_hub_filename,) if cfg.hf_hub_filename else HUB_FILES)
     return Source(name, url=cfg.url)
@@ -69,8 +71,9 @@ def cached(src: Source, cache_dir: Optional[str]) -> Optional[Path]:
     repo, _, revision = src.repo.partition("@")
     for filename in src.filenames:
         try:
-            return Path(hf_hub_download(repo, filename, revision=revision or None, cache_dir=cache_dir,
-                                        local_files_only=True))
+            return Path(
+                hf_hub_download(repo, filename, revision=revision or None, cache_dir=cache_dir, local_files_only=True)
+            )
         except LocalEntryNotFoundError:
             continue
     return None
@@ -88,12 +91,14 @@ def download(src: Source, cache_dir: Optional[str]) -> Path:
     repo, _, revision = src.repo.partition("@")
     for filename in src.filenames[:-1]:
         try:
-            return Path(hf_hub_download(repo, filename, revision=revision or None, cache_dir=cache_dir,
-                                        library_name="timm"))
+            return Path(
+                hf_hub_download(repo, filename, revision=revision or None, cache_dir=cache_dir, library_name="timm")
+            )
         except RemoteEntryNotFoundError:
             continue
-    return Path(hf_hub_download(repo, src.filenames[-1], revision=revision or None, cache_dir=cache_dir,
-                                library_name="timm"))
+    return Path(
+        hf_hub_download(repo, src.filenames[-1], revision=revision or None, cache_dir=cache_dir, library_name="timm")
+    )
 
 
 def _offline_hint(src: Source, cache_dir: Optional[str]) -> str:
@@ -101,8 +106,10 @@ def _offline_hint(src: Source, cache_dir: Optional[str]) -> str:
         get = f"`hf download {src.repo.partition('@')[0]}" + (f" --cache-dir {cache_dir}`" if cache_dir else "`")
     else:
         get = f"download {src.url} into {cache_dir or 'the torch hub cache'}"
-    return (f"compute nodes never download them: {get} on a machine with network access, then set "
-            "model.cache_dir to that cache, or set model.pretrained_file to the weights file")
+    return (
+        f"compute nodes never download them: {get} on a machine with network access, then set "
+        "model.cache_dir to that cache, or set model.pretrained_file to the weights file"
+    )
 
 
 def fetch(model: ModelConfig) -> Optional[Path]:
@@ -112,8 +119,10 @@ def fetch(model: ModelConfig) -> Optional[Path]:
         return None
     if model.pretrained_file:
         if not Path(model.pretrained_file).is_file():
-            raise ConfigError(f"model.pretrained_file={model.pretrained_file} does not exist: give a weights file "
-                              "(.safetensors, .pth, .bin)")
+            raise ConfigError(
+                f"model.pretrained_file={model.pretrained_file} does not exist: give a weights file "
+                "(.safetensors, .pth, .bin)"
+            )
         return Path(model.pretrained_file)
     src = source(model.name)
     path = cached(src, model.cache_dir)
@@ -123,8 +132,10 @@ def fetch(model: ModelConfig) -> Optional[Path]:
         return download(src, model.cache_dir)
     except Exception as err:  # no network, a proxy, a refused repository: the same advice
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ConfigError(f"model.pretrained=true: could not download the weights of {model.name} "
-                          f"({src.repo or src.url}): {reason}; {_offline_hint(src, model.cache_dir)}") from None
+        raise ConfigError(
+            f"model.pretrained=true: could not download the weights of {model.name} "
+            f"({src.repo or src.url}): {reason}; {_offline_hint(src, model.cache_dir)}"
+        ) from None
 
 
 def timm_kwargs(model: ModelConfig) -> dict:
@@ -136,10 +147,12 @@ def timm_kwargs(model: ModelConfig) -> dict:
         src = source(model.name)
         path = cached(src, model.cache_dir)
         if path is None:
-            raise ConfigError(f"model.pretrained=true: the weights of {model.name} are not in the cache "
-                              f"{model.cache_dir or '(the default Hugging Face cache)'} on this node; `slurmvision "
-                              f"launch` fetches them on the login node into a cache the compute nodes must share; "
-                              f"{_offline_hint(src, model.cache_dir)}")
+            raise ConfigError(
+                f"model.pretrained=true: the weights of {model.name} are not in the cache "
+                f"{model.cache_dir or '(the default Hugging Face cache)'} on this node; `slurmvision "
+                f"launch` fetches them on the login node into a cache the compute nodes must share; "
+                f"{_offline_hint(src, model.cache_dir)}"
+            )
     elif not path.is_file():
         raise ConfigError(f"model.pretrained_file={path} does not exist on this node: put it on a shared filesystem")
     return {"pretrained": True, "pretrained_cfg_overlay": {"file": str(path)}}

@@ -22,11 +22,23 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 def test_mixed_precision_trains(tiny_shards, tmp_path, precision, engine):  # noqa: F811
     run_dir = tmp_path / precision
     engine_settings = ["trainer.engine=deepspeed", "trainer.zero_stage=2"] if engine == "deepspeed" else []
-    results = train_here(tiny_config(tiny_shards, run_dir, f"trainer.precision={precision}", "trainer.max_steps=12",
-                                     "optim.lr=3e-3", "data.batch_size=12", *engine_settings), nproc=1)
+    results = train_here(
+        tiny_config(
+            tiny_shards,
+            run_dir,
+            f"trainer.precision={precision}",
+            "trainer.max_steps=12",
+            "optim.lr=3e-3",
+            "data.batch_size=12",
+            *engine_settings,
+        ),
+        nproc=1,
+    )
     assert results["step"] == 12 and 0.0 <= results["top1"] <= 1.0
     log = (run_dir / "logs" / "rank-00000.log").read_text()
-    losses = [float(line.split("loss ")[1].split()[0]) for line in log.splitlines() if "progress" in line and "loss " in line]
+    losses = [
+        float(line.split("loss ")[1].split()[0]) for line in log.splitlines() if "progress" in line and "loss " in line
+    ]
     assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0]
     assert inspect_checkpoint(run_dir)["step"] == 12
 

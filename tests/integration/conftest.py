@@ -8,9 +8,14 @@ import pytest
 from slurmvision.configs import load_config
 
 TINY_MODEL = [
-    "model.name=swinv2_tiny_window8_256", "model.kwargs.img_size=16", "model.kwargs.patch_size=2",
-    "model.kwargs.window_size=4", "model.kwargs.embed_dim=16", "model.kwargs.depths=[1,1]",
-    "model.kwargs.num_heads=[1,2]", "model.kwargs.strict_img_size=false",
+    "model.name=swinv2_tiny_window8_256",
+    "model.kwargs.img_size=16",
+    "model.kwargs.patch_size=2",
+    "model.kwargs.window_size=4",
+    "model.kwargs.embed_dim=16",
+    "model.kwargs.depths=[1,1]",
+    "model.kwargs.num_heads=[1,2]",
+    "model.kwargs.strict_img_size=false",
 ]
 
 
@@ -40,7 +45,20 @@ def tiny_shards(tmp_path_factory) -> Path:
 
 
 def tiny_config(shards: Path, run_dir: Path, *overrides: str, model=TINY_MODEL):
-    return load_config("digits-demo", [
-        f"data.root={shards}", "data.batch_size=6", "data.workers=1", "data.shuffle_buffer=8", "data.img_size=16",
-        "trainer.log_every=1", "trainer.checkpoint_every=3", "optim.warmup_steps=2", *model, *overrides,
-    ], cluster="local", run_dir=run_dir)
+    return load_config(
+        "digits-demo",
+        [
+            f"data.root={shards}",
+            "data.batch_size=6",
+            "data.workers=1",
+            "data.shuffle_buffer=8",
+            "data.img_size=16",
+            "trainer.log_every=1",
+            "trainer.checkpoint_every=3",
+            "optim.warmup_steps=2",
+            *model,
+            *overrides,
+        ],
+        cluster="local",
+        run_dir=run_dir,
+    )

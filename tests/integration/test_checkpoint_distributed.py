@@ -23,6 +23,7 @@ def _rank(rank: int, port: int, directory: str, outcomes) -> None:
     manager = CheckpointManager(directory, DistEnv(rank=rank, world_size=2), keep=2)
     manager.save(1, {"w": torch.ones(3)}, {"rank": rank}, {"step": 1, "epoch": 0})
     if rank == 1:
+
         def full_disk(obj, path):
             raise OSError(errno.ENOSPC, "No space left on device")
 
@@ -82,8 +83,10 @@ def test_every_rank_resumes_from_what_rank_0_chose_whatever_it_sees_itself(tmp_p
     context = mp.get_context("spawn")
     outcomes = context.Queue()
     port = free_port()
-    procs = [context.Process(target=_resume_rank, args=(r, port, [newer_on_rank_1, missing_on_rank_1], outcomes))
-             for r in range(2)]
+    procs = [
+        context.Process(target=_resume_rank, args=(r, port, [newer_on_rank_1, missing_on_rank_1], outcomes))
+        for r in range(2)
+    ]
     for p in procs:
         p.start()
     results = {0: [], 1: []}

@@ -12,7 +12,6 @@ import torch
 import torch.multiprocessing as mp
 
 from slurmvision.evaluate.inspect import inspect_checkpoint
-
 from slurmvision.trainer.distributed import free_port
 
 from .conftest import TINY_MODEL, tiny_config
@@ -24,14 +23,28 @@ DEEPSPEED = ["trainer.engine=deepspeed"]
 
 def losses(run_dir):
     log = (run_dir / "logs" / "rank-00000.log").read_text()
-    return [float(line.split("loss ")[1].split()[0]) for line in log.splitlines() if "progress" in line and "loss " in line]
+    return [
+        float(line.split("loss ")[1].split()[0]) for line in log.splitlines() if "progress" in line and "loss " in line
+    ]
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_zero1_learns_in_mixed_precision(tiny_shards, tmp_path, precision):
     run = tmp_path / "run"
-    done = train_cli(run, tiny_config(tiny_shards, run, *DEEPSPEED, "trainer.zero_stage=1", f"trainer.precision={precision}",
-                                      "trainer.max_steps=20", "optim.lr=3e-3", "data.batch_size=12"), nproc=2)
+    done = train_cli(
+        run,
+        tiny_config(
+            tiny_shards,
+            run,
+            *DEEPSPEED,
+            "trainer.zero_stage=1",
+            f"trainer.precision={precision}",
+            "trainer.max_steps=20",
+            "optim.lr=3e-3",
+            "data.batch_size=12",
+        ),
+        nproc=2,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert json.loads(done.stdout)["top1"] >= 0.8
     assert losses(run)[-1] < losses(run)[0]
@@ -57,8 +70,13 @@ def scalars(run_dir, tag: str) -> dict[int, float]:
 @pytest.mark.parametrize("stage,precision", [(3, "fp32"), (0, "fp16"), (2, "fp16")])
 def test_zero_stop_and_resume_is_exact(tiny_shards, tmp_path, stage, precision):
     # A scale that overflows at first: the scale a resume starts from decides which steps are skipped.
-    settings = [*DEEPSPEED, f"trainer.zero_stage={stage}", f"trainer.precision={precision}", "trainer.initial_scale_power=20",
-                *RESUME_SETTINGS]
+    settings = [
+        *DEEPSPEED,
+        f"trainer.zero_stage={stage}",
+        f"trainer.precision={precision}",
+        "trainer.initial_scale_power=20",
+        *RESUME_SETTINGS,
+    ]
     model = BATCHNORM_MODEL if precision == "fp16" else TINY_MODEL
     straight = tmp_path / "straight"
     done = train_cli(straight, tiny_config(tiny_shards, straight, *settings, model=model), nproc=2)
@@ -84,8 +102,14 @@ def test_zero_stop_and_resume_is_exact(tiny_shards, tmp_path, stage, precision):
 @pytest.mark.parametrize("stage", [2, 3])
 def test_zero_resumes_on_one_rank_losing_and_repeating_nothing(tiny_shards, tmp_path, stage):
     run = tmp_path / "run"
-    settings = [*DEEPSPEED, f"trainer.zero_stage={stage}", "trainer.max_steps=14", "data.batch_size=3", "data.audit=true",
-                "data.shuffle_buffer=4"]
+    settings = [
+        *DEEPSPEED,
+        f"trainer.zero_stage={stage}",
+        "trainer.max_steps=14",
+        "data.batch_size=3",
+        "data.audit=true",
+        "data.shuffle_buffer=4",
+    ]
     first = train_cli(run, tiny_config(tiny_shards, run, *settings), nproc=2, stop_after_step=2)
     assert first.returncode == 3, first.stderr[-3000:]
     assert json.loads(first.stdout)["step"] < 12
@@ -174,7 +198,11 @@ def test_zero_state_is_the_same_after_loading_on_other_world_sizes(tiny_shards, 
         assert all(torch.equal(state["model"][k], saved["model"][k]) for k in saved["model"])
         for name, moments in saved["optimizer_state"].items():
             assert all(torch.equal(state["optimizer_state"][name][k], v) for k, v in moments.items()), name
-        assert [float(t) for t in state["optimizer_steps"]] == [float(t) for t in saved["optimizer_steps"]] == [2.0] * len(saved["optimizer_steps"])
+        assert (
+            [float(t) for t in state["optimizer_steps"]]
+            == [float(t) for t in saved["optimizer_steps"]]
+            == [2.0] * len(saved["optimizer_steps"])
+        )
 
 
 def _fp16_overflow_rank(rank: int, world: int, port: int, config, out: str) -> None:
@@ -194,9 +222,14 @@ def _fp16_overflow_rank(rank: int, world: int, port: int, config, out: str) -> N
     first_applied = next(i for i in range(8) if step(False))
     scale, weights = engine.loss_scale, {k: t.clone() for k, t in engine.model_state().items()}
     applied = step(blow_up=rank == 1)
-    report = {"first_applied": first_applied, "norm": norms[first_applied], "scale": scale, "applied": applied,
-              "scale_after": engine.loss_scale,
-              "unchanged": all(torch.equal(t, weights[k]) for k, t in engine.model_state().items())}
+    report = {
+        "first_applied": first_applied,
+        "norm": norms[first_applied],
+        "scale": scale,
+        "applied": applied,
+        "scale_after": engine.loss_scale,
+        "unchanged": all(torch.equal(t, weights[k]) for k, t in engine.model_state().items()),
+    }
     for overflows in range(1, 40):
         try:
             step(blow_up=True)
@@ -210,8 +243,14 @@ def _fp16_overflow_rank(rank: int, world: int, port: int, config, out: str) -> N
 
 @pytest.mark.parametrize("stage", [2, 3])
 def test_fp16_overflow_is_skipped_on_every_rank_and_a_scale_below_one_stops(tiny_shards, tmp_path, stage):
-    config = tiny_config(tiny_shards, tmp_path / "run", *DEEPSPEED, f"trainer.zero_stage={stage}", "trainer.precision=fp16",
-                         "optim.clip_grad=1.0")
+    config = tiny_config(
+        tiny_shards,
+        tmp_path / "run",
+        *DEEPSPEED,
+        f"trainer.zero_stage={stage}",
+        "trainer.precision=fp16",
+        "optim.clip_grad=1.0",
+    )
     out = str(tmp_path / "report")
     spawn_ranks(_fp16_overflow_rank, 2, config, out)
     reports = [json.loads(open(f"{out}.{r}").read()) for r in range(2)]

@@ -15,9 +15,15 @@ SHORT = ["trainer.max_steps=4", "trainer.checkpoint_every=4"]
 
 def teacher_settings(teacher_run, weight: float) -> list[str]:
     name = next(o for o in TINY_MODEL if o.startswith("model.name=")).split("=", 1)[1]
-    kwargs = [o.replace("model.kwargs.", "model.distill.teacher_kwargs.") for o in TINY_MODEL if o.startswith("model.kwargs.")]
-    return [f"model.distill.teacher={name}", f"model.distill.teacher_weights={teacher_run}",
-            f"model.distill.weight={weight}", *kwargs]
+    kwargs = [
+        o.replace("model.kwargs.", "model.distill.teacher_kwargs.") for o in TINY_MODEL if o.startswith("model.kwargs.")
+    ]
+    return [
+        f"model.distill.teacher={name}",
+        f"model.distill.teacher_weights={teacher_run}",
+        f"model.distill.weight={weight}",
+        *kwargs,
+    ]
 
 
 def test_distill_loss_is_zero_for_the_teachers_own_logits_and_scales_with_temperature():
@@ -35,10 +41,14 @@ def test_distillation_trains_against_a_frozen_teacher(tiny_shards, tmp_path):
 
     plain = train_here(tiny_config(tiny_shards, tmp_path / "plain", *SHORT), nproc=1)
     # Weight 0: the teacher runs but cannot change anything, down to the last bit.
-    unweighted = train_here(tiny_config(tiny_shards, tmp_path / "w0", *SHORT, *teacher_settings(teacher_run, 0.0)), nproc=1)
+    unweighted = train_here(
+        tiny_config(tiny_shards, tmp_path / "w0", *SHORT, *teacher_settings(teacher_run, 0.0)), nproc=1
+    )
     assert unweighted["params_sha256"] == plain["params_sha256"]
-    distilled = train_here(tiny_config(tiny_shards, tmp_path / "w1", *SHORT, *teacher_settings(teacher_run, 0.7),
-                                       "data.mixup=0.8"), nproc=1)
+    distilled = train_here(
+        tiny_config(tiny_shards, tmp_path / "w1", *SHORT, *teacher_settings(teacher_run, 0.7), "data.mixup=0.8"),
+        nproc=1,
+    )
     assert distilled["params_sha256"] != plain["params_sha256"]
     log = (tmp_path / "w1" / "logs" / "rank-00000.log").read_text()
     assert "distilling from" in log

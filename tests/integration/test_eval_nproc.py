@@ -38,8 +38,12 @@ def test_a_finished_run_names_its_classes_and_logs_per_class_f1_gradcam_and_hpar
     classes = Manifest.load(tiny_shards).classes
     meta = json.loads(next((trained / "checkpoints").glob("step-*/meta.json")).read_text())
     assert meta["classes"] == classes
-    logged = {(event.step, value.tag) for events in (trained / "tb").glob("events.*")
-              for event in EventFileLoader(str(events)).Load() for value in event.summary.value}
+    logged = {
+        (event.step, value.tag)
+        for events in (trained / "tb").glob("events.*")
+        for event in EventFileLoader(str(events)).Load()
+        for value in event.summary.value
+    }
     assert {(2, f"eval/f1/{name}") for name in classes} <= logged
     assert {(2, "_hparams_/experiment"), (2, "_hparams_/session_start_info")} <= logged
     assert {(2, f"gradcam/{i}") for i in range(4)} <= logged  # trainer.gradcam_images val images

@@ -42,11 +42,14 @@ def _rank_with_nan_losses(target, args, rank, nproc, port, queue):
 
 
 def test_non_finite_steps_are_skipped_on_every_rank_and_a_run_of_them_stops_with_the_checkpoint_kept(
-        tiny_shards, tmp_path, monkeypatch):
+    tiny_shards, tmp_path, monkeypatch
+):
     run = tmp_path / "run"
     settings = ["trainer.max_steps=8", "trainer.checkpoint_every=2", "trainer.nonfinite_budget=2"]
     monkeypatch.setattr(local, "_rank_main", _rank_with_nan_losses)
-    with pytest.raises(RunError, match="2 non-finite steps in a row at step 4: stopped; the last good checkpoint is kept"):
+    with pytest.raises(
+        RunError, match="2 non-finite steps in a row at step 4: stopped; the last good checkpoint is kept"
+    ):
         train_here(tiny_config(tiny_shards, run, *settings), nproc=2)
     log = (run / "logs" / "rank-00000.log").read_text()  # rank 0's own losses were finite: the all-reduce told it
     assert "non-finite loss at step 2 on 1 rank(s): step skipped (1 in a row)" in log
@@ -59,7 +62,9 @@ def test_non_finite_steps_are_skipped_on_every_rank_and_a_run_of_them_stops_with
     assert "resumed from" in (run / "logs" / "rank-00000.log").read_text()
 
 
-def test_a_resume_refuses_a_changed_meaning_names_the_keys_and_allows_harmless_or_permitted_changes(tiny_shards, tmp_path):
+def test_a_resume_refuses_a_changed_meaning_names_the_keys_and_allows_harmless_or_permitted_changes(
+    tiny_shards, tmp_path
+):
     run = tmp_path / "run"
     base = ["trainer.max_steps=2"]
     config = tiny_config(tiny_shards, run, *base)
@@ -74,15 +79,25 @@ def test_a_resume_refuses_a_changed_meaning_names_the_keys_and_allows_harmless_o
     assert "trainer.allow_config_change=true" in message
     assert sorted(p.name for p in (run / "checkpoints").glob("step-*")) == ["step-00000002"]  # untouched
 
-    harmless = tiny_config(tiny_shards, run, *base, "trainer.log_every=5", "trainer.checkpoint_every=7", "data.workers=2")
+    harmless = tiny_config(
+        tiny_shards, run, *base, "trainer.log_every=5", "trainer.checkpoint_every=7", "data.workers=2"
+    )
     assert train_cli(run, harmless, nproc=1).returncode == 0
-    allowed = train_cli(run, tiny_config(tiny_shards, run, *base, f"optim.lr={lr * 2}", "trainer.allow_config_change=true"),
-                        nproc=1)
+    allowed = train_cli(
+        run, tiny_config(tiny_shards, run, *base, f"optim.lr={lr * 2}", "trainer.allow_config_change=true"), nproc=1
+    )
     assert allowed.returncode == 0, allowed.stderr[-3000:]
-    assert f"with config changes (allowed): optim.lr: {lr!r} -> {lr * 2!r}" in (run / "logs" / "rank-00000.log").read_text()
+    assert (
+        f"with config changes (allowed): optim.lr: {lr!r} -> {lr * 2!r}"
+        in (run / "logs" / "rank-00000.log").read_text()
+    )
 
-    inspected = subprocess.run([sys.executable, "-m", "slurmvision", "checkpoint", "inspect", str(run), "--json"],
-                               capture_output=True, text=True, check=True)
+    inspected = subprocess.run(
+        [sys.executable, "-m", "slurmvision", "checkpoint", "inspect", str(run), "--json"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     report = json.loads(inspected.stdout)
     assert report["valid"] and report["problem"] is None and report["path"].endswith("step-00000002")
     assert (report["step"], report["world_size"], report["engine"]) == (2, 1, "ddp")
@@ -105,6 +120,7 @@ def test_a_run_another_job_is_training_is_refused_by_every_rank_at_once(tmp_path
         with pytest.raises(RunError, match=r"another job is training .* \(job 77 on gpu07, pid 1234, since 2024-05-01"):
             train_here(config, nproc=2)
     assert sorted(outcomes) == [0, 1]
-    assert all(kind == "user" and payload.startswith("RunError:another job is training")
-               for kind, payload in outcomes.values()), outcomes
+    assert all(
+        kind == "user" and payload.startswith("RunError:another job is training") for kind, payload in outcomes.values()
+    ), outcomes
     assert not (run / "checkpoints").exists()

@@ -18,18 +18,40 @@ from slurmvision.launch.local import train_here
 from .conftest import tiny_config
 
 pytestmark = pytest.mark.integration
-RESUME_SETTINGS = ["trainer.max_steps=8", "trainer.grad_accum=2", "data.audit=true", "data.scales=[12,16]",
-                   "data.scale_batch_sizes=[8,6]", "data.mixup=0.8", "data.cutmix=1.0", "data.reprob=0.25",
-                   "data.color_jitter=0.4", "optim.layer_decay=0.8", "optim.weight_decay_end=0.2"]
+RESUME_SETTINGS = [
+    "trainer.max_steps=8",
+    "trainer.grad_accum=2",
+    "data.audit=true",
+    "data.scales=[12,16]",
+    "data.scale_batch_sizes=[8,6]",
+    "data.mixup=0.8",
+    "data.cutmix=1.0",
+    "data.reprob=0.25",
+    "data.color_jitter=0.4",
+    "optim.layer_decay=0.8",
+    "optim.weight_decay_end=0.2",
+]
 
 
 def audit(run_dir: Path) -> dict:
-    return {p.name: [json.loads(line) for line in p.read_text().splitlines()] for p in sorted((run_dir / "audit").glob("*.jsonl"))}
+    return {
+        p.name: [json.loads(line) for line in p.read_text().splitlines()]
+        for p in sorted((run_dir / "audit").glob("*.jsonl"))
+    }
 
 
 def train_command(run_dir: Path, *options: str) -> list[str]:
-    return [sys.executable, "-m", "slurmvision", "train", str(run_dir / "config.yaml"), "--run-dir", str(run_dir), "--json",
-            *options]
+    return [
+        sys.executable,
+        "-m",
+        "slurmvision",
+        "train",
+        str(run_dir / "config.yaml"),
+        "--run-dir",
+        str(run_dir),
+        "--json",
+        *options,
+    ]
 
 
 def train_cli(run_dir: Path, config, nproc: int, stop_after_step: int | None = None) -> subprocess.CompletedProcess:
@@ -44,7 +66,9 @@ def train_cli(run_dir: Path, config, nproc: int, stop_after_step: int | None = N
             if log.exists() and f"step {stop_after_step}/" in log.read_text():
                 break
             time.sleep(0.02)
-        ranks = subprocess.run(["pgrep", "-f", "multiprocessing.spawn", "-P", str(proc.pid)], capture_output=True, text=True)
+        ranks = subprocess.run(
+            ["pgrep", "-f", "multiprocessing.spawn", "-P", str(proc.pid)], capture_output=True, text=True
+        )
         pids = sorted(int(p) for p in ranks.stdout.split())
         os.kill(pids[-1], signal.SIGUSR2)  # one rank only: the others must follow it
     out, err = proc.communicate(timeout=600)
@@ -55,7 +79,9 @@ def test_two_ranks_learn(tiny_shards, tmp_path):
     config = tiny_config(tiny_shards, tmp_path / "run", "trainer.max_steps=30", "optim.lr=3e-3", "data.batch_size=12")
     results = train_here(config, nproc=2)
     assert results["top1"] >= 0.8, results
-    losses = [line for line in (tmp_path / "run" / "logs" / "rank-00000.log").read_text().splitlines() if "loss" in line]
+    losses = [
+        line for line in (tmp_path / "run" / "logs" / "rank-00000.log").read_text().splitlines() if "loss" in line
+    ]
     first, last = (float(line.split("loss ")[1].split()[0]) for line in (losses[0], losses[-1]))
     assert last < first
     assert list((tmp_path / "run" / "tb").glob("events.out.tfevents.*"))
@@ -152,7 +178,8 @@ def _rank_warned_after_resuming(target, args, rank, nproc, port, queue):
 
 
 def test_a_stop_right_after_a_save_or_a_resume_saves_nothing_again_and_reports_the_profiles_signal(
-        tiny_shards, tmp_path, monkeypatch):
+    tiny_shards, tmp_path, monkeypatch
+):
     run = tmp_path / "run"
     config = tiny_config(tiny_shards, run, "trainer.max_steps=8", "cluster.signal=USR1")
     stopped = {"interrupted": True, "signal": "SIGUSR1", "step": 3}
@@ -195,8 +222,18 @@ def test_sigterm_to_every_process_of_the_job_stops_cleanly(tiny_shards, tmp_path
     run = tmp_path / "run"
     config = tiny_config(tiny_shards, run, "trainer.max_steps=60", "trainer.checkpoint_every=100")
     save_config(config, run)
-    command = [sys.executable, "-m", "slurmvision", "train", str(run / "config.yaml"), "--run-dir", str(run),
-               "--nproc", "2", "--json"]
+    command = [
+        sys.executable,
+        "-m",
+        "slurmvision",
+        "train",
+        str(run / "config.yaml"),
+        "--run-dir",
+        str(run),
+        "--nproc",
+        "2",
+        "--json",
+    ]
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     log = run / "logs" / "rank-00000.log"
     deadline = time.monotonic() + 300
@@ -221,8 +258,8 @@ WORKERS_OF_A_KILLED_RANK = """
 import multiprocessing, sys, time
 from slurmvision.configs import load_config
 from slurmvision.shards.reader import TrainReader
-config = load_config("digits-demo", [f"data.root={sys.argv[1]}", "data.workers=2", "data.batch_size=2"], cluster="local",
-                     run_dir=sys.argv[2])
+overrides = [f"data.root={sys.argv[1]}", "data.workers=2", "data.batch_size=2"]
+config = load_config("digits-demo", overrides, cluster="local", run_dir=sys.argv[2])
 batches = iter(TrainReader(config.data, seed=0, rank=0, world_size=1))
 next(batches)
 print(" ".join(str(p.pid) for p in multiprocessing.active_children()), flush=True)
@@ -231,8 +268,11 @@ time.sleep(120)
 
 
 def test_the_loader_workers_of_a_rank_killed_by_sigkill_do_not_outlive_it(tiny_shards, tmp_path):
-    rank = subprocess.Popen([sys.executable, "-c", WORKERS_OF_A_KILLED_RANK, str(tiny_shards), str(tmp_path / "run")],
-                            stdout=subprocess.PIPE, text=True)
+    rank = subprocess.Popen(
+        [sys.executable, "-c", WORKERS_OF_A_KILLED_RANK, str(tiny_shards), str(tmp_path / "run")],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     workers = [int(pid) for pid in rank.stdout.readline().split()]
     assert len(workers) == 2
     rank.kill()

@@ -10,7 +10,10 @@ from ..integration.conftest import tiny_config, tiny_shards  # noqa: F401  (fixt
 def slurm_cluster():
     """The local cluster from `make slurm-up`. In CI its absence is a failure, elsewhere a skip."""
     try:
-        ok = bool(os.environ.get("SLURM_CONF")) and subprocess.run(["sinfo"], capture_output=True, timeout=20).returncode == 0
+        ok = (
+            bool(os.environ.get("SLURM_CONF"))
+            and subprocess.run(["sinfo"], capture_output=True, timeout=20).returncode == 0
+        )
     except (FileNotFoundError, subprocess.TimeoutExpired):
         ok = False
     if not ok:

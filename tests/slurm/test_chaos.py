@@ -18,9 +18,24 @@ def test_a_seeded_chaos_run_ends_with_the_uninterrupted_weights_and_no_sample_lo
     # rank 0 during a save;
     # `--kinds job` leaves out slurmctld and slurmdbd restarts, which would disturb the tests next to it.
     result = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "chaos.py"), "--seed", "96", "--faults", "3", "--kinds", "job",
-         "--results", str(tmp_path / "RESULTS.md"), "--json", str(tmp_path / "chaos.json")],
-        capture_output=True, text=True, timeout=1200)
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "chaos.py"),
+            "--seed",
+            "96",
+            "--faults",
+            "3",
+            "--kinds",
+            "job",
+            "--results",
+            str(tmp_path / "RESULTS.md"),
+            "--json",
+            str(tmp_path / "chaos.json"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     figures = json.loads((tmp_path / "chaos.json").read_text())
     assert [f["kind"] for f in figures["faults"]] == ["kill-rank", "coordinator-restart", "kill-during-save"]

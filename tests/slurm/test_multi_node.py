@@ -49,8 +49,13 @@ def test_host_lists_expand_as_scontrol_expands_them(nodelist):
 
 
 def sacct_nodes(job_id: str) -> str:
-    return subprocess.run(["sacct", "-n", "-X", "-P", "-j", job_id, "--format=NodeList"], capture_output=True, text=True,
-                          check=True).stdout.strip().splitlines()[-1]
+    return (
+        subprocess.run(
+            ["sacct", "-n", "-X", "-P", "-j", job_id, "--format=NodeList"], capture_output=True, text=True, check=True
+        )
+        .stdout.strip()
+        .splitlines()[-1]
+    )
 
 
 @pytest.mark.parametrize("tasks_per_node", [1, 2])
@@ -66,7 +71,7 @@ def test_a_two_host_job_trains_what_one_host_trains_with_as_many_ranks(tiny_shar
     assert two_hosts["world_size"] == ranks
     assert two_hosts["params_sha256"] == inspect_checkpoint(tmp_path / "one-host")["params_sha256"]
     assert sacct_nodes(job.job_id) == "node[1-2]"
-    attempt, = Ledger(tmp_path / "two-hosts").attempts()
+    (attempt,) = Ledger(tmp_path / "two-hosts").attempts()
     assert attempt["nodes"] == "node[1-2]" and attempt["world_size"] == ranks
     # Each host's ranks ran there, and met at the first host.
     for rank in range(ranks):
@@ -75,20 +80,29 @@ def test_a_two_host_job_trains_what_one_host_trains_with_as_many_ranks(tiny_shar
         assert f"rank {rank} of {ranks} on {host} (submitit): gloo, rendezvous at node1:" in log
 
 
-def test_preempting_a_two_host_job_saves_both_hosts_at_one_step_and_resumes_bit_for_bit(tiny_shards, tmp_path,  # noqa: F811
-                                                                                         straight_sha):
+def test_preempting_a_two_host_job_saves_both_hosts_at_one_step_and_resumes_bit_for_bit(
+    tiny_shards,
+    tmp_path,  # noqa: F811
+    straight_sha,
+):
     run_dir = tmp_path / "run"
     job = launch_watched(two_host_config(tiny_shards, run_dir, 1, *LONGER))
     wait_for_log(run_dir / "logs" / "rank-00000.log", "step 2/")
-    high = subprocess.run(["sbatch", "--parsable", "-p", "multi-high", "-N", "2", "-o", str(tmp_path / "high.out"),
-                           "--wrap", "sleep 5"], capture_output=True, text=True, check=True).stdout.strip()
+    high = subprocess.run(
+        ["sbatch", "--parsable", "-p", "multi-high", "-N", "2", "-o", str(tmp_path / "high.out"), "--wrap", "sleep 5"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
     for rank in (0, 1):
         wait_for_log(run_dir / "logs" / f"rank-{rank:05d}.log", "stopped by SIGTERM")
     wait_until_gone(high)
     start_when_requeued(job)
     assert chain_ends(run_dir).startswith("run finished")
-    stops = [(run_dir / "logs" / f"rank-{rank:05d}.log").read_text().split("stopped by SIGTERM")[1].splitlines()[0]
-             for rank in (0, 1)]
+    stops = [
+        (run_dir / "logs" / f"rank-{rank:05d}.log").read_text().split("stopped by SIGTERM")[1].splitlines()[0]
+        for rank in (0, 1)
+    ]
     step = stops[0].split(" at step ")[1].split(":")[0]
     assert all(f"at step {step}:" in stop and "checkpoint saved" in stop for stop in stops), stops
     assert inspect_checkpoint(run_dir)["params_sha256"] == straight_sha  # one host's, 2 ranks
@@ -120,8 +134,12 @@ def lose_host(host: str) -> None:
 
 
 def bring_back(host: str) -> None:
-    subprocess.run(["bash", str(REPO / "scripts" / "devslurm.sh"), "up", "--nodes", "2"], check=True, capture_output=True,
-                   env={**os.environ, "DEVSLURM_DIR": str(DEVSLURM)})
+    subprocess.run(
+        ["bash", str(REPO / "scripts" / "devslurm.sh"), "up", "--nodes", "2"],
+        check=True,
+        capture_output=True,
+        env={**os.environ, "DEVSLURM_DIR": str(DEVSLURM)},
+    )
     return_to_service(host)
 
 

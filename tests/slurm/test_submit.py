@@ -21,7 +21,12 @@ def where_am_i() -> dict:
     import submitit
 
     env = submitit.JobEnvironment()
-    return {"rank": env.global_rank, "world": env.num_tasks, "job": env.job_id, "partition": os.environ["SLURM_JOB_PARTITION"]}
+    return {
+        "rank": env.global_rank,
+        "world": env.num_tasks,
+        "job": env.job_id,
+        "partition": os.environ["SLURM_JOB_PARTITION"],
+    }
 
 
 def test_job_runs_and_sacct_reports_it(tmp_path):
@@ -36,8 +41,12 @@ def test_job_runs_and_sacct_reports_it(tmp_path):
     assert all(r["world"] == 2 and r["partition"] == "low" and r["job"] == job.job_id for r in results)
     # slurmdbd records the job asynchronously: give it (and submitit's cached view) time to catch up.
     for _ in range(60):
-        sacct = subprocess.run(["sacct", "-n", "-X", "-P", "-j", job.job_id, "--format=JobName,State,Partition"],
-                               capture_output=True, text=True, check=True).stdout.strip()
+        sacct = subprocess.run(
+            ["sacct", "-n", "-X", "-P", "-j", job.job_id, "--format=JobName,State,Partition"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
         if sacct == "sv-test|COMPLETED|low" and job.state == "COMPLETED":
             break
         time.sleep(1)
@@ -46,7 +55,9 @@ def test_job_runs_and_sacct_reports_it(tmp_path):
 
 
 def test_bad_partition_is_refused_before_submitting(tmp_path):
-    config = load_config("digits-demo", ["data.root=/x", "cluster.partition=gpux"], cluster="devslurm", run_dir=tmp_path / "run")
+    config = load_config(
+        "digits-demo", ["data.root=/x", "cluster.partition=gpux"], cluster="devslurm", run_dir=tmp_path / "run"
+    )
     with pytest.raises(ClusterError, match="partition 'gpux' does not exist.*high, low"):
         submit(config)
     assert not (tmp_path / "run" / "ledger").exists()
@@ -54,15 +65,30 @@ def test_bad_partition_is_refused_before_submitting(tmp_path):
 
 def test_a_sigterm_grace_longer_than_the_clusters_kill_wait_is_refused(tmp_path):
     """The local cluster kills a job 10 s after SIGTERM: planning with 30 s would lose the save."""
-    config = load_config("digits-demo", ["data.root=/x", "cluster.sigterm_grace_s=30"], cluster="devslurm",
-                         run_dir=tmp_path / "run")
+    config = load_config(
+        "digits-demo", ["data.root=/x", "cluster.sigterm_grace_s=30"], cluster="devslurm", run_dir=tmp_path / "run"
+    )
     with pytest.raises(ClusterError, match="kills a job 10s after its SIGTERM.*cluster.sigterm_grace_s=10"):
         submit(config)
 
 
 def test_sbatch_refusal_is_one_clear_line(tmp_path):
     result = subprocess.run(
-        [sys.executable, "-m", "slurmvision", "launch", "digits-demo", "data.root=/x", "--cluster", "devslurm",
-         "--run-dir", str(tmp_path / "run"), "cluster.mem_gb=100000"], capture_output=True, text=True)
+        [
+            sys.executable,
+            "-m",
+            "slurmvision",
+            "launch",
+            "digits-demo",
+            "data.root=/x",
+            "--cluster",
+            "devslurm",
+            "--run-dir",
+            str(tmp_path / "run"),
+            "cluster.mem_gb=100000",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 2, result.stderr
     assert "Slurm refused the job" in result.stderr and "Traceback" not in result.stderr

@@ -116,8 +116,12 @@ def stop_run(watcher: subprocess.Popen, run_dir: Path) -> None:
 
 
 def coordinator(run_dir: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "slurmvision", "coordinate", str(run_dir), "--poll", "1"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "slurmvision", "coordinate", str(run_dir), "--poll", "1"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def finish(proc: subprocess.Popen, timeout: float = 300) -> tuple[int, str]:
@@ -128,7 +132,9 @@ def finish(proc: subprocess.Popen, timeout: float = 300) -> tuple[int, str]:
 def task_pid(run_dir: Path, rank: int) -> int:
     """The process of one Slurm task of the run's job (submitit starts one per task)."""
     folder = str((run_dir / "slurm").resolve())
-    pids = subprocess.run(["pgrep", "-f", f"submitit.core._submit {folder}"], capture_output=True, text=True).stdout.split()
+    pids = subprocess.run(
+        ["pgrep", "-f", f"submitit.core._submit {folder}"], capture_output=True, text=True
+    ).stdout.split()
     for pid in pids:
         try:
             environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
@@ -149,7 +155,7 @@ def test_launch_trains_and_status_reports_it(tiny_shards, tmp_path):  # noqa: F8
     status = run_status(str(tmp_path / "run"))
     assert status["state"] == "finished" and status["step"] == 8
     assert status["jobs"][0]["job_id"] == job.job_id
-    attempt, = status["attempts"]
+    (attempt,) = status["attempts"]
     assert attempt["job_id"] == job.job_id and attempt["outcome"] == "finished" and attempt["world_size"] == 2
 
 
@@ -157,10 +163,25 @@ def test_srun_of_the_train_command_runs_each_task_as_a_rank(tiny_shards, tmp_pat
     """Without submitit: a batch script whose `srun` starts `slurmvision train` in each of its two tasks."""
     run_dir = tmp_path / "run"
     save_config(tiny_config(tiny_shards, run_dir, "trainer.max_steps=4"), run_dir)
-    train = shlex.join(["srun", sys.executable, "-m", "slurmvision", "train", str(run_dir / "config.yaml"),
-                        "--run-dir", str(run_dir), "--json"])
-    job = subprocess.run(["sbatch", "--parsable", "-n", "2", "-o", str(tmp_path / "out"), "-e", str(tmp_path / "err"),
-                          "--wrap", train], capture_output=True, text=True, check=True).stdout.strip()
+    train = shlex.join(
+        [
+            "srun",
+            sys.executable,
+            "-m",
+            "slurmvision",
+            "train",
+            str(run_dir / "config.yaml"),
+            "--run-dir",
+            str(run_dir),
+            "--json",
+        ]
+    )
+    job = subprocess.run(
+        ["sbatch", "--parsable", "-n", "2", "-o", str(tmp_path / "out"), "-e", str(tmp_path / "err"), "--wrap", train],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
     wait_until_gone(job, timeout=300)
     assert json.loads((tmp_path / "out").read_text())["step"] == 4, (tmp_path / "err").read_text()[-3000:]  # rank 0's
     assert inspect_checkpoint(run_dir)["world_size"] == 2
@@ -179,8 +200,10 @@ def test_usr2_warning_saves_requeues_and_resumes_bit_for_bit(tiny_shards, tmp_pa
         os.kill(task_pid(run_dir, 1), signal.SIGUSR2)
     else:
         subprocess.run(["scancel", "--signal=USR2", job.job_id], check=True)
-    wait_for_log(run_dir / "logs" / "rank-00000.log",
-                 "stopped by SIGUSR2 (this rank: none)" if to_one_rank else "stopped by SIGUSR2")
+    wait_for_log(
+        run_dir / "logs" / "rank-00000.log",
+        "stopped by SIGUSR2 (this rank: none)" if to_one_rank else "stopped by SIGUSR2",
+    )
     start_when_requeued(job.job_id)
     code, output = finish(watcher)
     assert code == 0 and "run finished" in output, output
@@ -197,8 +220,12 @@ def test_real_preemption_saves_in_the_grace_time_and_resumes_bit_for_bit(tiny_sh
     job = submit(slurm_config(tiny_shards, run_dir, *LONGER))  # the low, preemptible partition
     watcher = coordinator(run_dir)
     wait_for_log(run_dir / "logs" / "rank-00000.log", "step 2/")
-    high = subprocess.run(["sbatch", "--parsable", "-p", "high", "-n", "2", "-o", str(tmp_path / "high.out"),
-                           "--wrap", "sleep 5"], capture_output=True, text=True, check=True).stdout.strip()
+    high = subprocess.run(
+        ["sbatch", "--parsable", "-p", "high", "-n", "2", "-o", str(tmp_path / "high.out"), "--wrap", "sleep 5"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
     wait_for_log(run_dir / "logs" / "rank-00000.log", "stopped by SIGTERM")
     wait_until_gone(high)  # the high job runs, then leaves
     start_when_requeued(job.job_id)

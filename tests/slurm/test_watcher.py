@@ -13,9 +13,9 @@ import pytest
 
 from slurmvision.errors import RunError
 from slurmvision.evaluate.inspect import inspect_checkpoint
+from slurmvision.launch.coordinator import Coordinator
 from slurmvision.launch.launcher import launch, submit
 from slurmvision.launch.status import format_status, run_status
-from slurmvision.launch.coordinator import Coordinator
 from slurmvision.slurm.ledger import Ledger
 
 from ..integration.conftest import tiny_shards  # noqa: F401  (fixture)
@@ -37,8 +37,11 @@ def chain_ends(run_dir: Path, timeout: float = 600) -> str:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         ledger = Ledger(run_dir)
-        final = [e["message"] for e in ledger.events(100) if e["source"] == "coordinator"
-                 and e["message"].startswith(("run finished", "run stopped"))]
+        final = [
+            e["message"]
+            for e in ledger.events(100)
+            if e["source"] == "coordinator" and e["message"].startswith(("run finished", "run stopped"))
+        ]
         if final and ledger.get("watcher") is None:
             return final[-1]
         time.sleep(1)
@@ -99,7 +102,9 @@ def test_one_job_per_run_and_cancel_stops_the_job_and_its_watcher(tiny_shards, t
     assert len(Ledger(run_dir).jobs()) == 1
     status = format_status(run_status(str(run_dir)))
     assert f"watcher:    job {watcher} pending, waiting for job {job} to end" in status, status
-    cancel = subprocess.run([sys.executable, "-m", "slurmvision", "cancel", str(run_dir)], capture_output=True, text=True)
+    cancel = subprocess.run(
+        [sys.executable, "-m", "slurmvision", "cancel", str(run_dir)], capture_output=True, text=True
+    )
     assert cancel.returncode == 0 and job in cancel.stdout and watcher in cancel.stdout, cancel.stderr
     wait_until_gone(job, watcher)
     assert not squeue_state(job) and not squeue_state(watcher)

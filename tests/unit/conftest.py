@@ -8,8 +8,14 @@ import torch
 
 # Swin V2 and SG-Former, each as small as it goes; SG-Former's sides are multiples of 32.
 FAMILIES = {
-    "swinv2": (32, ["model.name=swinv2_tiny_window8_256", 'model.kwargs={"img_size": 32, "patch_size": 2, '
-                    '"window_size": 4, "embed_dim": 16, "depths": [1, 1], "num_heads": [1, 2]}']),
+    "swinv2": (
+        32,
+        [
+            "model.name=swinv2_tiny_window8_256",
+            'model.kwargs={"img_size": 32, "patch_size": 2, '
+            '"window_size": 4, "embed_dim": 16, "depths": [1, 1], "num_heads": [1, 2]}',
+        ],
+    ),
     "sgformer": (64, ["model.name=sgformer_pico", 'model.kwargs={"img_size": 64}']),
 }
 
@@ -36,8 +42,11 @@ def make_run(run_dir: Path, shards: Path, family: str, train_steps: int = 0) -> 
     from slurmvision.trainer.distributed import DistEnv
 
     size, model_overrides = FAMILIES[family]
-    config = load_config("digits-demo", [f"data.root={shards}", f"data.img_size={size}", "data.batch_size=12",
-                                         "data.workers=0", *model_overrides], run_dir=run_dir)
+    config = load_config(
+        "digits-demo",
+        [f"data.root={shards}", f"data.img_size={size}", "data.batch_size=12", "data.workers=0", *model_overrides],
+        run_dir=run_dir,
+    )
     torch.manual_seed(0)
     model = build_model(config.model, 3)
     if train_steps:
@@ -50,8 +59,12 @@ def make_run(run_dir: Path, shards: Path, family: str, train_steps: int = 0) -> 
             optimizer.step()
             optimizer.zero_grad()
     manager = CheckpointManager(run_dir / "checkpoints", DistEnv(), keep=1)
-    manager.save(1, {"config": json.dumps(to_dict(config)), "engine": {"model": model.state_dict()}, "step": 1},
-                 {"rng": rng_state()}, {"step": 1, "epoch": 0, "classes": ["cat", "dog", "ünï x"]})
+    manager.save(
+        1,
+        {"config": json.dumps(to_dict(config)), "engine": {"model": model.state_dict()}, "step": 1},
+        {"rng": rng_state()},
+        {"step": 1, "epoch": 0, "classes": ["cat", "dog", "ünï x"]},
+    )
     return run_dir
 
 

@@ -23,7 +23,9 @@ pytestmark = pytest.mark.unit
 
 
 def save(manager, step, value=0.0):
-    manager.save(step, {"weights": torch.full((4,), value), "step": step}, {"rng": rng_state()}, {"step": step, "epoch": 0})
+    manager.save(
+        step, {"weights": torch.full((4,), value), "step": step}, {"rng": rng_state()}, {"step": step, "epoch": 0}
+    )
 
 
 def test_save_load_and_retention(tmp_path):
@@ -157,7 +159,7 @@ def test_a_sigkill_at_any_point_of_a_save_leaves_a_valid_checkpoint_even_keeping
         directory = tmp_path / str(change)
         manager = CheckpointManager(directory, DistEnv(), keep=1)
         save_value(manager, 1, 1.0)
-        died = killed_at(change, lambda: save_value(manager, second_step, 2.0))
+        died = killed_at(change, lambda: save_value(manager, second_step, 2.0))  # noqa: B023  called at once
         latest = manager.latest_valid()
         assert latest is not None, f"no valid checkpoint after a SIGKILL at file-system change {change}"
         assert torch.equal(latest.load_state()["weights"], weights[latest.meta["value"]])
@@ -185,8 +187,11 @@ def test_a_malformed_manifest_makes_the_checkpoint_invalid_everywhere_without_a_
     report = inspect_checkpoint(broken)
     assert not report["valid"] and report["problem"]
     for target, valid, step in ((broken, False, 2), (run, True, 1)):
-        shown = subprocess.run([sys.executable, "-m", "slurmvision", "checkpoint", "inspect", str(target), "--json"],
-                               capture_output=True, text=True)
+        shown = subprocess.run(
+            [sys.executable, "-m", "slurmvision", "checkpoint", "inspect", str(target), "--json"],
+            capture_output=True,
+            text=True,
+        )
         assert shown.returncode == 0 and "Traceback" not in shown.stderr, shown.stderr
         assert {k: json.loads(shown.stdout)[k] for k in ("valid", "step")} == {"valid": valid, "step": step}
 

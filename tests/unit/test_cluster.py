@@ -7,10 +7,20 @@ from slurmvision.slurm.cluster import parse_gpus, parse_kill_wait, parse_time_li
 pytestmark = pytest.mark.unit
 
 
-@pytest.mark.parametrize("text,minutes", [
-    ("infinite", None), ("UNLIMITED", None), ("30", 30), ("1:00:00", 60), ("2-00:00:00", 2880), ("1-12", 2160),
-    ("1-12:30", 2190), ("45:30", 46), ("0:00:30", 1),
-])
+@pytest.mark.parametrize(
+    "text,minutes",
+    [
+        ("infinite", None),
+        ("UNLIMITED", None),
+        ("30", 30),
+        ("1:00:00", 60),
+        ("2-00:00:00", 2880),
+        ("1-12", 2160),
+        ("1-12:30", 2190),
+        ("45:30", 46),
+        ("0:00:30", 1),
+    ],
+)
 def test_time_limits_in_every_slurm_form(text, minutes):
     assert parse_time_limit(text) == minutes
 
@@ -22,6 +32,8 @@ def test_gpus_per_node_from_gres():
 
 
 def test_kill_wait_from_scontrol_show_config():
-    out = "Configuration data as of 2026-11-23T16:00:00\nJobRequeue              = 1\nKillWait                = 10 sec\n"
+    out = (
+        "Configuration data as of 2026-11-23T16:00:00\nJobRequeue              = 1\nKillWait                = 10 sec\n"
+    )
     assert parse_kill_wait(out) == 10
     assert parse_kill_wait("KillOnBadExit = 0\n") is None

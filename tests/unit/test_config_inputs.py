@@ -52,9 +52,14 @@ def test_a_time_in_hours_is_refused_not_read_as_seconds(tmp_path):
 
 
 def test_text_that_yaml_would_read_otherwise_survives_save_and_load(tmp_path):
-    config = load_config(recipe(tmp_path, ""), [*(f"cluster.{k}={v}" for k, v in TEXTS.items()),
-                                                "model.kwargs={x: '1e3', y: '\\${z}', w: 'a\\b', v: 'c\\\\\\${d}'}"],
-                         run_dir=tmp_path / "run")
+    config = load_config(
+        recipe(tmp_path, ""),
+        [
+            *(f"cluster.{k}={v}" for k, v in TEXTS.items()),
+            "model.kwargs={x: '1e3', y: '\\${z}', w: 'a\\b', v: 'c\\\\\\${d}'}",
+        ],
+        run_dir=tmp_path / "run",
+    )
     assert config.model.kwargs == {"x": "1e3", "y": "${z}", "w": "a\\b", "v": "c\\${d}"}
     save_config(config, tmp_path / "run")
     again = load_saved_config(tmp_path / "run")
@@ -62,13 +67,16 @@ def test_text_that_yaml_would_read_otherwise_survives_save_and_load(tmp_path):
     assert load_config(str(tmp_path / "run" / "config.yaml")) == config  # a saved config is a recipe too
 
 
-@pytest.mark.parametrize("override, expected", [
-    ("data.root=${HOME}/x", r"data.root.*Interpolation key 'HOME' not found.*\$HOME outside single quotes"),
-    ("data.root=${oops", r"data.root.*\$\{oops"),
-    ("model.name=[a,", r"override 'model.name=\[a,' is not valid YAML"),
-    ('cluster.setup=["echo \\${HOME}"]', r"override 'cluster.setup=.* is not valid YAML"),
-    ("data.scales[0]=64", r"give the list whole, e.g. data.scales=\[...\]"),
-])
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("data.root=${HOME}/x", r"data.root.*Interpolation key 'HOME' not found.*\$HOME outside single quotes"),
+        ("data.root=${oops", r"data.root.*\$\{oops"),
+        ("model.name=[a,", r"override 'model.name=\[a,' is not valid YAML"),
+        ('cluster.setup=["echo \\${HOME}"]', r"override 'cluster.setup=.* is not valid YAML"),
+        ("data.scales[0]=64", r"give the list whole, e.g. data.scales=\[...\]"),
+    ],
+)
 def test_interpolation_and_broken_yaml_on_the_command_line_give_one_line(override, expected, capsys):
     assert main(["config", "show", "digits-demo", "data.root=/x", override]) == 2
     err = capsys.readouterr().err
@@ -77,7 +85,7 @@ def test_interpolation_and_broken_yaml_on_the_command_line_give_one_line(overrid
 
 
 def test_a_setup_line_with_an_escaped_interpolation_is_the_shells(tmp_path, capsys):
-    path = recipe(tmp_path, "cluster:\n  setup:\n    - export DATA=\\${HOME}/data\n    - echo \"$DATA\"\n")
+    path = recipe(tmp_path, 'cluster:\n  setup:\n    - export DATA=\\${HOME}/data\n    - echo "$DATA"\n')
     config = load_config(path, cluster="devslurm", run_dir=tmp_path / "run")
     assert config.cluster.setup == ["export DATA=${HOME}/data", 'echo "$DATA"']
     save_config(config, tmp_path / "run")

@@ -17,16 +17,21 @@ def config(*overrides, cluster="a100", run_dir="/scratch/runs/r"):
     return load_config("digits-demo", ["data.root=/data/digits", *overrides], cluster=cluster, run_dir=run_dir)
 
 
-@pytest.mark.parametrize("overrides, expected", [
-    (["cluster.container.runtime=apptainr", "cluster.container.image=/i.sif"], "did you mean 'apptainer'"),
-    (["cluster.container.mount=[/data]"], "did you mean cluster.container.mounts"),
-    (["cluster.container.image=/i.sif"], "set both cluster.container.runtime and cluster.container.image"),
-    ([*PYXIS, "cluster.container.mounts=[data]"], r"cluster.container.mounts='data' .* absolute paths"),
-    ([*PYXIS, "cluster.container.mounts=[/data:/d:rx]"], r"SRC\[:DST\[:ro\|rw\]\]"),
-    ([*PYXIS, "cluster.container.mounts=[/x]"], r"data.root=/data/digits is not mounted in the container: add it"),
-    ([*PYXIS, "cluster.container.mounts=[/data]", "model.finetune_from=w.pth"],
-     "model.finetune_from='w.pth' .* absolute"),
-])
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [
+        (["cluster.container.runtime=apptainr", "cluster.container.image=/i.sif"], "did you mean 'apptainer'"),
+        (["cluster.container.mount=[/data]"], "did you mean cluster.container.mounts"),
+        (["cluster.container.image=/i.sif"], "set both cluster.container.runtime and cluster.container.image"),
+        ([*PYXIS, "cluster.container.mounts=[data]"], r"cluster.container.mounts='data' .* absolute paths"),
+        ([*PYXIS, "cluster.container.mounts=[/data:/d:rx]"], r"SRC\[:DST\[:ro\|rw\]\]"),
+        ([*PYXIS, "cluster.container.mounts=[/x]"], r"data.root=/data/digits is not mounted in the container: add it"),
+        (
+            [*PYXIS, "cluster.container.mounts=[/data]", "model.finetune_from=w.pth"],
+            "model.finetune_from='w.pth' .* absolute",
+        ),
+    ],
+)
 def test_a_wrong_container_setting_names_the_key_and_the_fix(overrides, expected):
     with pytest.raises(ConfigError, match=expected):
         config(*overrides)
@@ -47,12 +52,17 @@ def test_the_run_directory_is_mounted_at_its_real_path_and_through_its_symlink(t
     cluster = config(*PYXIS, "cluster.container.mounts=[/data]").cluster
     _, srun = task_command(cluster, [tmp_path / "link" / "run", tmp_path / "link" / "run" / "000-sweep"])
     real = os.path.realpath(tmp_path / "real")
-    assert srun == ["--container-image=/images/pt.sqsh",
-                    f"--container-mounts=/data,{real}/run,{real}/run:{tmp_path}/link/run"]
+    assert srun == [
+        "--container-image=/images/pt.sqsh",
+        f"--container-mounts=/data,{real}/run,{real}/run:{tmp_path}/link/run",
+    ]
 
 
 def test_apptainer_runs_the_images_interpreter_with_the_gpus():
-    cluster = config("cluster.container.runtime=apptainer", "cluster.container.image=/i.sif",
-                     "cluster.container.mounts=[/data,/scratch]").cluster
+    cluster = config(
+        "cluster.container.runtime=apptainer",
+        "cluster.container.image=/i.sif",
+        "cluster.container.mounts=[/data,/scratch]",
+    ).cluster
     python, srun = task_command(cluster, ["/scratch/runs/r"])
     assert (python, srun) == ("apptainer exec --nv --bind /data,/scratch /i.sif python3 -P", [])

@@ -24,20 +24,23 @@ def row(state, nodes="node1", code="0:0"):
     return SlurmAttempt.parse(f"{state}|{nodes}|{code}")
 
 
-@pytest.mark.parametrize("attempt, state, tail, cause", [
-    ({"outcome": "finished"}, "COMPLETED", "", Cause.FINISHED),
-    ({"outcome": "stopped", "signal": "SIGUSR2"}, "REQUEUED", "", Cause.TIME_LIMIT),
-    ({"outcome": "stopped", "signal": "SIGTERM"}, "PREEMPTED", "", Cause.PREEMPTION),
-    ({"outcome": None}, "TIMEOUT", "", Cause.TIME_LIMIT),
-    ({"outcome": "stopped", "signal": "SIGTERM"}, "REQUEUED", "", Cause.REQUEUE),
-    ({"outcome": "stopped", "signal": "SIGTERM"}, "CANCELLED by 0", "", Cause.USER_CANCEL),
-    ({"outcome": None}, "NODE_FAIL", "", Cause.NODE_FAILURE),
-    ({"outcome": "failed", "error": "OutOfMemoryError: CUDA out of memory"}, "FAILED", "", Cause.OOM),
-    (None, "OUT_OF_MEMORY", "", Cause.OOM),
-    ({"outcome": "failed", "error": "RuntimeError: boom"}, "FAILED", "", Cause.CRASH),
-    (None, "FAILED", "Killed", Cause.CRASH),
-    (None, "FAILED", "slurmstepd: error: Detected 1 oom-kill event", Cause.OOM),
-])
+@pytest.mark.parametrize(
+    "attempt, state, tail, cause",
+    [
+        ({"outcome": "finished"}, "COMPLETED", "", Cause.FINISHED),
+        ({"outcome": "stopped", "signal": "SIGUSR2"}, "REQUEUED", "", Cause.TIME_LIMIT),
+        ({"outcome": "stopped", "signal": "SIGTERM"}, "PREEMPTED", "", Cause.PREEMPTION),
+        ({"outcome": None}, "TIMEOUT", "", Cause.TIME_LIMIT),
+        ({"outcome": "stopped", "signal": "SIGTERM"}, "REQUEUED", "", Cause.REQUEUE),
+        ({"outcome": "stopped", "signal": "SIGTERM"}, "CANCELLED by 0", "", Cause.USER_CANCEL),
+        ({"outcome": None}, "NODE_FAIL", "", Cause.NODE_FAILURE),
+        ({"outcome": "failed", "error": "OutOfMemoryError: CUDA out of memory"}, "FAILED", "", Cause.OOM),
+        (None, "OUT_OF_MEMORY", "", Cause.OOM),
+        ({"outcome": "failed", "error": "RuntimeError: boom"}, "FAILED", "", Cause.CRASH),
+        (None, "FAILED", "Killed", Cause.CRASH),
+        (None, "FAILED", "slurmstepd: error: Detected 1 oom-kill event", Cause.OOM),
+    ],
+)
 def test_classify(attempt, state, tail, cause):
     assert classify(attempt, row(state), tail) == cause
 
@@ -144,14 +147,27 @@ class FakeCluster:
 
 @pytest.fixture
 def run(tmp_path):
-    config = load_config("digits-demo", ["data.root=/x", "trainer.max_steps=20", "cluster.retry_backoff_s=0",
-                                         "cluster.crash_retries=1"], cluster="devslurm", run_dir=tmp_path / "run")
+    config = load_config(
+        "digits-demo",
+        ["data.root=/x", "trainer.max_steps=20", "cluster.retry_backoff_s=0", "cluster.crash_retries=1"],
+        cluster="devslurm",
+        run_dir=tmp_path / "run",
+    )
     save_config(config, tmp_path / "run")
     Ledger(tmp_path / "run").add_job("1", "devslurm")
     cluster = FakeCluster()
-    return tmp_path / "run", cluster, Coordinator(tmp_path / "run", poll_s=0, attempts_of=cluster.attempts_of,
-                                                  queued=cluster.queued, submit=cluster.submit,
-                                                  node_states=cluster.node_states)
+    return (
+        tmp_path / "run",
+        cluster,
+        Coordinator(
+            tmp_path / "run",
+            poll_s=0,
+            attempts_of=cluster.attempts_of,
+            queued=cluster.queued,
+            submit=cluster.submit,
+            node_states=cluster.node_states,
+        ),
+    )
 
 
 def attempt(run_dir, job_id, restart, start, reached, outcome=None, **kwargs):
@@ -219,7 +235,9 @@ def test_a_crash_repeating_at_the_same_step_stops_the_run(run):
     decision = coordinator.tick()
     assert decision.action == "stop" and "2 attempts crashed at step 6" in decision.message
     assert "RuntimeError: boom" in decision.message and len(cluster.submitted) == 1
-    again = Coordinator(run_dir, poll_s=0, attempts_of=cluster.attempts_of, queued=cluster.queued, submit=cluster.submit)
+    again = Coordinator(
+        run_dir, poll_s=0, attempts_of=cluster.attempts_of, queued=cluster.queued, submit=cluster.submit
+    )
     assert again.tick().message == decision.message  # a restarted coordinator reports the stop, submits nothing
     assert len(cluster.submitted) == 1
 
@@ -248,7 +266,9 @@ def test_backoff_survives_a_restarted_coordinator(run):
     attempt(run_dir, "1", 0, 0, 6, "failed", error="RuntimeError: flaky")
     cluster.rows["1"] = [row("FAILED")]
     assert coordinator.tick().action == "wait"
-    again = Coordinator(run_dir, poll_s=0, attempts_of=cluster.attempts_of, queued=cluster.queued, submit=cluster.submit)
+    again = Coordinator(
+        run_dir, poll_s=0, attempts_of=cluster.attempts_of, queued=cluster.queued, submit=cluster.submit
+    )
     again.config.cluster.retry_backoff_s = 3600
     decision = again.tick()
     assert decision.action == "wait" and "backing off" in decision.message and not cluster.submitted
@@ -316,21 +336,27 @@ def squeue_answers(monkeypatch, returncode=0, stdout="", stderr="", timeout=Fals
     return asked
 
 
-@pytest.mark.parametrize("answer, queued", [
-    ({"stdout": "1234\n"}, True),
-    ({"stdout": ""}, False),  # known to Slurm, but ended: squeue lists it no more
-    ({"returncode": 1, "stderr": "slurm_load_jobs error: Invalid job id specified\n"}, False),  # forgotten
-])
+@pytest.mark.parametrize(
+    "answer, queued",
+    [
+        ({"stdout": "1234\n"}, True),
+        ({"stdout": ""}, False),  # known to Slurm, but ended: squeue lists it no more
+        ({"returncode": 1, "stderr": "slurm_load_jobs error: Invalid job id specified\n"}, False),  # forgotten
+    ],
+)
 def test_in_queue_reads_squeue_and_a_forgotten_job_is_not_queued(monkeypatch, answer, queued):
     asked = squeue_answers(monkeypatch, **answer)
     assert in_queue("1234") is queued
     assert asked[0][0] == "squeue" and "1234" in asked[0]
 
 
-@pytest.mark.parametrize("answer", [
-    {"returncode": 1, "stderr": "slurm_load_jobs error: Unable to contact slurm controller (connect failure)\n"},
-    {"timeout": True},
-])
+@pytest.mark.parametrize(
+    "answer",
+    [
+        {"returncode": 1, "stderr": "slurm_load_jobs error: Unable to contact slurm controller (connect failure)\n"},
+        {"timeout": True},
+    ],
+)
 def test_in_queue_raises_when_slurm_cannot_answer(monkeypatch, answer):
     squeue_answers(monkeypatch, **answer)
     with pytest.raises(ClusterError):
@@ -340,8 +366,9 @@ def test_in_queue_raises_when_slurm_cannot_answer(monkeypatch, answer):
 def test_a_job_squeue_has_forgotten_is_decided_from_sacct(run, monkeypatch):
     run_dir, cluster, _ = run
     squeue_answers(monkeypatch, returncode=1, stderr="slurm_load_jobs error: Invalid job id specified\n")
-    coordinator = Coordinator(run_dir, poll_s=0, attempts_of=cluster.attempts_of, queued=in_queue,
-                              submit=cluster.submit)
+    coordinator = Coordinator(
+        run_dir, poll_s=0, attempts_of=cluster.attempts_of, queued=in_queue, submit=cluster.submit
+    )
     attempt(run_dir, "1", 0, 0, 6, "failed", error="RuntimeError: flaky")
     cluster.rows["1"] = [row("FAILED")]
     decision = coordinator.tick()
@@ -422,24 +449,34 @@ def test_a_refusal_that_repeats_stops_the_run_and_a_restarted_coordinator_tries_
     assert "partition 'x' does not exist" in decision.message and "slurmvision coordinate" in decision.message
     assert Ledger(run_dir).jobs()[0]["handled"] == 0 and not cluster.submitted
     # The profile fixed: a new coordinator resubmits at once, with a fresh budget.
-    again = Coordinator(run_dir, poll_s=0, attempts_of=cluster.attempts_of, queued=cluster.queued,
-                        submit=cluster.submit)
+    again = Coordinator(
+        run_dir, poll_s=0, attempts_of=cluster.attempts_of, queued=cluster.queued, submit=cluster.submit
+    )
     assert again.tick().action == "resubmit" and len(cluster.submitted) == 1
 
 
 def test_an_elastic_runs_job_waiting_for_a_failed_node_is_fitted_to_the_working_ones(tmp_path):
-    config = load_config("digits-demo", ["data.root=/x", "cluster.nodes=3", "cluster.min_nodes=1", "trainer.grad_accum=2"],
-                         cluster="devslurm", run_dir=tmp_path / "run")
+    config = load_config(
+        "digits-demo",
+        ["data.root=/x", "cluster.nodes=3", "cluster.min_nodes=1", "trainer.grad_accum=2"],
+        cluster="devslurm",
+        run_dir=tmp_path / "run",
+    )
     save_config(config, tmp_path / "run")
     Ledger(tmp_path / "run").add_job("1", "devslurm")
     cluster, pending, resized = FakeCluster(), {"1": 3}, []
     cluster.in_queue.add("1")
     cluster.states = {"n1": "idle", "n2": "down*", "n3": "alloc"}  # n3 works, busy with another job
-    coordinator = Coordinator(tmp_path / "run", poll_s=0, attempts_of=cluster.attempts_of, queued=cluster.queued,
-                              submit=cluster.submit, pending_nodes=pending.get,
-                              partition_states=lambda partition: cluster.states,
-                              resize=lambda job_id, nodes, tasks: resized.append((job_id, nodes, tasks)) or
-                              pending.update({job_id: nodes}))
+    coordinator = Coordinator(
+        tmp_path / "run",
+        poll_s=0,
+        attempts_of=cluster.attempts_of,
+        queued=cluster.queued,
+        submit=cluster.submit,
+        pending_nodes=pending.get,
+        partition_states=lambda partition: cluster.states,
+        resize=lambda job_id, nodes, tasks: resized.append((job_id, nodes, tasks)) or pending.update({job_id: nodes}),
+    )
     assert coordinator.tick().action == "wait" and resized == [("1", 2, 4)]
     assert "resized to 2" in Ledger(tmp_path / "run").events()[-1]["message"]
     assert coordinator.tick().action == "wait" and resized == [("1", 2, 4)]  # fitted already

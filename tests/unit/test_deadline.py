@@ -27,15 +27,18 @@ def test_the_deadline_is_the_warning_lead_or_the_sigterm_grace():
     assert stop_deadline(term, cluster) == pytest.approx(term.received_at + 20)
 
 
-@pytest.mark.parametrize("arrivals, deadline", [
-    ([(signal.SIGUSR2, 1000.0), (signal.SIGTERM, 1050.0)], 1070.0),  # a preemption during the warning's lead
-    ([(signal.SIGUSR2, 1000.0), (signal.SIGTERM, 1080.0)], 1090.0),
-    ([(signal.SIGTERM, 1000.0), (signal.SIGUSR1, 1005.0)], 1020.0),
-])
+@pytest.mark.parametrize(
+    "arrivals, deadline",
+    [
+        ([(signal.SIGUSR2, 1000.0), (signal.SIGTERM, 1050.0)], 1070.0),  # a preemption during the warning's lead
+        ([(signal.SIGUSR2, 1000.0), (signal.SIGTERM, 1080.0)], 1090.0),
+        ([(signal.SIGTERM, 1000.0), (signal.SIGUSR1, 1005.0)], 1020.0),
+    ],
+)
 def test_the_earliest_deadline_of_every_signal_received_wins(monkeypatch, arrivals, deadline):
     stop = StopRequest()
     for signum, at in arrivals:
-        monkeypatch.setattr(signals.time, "monotonic", lambda: at)
+        monkeypatch.setattr(signals.time, "monotonic", lambda: at)  # noqa: B023  read before the next
         stop._handle(signum, None)
     assert stop.is_warning and stop_deadline(stop, ClusterConfig(signal_delay_s=90, sigterm_grace_s=20)) == deadline
 

@@ -7,14 +7,28 @@ import pytest
 from slurmvision.trainer.distributed import DistEnv, from_environment, port_for_job, started_as_a_rank
 
 pytestmark = pytest.mark.unit
-SLURM_TASK = {"SLURM_JOB_ID": "4242", "SLURM_PROCID": "3", "SLURM_LOCALID": "1", "SLURM_NTASKS": "8", "SLURM_NODEID": "1",
-              "SLURM_JOB_NUM_NODES": "2", "SLURM_JOB_NODELIST": "gpu[012-013]", "SLURM_RESTART_COUNT": "2"}
+SLURM_TASK = {
+    "SLURM_JOB_ID": "4242",
+    "SLURM_PROCID": "3",
+    "SLURM_LOCALID": "1",
+    "SLURM_NTASKS": "8",
+    "SLURM_NODEID": "1",
+    "SLURM_JOB_NUM_NODES": "2",
+    "SLURM_JOB_NODELIST": "gpu[012-013]",
+    "SLURM_RESTART_COUNT": "2",
+}
 
 
 @pytest.fixture
 def environ(monkeypatch):
     for name in list(os.environ):
-        if name.startswith(("SLURM_", "SUBMITIT_")) or name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        if name.startswith(("SLURM_", "SUBMITIT_")) or name in (
+            "RANK",
+            "LOCAL_RANK",
+            "WORLD_SIZE",
+            "MASTER_ADDR",
+            "MASTER_PORT",
+        ):
             monkeypatch.delenv(name)
     return lambda values: [monkeypatch.setenv(k, v) for k, v in values.items()]
 
@@ -35,8 +49,18 @@ def test_a_submitit_task_reads_slurm_through_its_job_environment(environ):
 
 def test_torchrun_inside_a_slurm_step_is_told_by_torchrun(environ):
     # `srun torchrun --nproc-per-node 4`: one Slurm task per node, four processes under it.
-    environ({**SLURM_TASK, "SLURM_PROCID": "1", "SLURM_NTASKS": "2", "RANK": "5", "LOCAL_RANK": "1", "WORLD_SIZE": "8",
-             "MASTER_ADDR": "gpu012", "MASTER_PORT": "29400"})
+    environ(
+        {
+            **SLURM_TASK,
+            "SLURM_PROCID": "1",
+            "SLURM_NTASKS": "2",
+            "RANK": "5",
+            "LOCAL_RANK": "1",
+            "WORLD_SIZE": "8",
+            "MASTER_ADDR": "gpu012",
+            "MASTER_PORT": "29400",
+        }
+    )
     assert from_environment() == DistEnv(5, 1, 8, "gpu012", 29400, "4242", 2, "torchrun")
 
 
@@ -58,8 +82,17 @@ def test_started_as_a_rank_by_torchrun(environ):
     assert started_as_a_rank()
 
 
-@pytest.mark.parametrize("nodelist,first", [("gpu[012-015,020],login1", "gpu012"), ("node7", "node7"), ("a1,b2", "a1"),
-                                            ("rack-[3-4]", "rack-3"), ("n[7,9]", "n7"), ("a[1-2]-b[3-4]", "a1-b3")])
+@pytest.mark.parametrize(
+    "nodelist,first",
+    [
+        ("gpu[012-015,020],login1", "gpu012"),
+        ("node7", "node7"),
+        ("a1,b2", "a1"),
+        ("rack-[3-4]", "rack-3"),
+        ("n[7,9]", "n7"),
+        ("a[1-2]-b[3-4]", "a1-b3"),
+    ],
+)
 def test_a_slurm_task_meets_at_the_first_host_of_its_job(environ, nodelist, first):
     environ({**SLURM_TASK, "SLURM_JOB_NODELIST": nodelist})
     assert from_environment().master_addr == first

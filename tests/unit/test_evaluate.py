@@ -138,8 +138,9 @@ def test_metrics_match_scikit_learn_with_classes_absent_from_the_targets():
 
 def test_multiscale_tta_averages_the_probabilities_of_every_scale_and_its_flip():
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(2), torch.nn.Flatten(),
-                                torch.nn.Linear(16, 5)).eval()  # not flip-invariant, takes any size
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(2), torch.nn.Flatten(), torch.nn.Linear(16, 5)
+    ).eval()  # not flip-invariant, takes any size
     batches = [torch.randn(6, 3, size, size) for size in (8, 12, 16)]
     views = {"multiscale": batches, "multiscale-hflip": [*batches, *(b.flip(-1) for b in batches)]}
     for tta, images in views.items():
@@ -170,8 +171,11 @@ def test_a_model_fixed_to_one_size_is_refused_at_other_scales_before_any_data_is
     check_scales(fixed, [16], torch.device("cpu"))
     with pytest.raises(ConfigError, match="cannot run on 32x32 images .*choose --scales it takes"):
         check_scales(fixed, [16, 32], torch.device("cpu"))
-    check_scales(timm.create_model("swinv2_tiny_window8_256", strict_img_size=False, **tiny).eval(), [16, 32, 48],
-                 torch.device("cpu"))
+    check_scales(
+        timm.create_model("swinv2_tiny_window8_256", strict_img_size=False, **tiny).eval(),
+        [16, 32, 48],
+        torch.device("cpu"),
+    )
 
 
 CLASSES = ("class a", "Ünï", "02_x")  # tests/conftest.py's ImageFolder tree
@@ -192,15 +196,27 @@ def run(tmp_path_factory):
     base = tmp_path_factory.mktemp("eval")
     images = make_imagefolder(base / "images", splits=("train", "val", "test"))
     build_shards(images, base / "shards", samples_per_shard=5, progress=False)
-    config = load_config("digits-demo", [f"data.root={base / 'shards'}", "data.img_size=16", "data.batch_size=5",
-                                         "data.workers=0", "model.name=swinv2_tiny_window8_256",
-                                         f"model.kwargs={json.dumps(TINY)}"],  # fixed to 16 px, as timm builds it
-                         run_dir=base / "run")
+    config = load_config(
+        "digits-demo",
+        [
+            f"data.root={base / 'shards'}",
+            "data.img_size=16",
+            "data.batch_size=5",
+            "data.workers=0",
+            "model.name=swinv2_tiny_window8_256",
+            f"model.kwargs={json.dumps(TINY)}",
+        ],  # fixed to 16 px, as timm builds it
+        run_dir=base / "run",
+    )
     torch.manual_seed(0)
     model = build_model(config.model, len(CLASSES))
     manager = CheckpointManager(base / "run" / "checkpoints", DistEnv(), keep=1)
-    manager.save(7, {"config": json.dumps(to_dict(config)), "engine": {"model": model.state_dict()}, "step": 7},
-                 {"rng": rng_state()}, {"step": 7, "epoch": 0, "classes": sorted(CLASSES)})
+    manager.save(
+        7,
+        {"config": json.dumps(to_dict(config)), "engine": {"model": model.state_dict()}, "step": 7},
+        {"rng": rng_state()},
+        {"step": 7, "epoch": 0, "classes": sorted(CLASSES)},
+    )
     return base / "run", images
 
 
@@ -245,10 +261,12 @@ def test_eval_on_a_folder_of_some_of_the_classes_matches_them_by_name(run, tmp_p
     record = eval_cli(capsys, run_dir, "--data", mine)  # class folders directly: all of them, no split
     whole = eval_cli(capsys, run_dir, "--split", "test")  # the same images, in the run's shards
     assert record["data"] == str(mine) and record["split"] is None and record["samples"] == 8
-    assert rows(record) == {name: rows(whole)[name] if name in ("02_x", "class a") else [0, 0, 0]
-                            for name in sorted(CLASSES)}
+    assert rows(record) == {
+        name: rows(whole)[name] if name in ("02_x", "class a") else [0, 0, 0] for name in sorted(CLASSES)
+    }
     assert Path(record["files"]["json"]).name.startswith("my_test_set-") and record["files"]["json"].endswith(
-        "-none-step7.json")
+        "-none-step7.json"
+    )
     # The tree with split folders gives the same numbers, saved apart from the run's own evaluation.
     tree = eval_cli(capsys, run_dir, "--data", images, "--split", "test")
     assert rows(tree) == rows(whole) and tree["files"]["json"] != whole["files"]["json"]
@@ -285,8 +303,16 @@ def test_onnx_export_matches_torch(tmp_path):
     from slurmvision.evaluate.export import export_onnx
 
     torch.manual_seed(0)
-    model = timm.create_model("swinv2_tiny_window8_256", img_size=32, patch_size=2, window_size=4, embed_dim=32,
-                              depths=(2, 2), num_heads=(2, 4), num_classes=10)
+    model = timm.create_model(
+        "swinv2_tiny_window8_256",
+        img_size=32,
+        patch_size=2,
+        window_size=4,
+        embed_dim=32,
+        depths=(2, 2),
+        num_heads=(2, 4),
+        num_classes=10,
+    )
     result = export_onnx(model, tmp_path / "out" / "m.onnx", img_size=32)
     assert result["max_abs_diff"] < 1e-4 and result["exporter"] == "torchscript"
     assert result["inputs"] == {"images": ["batch", 3, 32, 32]} and result["outputs"] == {"logits": ["batch", 10]}

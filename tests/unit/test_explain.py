@@ -58,7 +58,7 @@ def test_explain_writes_a_picture_per_image_with_its_top3(trained, colour_shards
         assert probabilities == sorted(probabilities, reverse=True) and sum(probabilities) == pytest.approx(1)
         picture = np.asarray(Image.open(record["picture"]).convert("RGB")).astype(int)
         assert picture.shape == (side * scale + 3 * 22 + 8, 2 * side * scale, 3)
-        image, overlay = picture[:side * scale, :side * scale], picture[:side * scale, side * scale:]
+        image, overlay = picture[: side * scale, : side * scale], picture[: side * scale, side * scale :]
         assert np.abs(overlay - image).mean() > 10  # the heat map is drawn over the image
 
     assert main(["explain", str(run), str(images[0]), "--out", str(out)]) == 0  # text: one line per picture

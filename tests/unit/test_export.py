@@ -51,8 +51,7 @@ def swin_run(trained_run):
 
 
 @pytest.mark.parametrize("mode", ["dynamic", "static"])
-def test_int8_is_written_with_top1_size_and_latency_of_both_models(mode, swin_run, colour_shards, tmp_path,
-                                                                   capsys):
+def test_int8_is_written_with_top1_size_and_latency_of_both_models(mode, swin_run, colour_shards, tmp_path, capsys):
     out = tmp_path / "m.onnx"
     calibration = ["--calibration", str(colour_shards)] if mode == "static" else []
     assert main(["export", str(swin_run), str(out), "--int8", mode, *calibration, "--json"]) == 0
@@ -94,10 +93,13 @@ def test_an_int8_model_that_loses_top1_is_refused(swin_run, tmp_path, monkeypatc
     assert main(["export", str(swin_run), str(out), "--int8", "--max-drop", "100"]) == 0 and out.exists()
 
 
-@pytest.mark.parametrize("arguments,message", [
-    (["--calibration", "shards"], "add --int8 static"),
-    (["--int8", "dynamic", "--calibration", "shards"], "add --int8 static"),
-])
+@pytest.mark.parametrize(
+    "arguments,message",
+    [
+        (["--calibration", "shards"], "add --int8 static"),
+        (["--int8", "dynamic", "--calibration", "shards"], "add --int8 static"),
+    ],
+)
 def test_user_errors_take_one_line(arguments, message, swin_run, tmp_path, capsys):
     assert main(["export", str(swin_run), str(tmp_path / "m.onnx"), *arguments]) == 2
     err = capsys.readouterr().err

@@ -40,12 +40,15 @@ def imported_modules(path: Path) -> set[str]:
         if isinstance(node, ast.Import):
             found.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom):
-            base = package[:len(package) - node.level + 1] if node.level else []
+            base = package[: len(package) - node.level + 1] if node.level else []
             target = ".".join([*base, *([node.module] if node.module else [])])
             found.add(target)
             # `from slurmvision import checkpoints` imports a module, not a name of the package.
-            found.update(f"{target}.{alias.name}" for alias in node.names
-                         if (ROOT.parent / f"{target}.{alias.name}".replace(".", "/")).with_suffix(".py").is_file())
+            found.update(
+                f"{target}.{alias.name}"
+                for alias in node.names
+                if (ROOT.parent / f"{target}.{alias.name}".replace(".", "/")).with_suffix(".py").is_file()
+            )
     return {name for name in found if name.startswith("slurmvision.")}
 
 
@@ -70,7 +73,7 @@ def find_cycle(graph: dict[str, dict[str, list[str]]]) -> list[str]:
         stack.append(node)
         for nxt in sorted(graph.get(node, {})):
             if state.get(nxt) == "open":
-                return stack[stack.index(nxt):] + [nxt]
+                return stack[stack.index(nxt) :] + [nxt]
             if nxt not in state and (cycle := visit(nxt)):
                 return cycle
         state[node] = "done"
@@ -104,9 +107,11 @@ def login_modules() -> list[str]:
 def test_login_modules_do_not_import_torch():
     modules = login_modules()
     assert "slurmvision.launch.coordinator" in modules and "slurmvision.slurm.client" in modules
-    script = ("import importlib, json, sys\n"
-              f"for name in {modules!r}:\n    importlib.import_module(name)\n"
-              "print(json.dumps(sorted(sys.modules)))")
+    script = (
+        "import importlib, json, sys\n"
+        f"for name in {modules!r}:\n    importlib.import_module(name)\n"
+        "print(json.dumps(sorted(sys.modules)))"
+    )
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
     loaded = set(json.loads(out.strip().splitlines()[-1]))
     assert not [m for m in HEAVY if m in loaded]

@@ -43,15 +43,23 @@ JOB_IMPORTS = "slurmvision.launch.job, slurmvision.trainer.loop, slurmvision.slu
 
 
 def test_every_command_a_training_job_can_run_has_a_timeout():
-    listing = (f"import sys, {JOB_IMPORTS}\n"
-               "print(*(m.__file__ for n, m in sys.modules.items() if n.startswith('slurmvision.') and m.__file__))")
+    listing = (
+        f"import sys, {JOB_IMPORTS}\n"
+        "print(*(m.__file__ for n, m in sys.modules.items() if n.startswith('slurmvision.') and m.__file__))"
+    )
     files = subprocess.run([sys.executable, "-c", listing], capture_output=True, text=True, check=True).stdout.split()
     assert any(f.endswith("deadline.py") for f in files) and any(f.endswith("job.py") for f in files)
-    untimed = [f"{file}:{node.lineno}" for file in files for node in ast.walk(ast.parse(Path(file).read_text()))
-               if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
-               and isinstance(node.func.value, ast.Name) and node.func.value.id == "subprocess"
-               and node.func.attr in ("run", "call", "check_call", "check_output")
-               and not any(keyword.arg == "timeout" for keyword in node.keywords)]
+    untimed = [
+        f"{file}:{node.lineno}"
+        for file in files
+        for node in ast.walk(ast.parse(Path(file).read_text()))
+        if isinstance(node, ast.Call)
+        and isinstance(node.func, ast.Attribute)
+        and isinstance(node.func.value, ast.Name)
+        and node.func.value.id == "subprocess"
+        and node.func.attr in ("run", "call", "check_call", "check_output")
+        and not any(keyword.arg == "timeout" for keyword in node.keywords)
+    ]
     assert not untimed
 
 

@@ -28,8 +28,9 @@ class FakeSlurm:
         monkeypatch.setattr(launcher, "validate_cluster", lambda cluster: None)
         monkeypatch.setattr(launcher, "make_executor", lambda *args: self)
         self.watchers: list[str] = []  # the training job each watcher waits for
-        monkeypatch.setattr(watcher, "submit_watcher", lambda config, after, begin_in_s, tries:
-                            self.watchers.append(after) or "900")
+        monkeypatch.setattr(
+            watcher, "submit_watcher", lambda config, after, begin_in_s, tries: self.watchers.append(after) or "900"
+        )
 
     def in_queue(self, job_id):
         self.asked.append(job_id)
@@ -80,13 +81,18 @@ def test_without_slurm_there_is_no_queue_to_ask(tmp_path, monkeypatch):
 def test_the_coordinators_resubmission_is_not_refused(tmp_path, monkeypatch):
     slurm = FakeSlurm(monkeypatch)
     run_dir = tmp_path / "run"
-    config = load_config("digits-demo", ["data.root=/x", "cluster.retry_backoff_s=0"], cluster="devslurm",
-                         run_dir=run_dir)
+    config = load_config(
+        "digits-demo", ["data.root=/x", "cluster.retry_backoff_s=0"], cluster="devslurm", run_dir=run_dir
+    )
     save_config(config, run_dir)
     Ledger(run_dir).add_job("41", "devslurm")
     slurm.queued.add("41")  # a queue that lags the end sacct already shows must not block the resubmission
-    coordinator = Coordinator(run_dir, poll_s=0, attempts_of=lambda job_id: [SlurmAttempt.parse("TIMEOUT|n1|0:0")],
-                              queued=lambda job_id: False)
+    coordinator = Coordinator(
+        run_dir,
+        poll_s=0,
+        attempts_of=lambda job_id: [SlurmAttempt.parse("TIMEOUT|n1|0:0")],
+        queued=lambda job_id: False,
+    )
     assert coordinator.tick().action == "resubmit"
     assert slurm.submitted == ["500"] and not slurm.asked
     with pytest.raises(RunError, match="job 500 of .* still queued or running"):  # while `launch` itself is refused

@@ -29,16 +29,19 @@ def run(tmp_path, monkeypatch):
     run_dir.mkdir()
     for restart, start in enumerate((T0, T0 + 100)):
         monkeypatch.setattr(ledger_module, "time", SimpleNamespace(time=lambda s=start: s + 5, time_ns=lambda: 0))
-        Ledger(run_dir, writer=f"attempt-{restart}").attempt_started("100", restart, nodes="n1", world_size=2,
-                                                                    step=50 * restart, checkpoint=None)
+        Ledger(run_dir, writer=f"attempt-{restart}").attempt_started(
+            "100", restart, nodes="n1", world_size=2, step=50 * restart, checkpoint=None
+        )
     slurm = run_dir / "slurm"
     slurm.mkdir()
     (slurm / "100_0_log.out").write_text(
         f"submitit INFO ({_stamp(T0)}) - Starting with JobEnvironment(job_id=100)\nfirst print\n"
-        f"submitit INFO ({_stamp(T0 + 100)}) - Starting with JobEnvironment(job_id=100)\nsecond print\n")
+        f"submitit INFO ({_stamp(T0 + 100)}) - Starting with JobEnvironment(job_id=100)\nsecond print\n"
+    )
     (slurm / "100_0_log.err").write_text(
         f"{_stamp(T0 + 3)} [rank 0] INFO trainer: first attempt trains\nTraceback (most recent call last):\n  boom\n"
-        f"{_stamp(T0 + 104)} [rank 0] INFO trainer: resumed at step 50\n")
+        f"{_stamp(T0 + 104)} [rank 0] INFO trainer: resumed at step 50\n"
+    )
     return run_dir
 
 
@@ -84,9 +87,11 @@ def test_follow_prints_what_is_appended(run):
 
 
 def test_logs_and_resume_stay_off_torch(run):
-    code = ("import contextlib, io, sys\nfrom slurmvision.cli import main\n"
-            "with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):\n"
-            f"    main(['logs', {str(run)!r}]), main(['resume', {str(run)!r}, '--dry-run'])\n"
-            "print('torch' in sys.modules, 'deepspeed' in sys.modules)")
+    code = (
+        "import contextlib, io, sys\nfrom slurmvision.cli import main\n"
+        "with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):\n"
+        f"    main(['logs', {str(run)!r}]), main(['resume', {str(run)!r}, '--dry-run'])\n"
+        "print('torch' in sys.modules, 'deepspeed' in sys.modules)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["False", "False"]

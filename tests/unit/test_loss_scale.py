@@ -7,8 +7,8 @@ import torch
 from slurmvision.configs import load_config
 from slurmvision.errors import RunError
 from slurmvision.models import build_model
-from slurmvision.trainer.deepspeed_engine import DynamicLossScale
 from slurmvision.trainer.ddp import DDPEngine
+from slurmvision.trainer.deepspeed_engine import DynamicLossScale
 
 pytestmark = pytest.mark.unit
 
@@ -39,9 +39,18 @@ def test_the_scale_and_its_run_of_good_steps_survive_a_checkpoint():
 
 def test_ddp_fp16_skips_overflowing_steps_and_stops_with_advice_below_a_scale_of_one():
     """fp16 on CPU (torch autocast and GradScaler), one rank: gradients that overflow at any scale."""
-    config = load_config("digits-demo", ["data.root=/x", "trainer.precision=fp16", "trainer.initial_scale_power=2",
-                                         "model.name=resnet10t", "model.kwargs={stem_width: 8}",
-                                         "model.kwargs.channels=[8,16,16,16]"], cluster="local")
+    config = load_config(
+        "digits-demo",
+        [
+            "data.root=/x",
+            "trainer.precision=fp16",
+            "trainer.initial_scale_power=2",
+            "model.name=resnet10t",
+            "model.kwargs={stem_width: 8}",
+            "model.kwargs.channels=[8,16,16,16]",
+        ],
+        cluster="local",
+    )
     torch.manual_seed(0)
     engine = DDPEngine(build_model(config.model, 3), config, torch.device("cpu"))
     weights = {k: t.clone() for k, t in engine.module.state_dict().items() if "weight" in k}
@@ -49,7 +58,9 @@ def test_ddp_fp16_skips_overflowing_steps_and_stops_with_advice_below_a_scale_of
 
     def overflowing_step() -> None:
         with engine.forward_context(sync=True):
-            loss = torch.nn.functional.cross_entropy(engine.model(images), targets) * 1e30  # finite; its gradients are not
+            loss = (
+                torch.nn.functional.cross_entropy(engine.model(images), targets) * 1e30
+            )  # finite; its gradients are not
         engine.backward(loss)
         engine.step()
 

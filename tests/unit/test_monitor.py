@@ -63,8 +63,12 @@ def test_per_class_f1_at_each_evaluation_and_the_config_as_hparams_with_the_fina
     config = {"optim": {"lr": 0.001, "betas": [0.9, 0.999], "clip_grad": None}, "model": {"name": "tiny", "ema": True}}
     monitor = Monitor(tmp_path, DistEnv(), start_step=0, max_steps=20, hparams=config)
     for step, f1 in ((10, 0.25), (20, 0.75)):
-        results = {"top1": f1, "top5": 1.0, "f1_macro": f1 / 2,
-                   "per_class": [{"class": "cat", "f1": f1}, {"class": "ünï x", "f1": 0.0}]}
+        results = {
+            "top1": f1,
+            "top5": 1.0,
+            "f1_macro": f1 / 2,
+            "per_class": [{"class": "cat", "f1": f1}, {"class": "ünï x", "f1": 0.0}],
+        }
         monitor.eval(step, results)
     monitor.final(20, results)
     monitor.close()
@@ -73,13 +77,19 @@ def test_per_class_f1_at_each_evaluation_and_the_config_as_hparams_with_the_fina
     view.Reload()
     assert [(e.step, e.value) for e in view.Scalars("eval/f1/cat")] == [(10, 0.25), (20, 0.75)]
     assert [e.value for e in view.Scalars("eval/f1/ünï x")] == [0.0, 0.0]
-    plugin = {value.tag: HParamsPluginData.FromString(value.metadata.plugin_data.content)
-              for event in EventFileLoader(str(next((tmp_path / "tb").glob("events.*")))).Load()
-              for value in event.summary.value if value.metadata.plugin_data.plugin_name == "hparams"}
+    plugin = {
+        value.tag: HParamsPluginData.FromString(value.metadata.plugin_data.content)
+        for event in EventFileLoader(str(next((tmp_path / "tb").glob("events.*")))).Load()
+        for value in event.summary.value
+        if value.metadata.plugin_data.plugin_name == "hparams"
+    }
     started = plugin["_hparams_/session_start_info"].session_start_info.hparams
     assert {key: value.WhichOneof("kind") for key, value in started.items()} == {
-        "optim.lr": "number_value", "optim.betas": "string_value", "model.name": "string_value",
-        "model.ema": "number_value"}  # lists as JSON text, booleans as 1 or 0; None left out
+        "optim.lr": "number_value",
+        "optim.betas": "string_value",
+        "model.name": "string_value",
+        "model.ema": "number_value",
+    }  # lists as JSON text, booleans as 1 or 0; None left out
     assert started["optim.lr"].number_value == 0.001 and started["optim.betas"].string_value == "[0.9, 0.999]"
     metrics = plugin["_hparams_/experiment"].experiment.metric_infos
     assert [m.name.tag for m in metrics] == ["eval/top1", "eval/top5", "eval/f1_macro"]  # the tab reads these scalars

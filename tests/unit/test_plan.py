@@ -14,13 +14,15 @@ SCHEDULE = BatchSchedule(resolutions=(24, 32, 40), batch_sizes=(9, 7, 5), seed=3
 
 def consumed(plan, batches=None):
     chosen = plan.batches if batches is None else plan.batches[:batches]
-    return np.concatenate([plan.stream[s:s + n] for s, n, _ in chosen]) if chosen else np.zeros(0, np.int64)
+    return np.concatenate([plan.stream[s : s + n] for s, n, _ in chosen]) if chosen else np.zeros(0, np.int64)
 
 
 def epoch_plans(world, segments=None, epoch=0, window=16):
     segments = segments or [(world, 0)]
-    return [plan_rank(COUNTS, seed=3, epoch=epoch, segments=segments, rank=r, window=window, schedule=SCHEDULE)
-            for r in range(world)]
+    return [
+        plan_rank(COUNTS, seed=3, epoch=epoch, segments=segments, rank=r, window=window, schedule=SCHEDULE)
+        for r in range(world)
+    ]
 
 
 @pytest.mark.parametrize("world", [1, 2, 3, 4])
@@ -44,7 +46,7 @@ def test_resume_continues_the_same_sequence():
     for f, r in zip(full, resumed):
         assert r.batches == f.batches[4:]
         assert r.first_batch == 4
-        assert (consumed(r) == consumed(f)[sum(n for _, n, _ in f.batches[:4]):]).all()
+        assert (consumed(r) == consumed(f)[sum(n for _, n, _ in f.batches[:4]) :]).all()
 
 
 @pytest.mark.parametrize("old,new", [(2, 1), (1, 2), (3, 2)])

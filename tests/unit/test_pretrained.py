@@ -66,15 +66,21 @@ def test_ranks_never_download(tmp_path, offline, monkeypatch):
 
 def test_the_jobs_tasks_run_offline(tmp_path):
     config = load_config("digits-demo", ["data.root=/x"], cluster="a100", run_dir=tmp_path / "run")
-    srun = next(line for line in sbatch_script(config.cluster, tmp_path / "run" / "slurm", "n", "c").splitlines()
-                if line.startswith("srun "))
+    srun = next(
+        line
+        for line in sbatch_script(config.cluster, tmp_path / "run" / "slurm", "n", "c").splitlines()
+        if line.startswith("srun ")
+    )
     assert " --export=ALL,HF_HUB_OFFLINE=1 " in srun
 
 
 def test_launch_refuses_a_missing_weights_file_before_submitting(tmp_path, monkeypatch):
     monkeypatch.setattr(launcher, "make_executor", lambda *args: pytest.fail("submitted"))
-    config = load_config("digits-demo", ["data.root=/x", "model.pretrained=true",
-                                         f"model.pretrained_file={tmp_path / 'missing.pth'}"], run_dir=tmp_path / "run")
+    config = load_config(
+        "digits-demo",
+        ["data.root=/x", "model.pretrained=true", f"model.pretrained_file={tmp_path / 'missing.pth'}"],
+        run_dir=tmp_path / "run",
+    )
     with pytest.raises(ConfigError, match="model.pretrained_file=.*missing.pth does not exist"):
         launcher.submit(config)
 

@@ -26,8 +26,18 @@ def shards(image_folder, tmp_path):
 
 
 def data_config(root, **changes) -> DataConfig:
-    settings = dict(root=str(root), batch_size=4, workers=0, shuffle_buffer=6, img_size=16, scales=[12, 16],
-                    scale_batch_sizes=[5, 4], hflip=0.5, color_jitter=0.0, crop_scale=[0.5, 1.0])
+    settings = dict(
+        root=str(root),
+        batch_size=4,
+        workers=0,
+        shuffle_buffer=6,
+        img_size=16,
+        scales=[12, 16],
+        scale_batch_sizes=[5, 4],
+        hflip=0.5,
+        color_jitter=0.0,
+        crop_scale=[0.5, 1.0],
+    )
     settings.update(changes)
     return DataConfig(**settings)
 
@@ -67,7 +77,7 @@ def corrupt_one_image(shard_path):
     with tarfile.open(shard_path) as tar:
         image = next(m for m in tar.getmembers() if m.name.endswith((".png", ".jpg", ".webp")))
     data = bytearray(shard_path.read_bytes())
-    data[image.offset_data: image.offset_data + image.size] = b"\x00" * image.size
+    data[image.offset_data : image.offset_data + image.size] = b"\x00" * image.size
     shard_path.write_bytes(bytes(data))
     return image.name.split(".")[0]
 
@@ -146,8 +156,11 @@ def test_a_hung_remote_shard_times_out_with_an_error_naming_it(shards, monkeypat
     root = f"pipe:if [ {{}} = {MANIFEST_NAME} ]; then exec cat {shards}/{{}}; else exec sleep 1000; fi"
     reader = TrainReader(data_config(root, bad_sample_budget=0.0), seed=1, rank=0, world_size=1)
     started = time.monotonic()
-    with pytest.raises(DataError, match=r"over the budget.* in train-\d{6}\.tar: unreadable shard "
-                                        r"\(no data from pipe:.*sleep 1000; fi for 1 s\)"):
+    with pytest.raises(
+        DataError,
+        match=r"over the budget.* in train-\d{6}\.tar: unreadable shard "
+        r"\(no data from pipe:.*sleep 1000; fi for 1 s\)",
+    ):
         next(iter(reader))
     assert time.monotonic() - started < 10
 

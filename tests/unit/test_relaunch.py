@@ -38,8 +38,9 @@ def test_a_relaunch_with_changes_that_keep_the_checkpoints_meaning_goes_on(tmp_p
     saved = load_saved_config(tmp_path / "run")
     assert saved.trainer.log_every == 7 and saved.cluster.time_min == 30 and saved.model.grad_checkpointing
     recorded = [e["message"] for e in Ledger(tmp_path / "run").events()]
-    assert any("local-1" in m and "trainer.log_every: 50 -> 7" in m and "cluster.time_min: 60 -> 30" in m
-               for m in recorded)
+    assert any(
+        "local-1" in m and "trainer.log_every: 50 -> 7" in m and "cluster.time_min: 60 -> 30" in m for m in recorded
+    )
 
 
 def test_a_relaunch_that_changes_what_the_checkpoints_mean_is_refused(tmp_path, submitted, capsys):

@@ -26,8 +26,9 @@ def test_resume_goes_on_with_the_saved_config_and_harmless_changes(run, capsys):
     saved = load_saved_config(run_dir)
     assert jobs == ["local-0", "local-1"] and saved.trainer.log_every == 7
     assert saved.cluster.time_min == 30 and saved.data.root == "/x"  # kept from the launch, not the recipe's
-    assert any("local-1" in e["message"] and "trainer.log_every: 50 -> 7" in e["message"]
-               for e in Ledger(run_dir).events())
+    assert any(
+        "local-1" in e["message"] and "trainer.log_every: 50 -> 7" in e["message"] for e in Ledger(run_dir).events()
+    )
 
 
 def test_resume_refuses_changes_of_what_the_checkpoints_mean_naming_the_keys(run, capsys):

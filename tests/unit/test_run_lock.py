@@ -30,14 +30,18 @@ sys.stdin.readline()
 
 def hold(path, text) -> subprocess.Popen:
     """The lock as another process holds it (a POSIX lock never conflicts within one process)."""
-    proc = subprocess.Popen([sys.executable, "-c", HOLDER, str(path), text], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(path), text], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
     assert proc.stdout.readline() == "locked\n"
     return proc
 
 
 def can_take(path) -> bool:
-    probe = "import fcntl, sys\ntry:\n fcntl.lockf(open(sys.argv[1], 'a+'), fcntl.LOCK_EX | fcntl.LOCK_NB)\nexcept OSError:\n sys.exit(1)"
+    probe = (
+        "import fcntl, sys\ntry:\n fcntl.lockf(open(sys.argv[1], 'a+'), fcntl.LOCK_EX | fcntl.LOCK_NB)\n"
+        "except OSError:\n sys.exit(1)"
+    )
     return subprocess.run([sys.executable, "-c", probe, str(path)]).returncode == 0
 
 

@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from slurmvision.slurm.ledger import Ledger
-from slurmvision.slurm.rundir import UnsafeRunDir, check_run_dir, make_private
+from slurmvision.slurm.rundir import UnsafeRunDir, check_run_dir
 
 pytestmark = pytest.mark.unit
 
@@ -58,8 +58,10 @@ def test_a_run_directory_reached_through_a_symlink_is_fine(run_dir, tmp_path):
 
 
 def test_files_are_private_whatever_the_umask(tmp_path):
-    script = ("import os; from slurmvision.slurm.rundir import make_private; os.umask(0o002); make_private(); "
-              f"os.mkdir({str(tmp_path / 'd')!r}); open({str(tmp_path / 'd' / 'f')!r}, 'w').close()")
+    script = (
+        "import os; from slurmvision.slurm.rundir import make_private; os.umask(0o002); make_private(); "
+        f"os.mkdir({str(tmp_path / 'd')!r}); open({str(tmp_path / 'd' / 'f')!r}, 'w').close()"
+    )
     subprocess.run([sys.executable, "-c", script], check=True)
     assert (tmp_path / "d").stat().st_mode & 0o777 == 0o700
     assert (tmp_path / "d" / "f").stat().st_mode & 0o777 == 0o600
@@ -67,8 +69,12 @@ def test_files_are_private_whatever_the_umask(tmp_path):
 
 def test_the_check_each_attempt_runs_refuses_records_and_exits_non_zero(run_dir):
     (run_dir / "slurm").chmod(0o770)
-    result = subprocess.run([sys.executable, "-P", "-m", "slurmvision.slurm.rundir", str(run_dir)],
-                            capture_output=True, text=True, env={**os.environ, "SLURM_JOB_ID": "42"})
+    result = subprocess.run(
+        [sys.executable, "-P", "-m", "slurmvision.slurm.rundir", str(run_dir)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "SLURM_JOB_ID": "42"},
+    )
     assert result.returncode == 3 and "chmod -R go-w" in result.stderr and "Traceback" not in result.stderr
     assert "job 42 refused: unsafe run directory" in Ledger(run_dir).events()[-1]["message"]
 

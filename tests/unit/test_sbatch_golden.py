@@ -12,20 +12,48 @@ GOLDEN = Path(__file__).parent / "golden"
 MOUNTS = "cluster.container.mounts=[/data,/home/me/.cache/huggingface:/hf:ro]"
 CONTAINERS = {
     "a100": [],
-    "a100-pyxis": ["cluster.container.runtime=pyxis", "cluster.container.image=nvcr.io#nvidia/pytorch:24.05-py3",
-                   MOUNTS, "cluster.container.args=[--container-workdir=/tmp]"],
-    "a100-apptainer": ["cluster.container.runtime=apptainer", "cluster.container.image=/images/pytorch.sif", MOUNTS,
-                       "cluster.python=/opt/sv/bin/python", "cluster.container.python=/venv/bin/python"],
-    "a100-singularity": ["cluster.container.runtime=singularity", "cluster.container.image=/images/pytorch.sif",
-                         MOUNTS, "cluster.container.args=[--writable-tmpfs]"],
+    "a100-pyxis": [
+        "cluster.container.runtime=pyxis",
+        "cluster.container.image=nvcr.io#nvidia/pytorch:24.05-py3",
+        MOUNTS,
+        "cluster.container.args=[--container-workdir=/tmp]",
+    ],
+    "a100-apptainer": [
+        "cluster.container.runtime=apptainer",
+        "cluster.container.image=/images/pytorch.sif",
+        MOUNTS,
+        "cluster.python=/opt/sv/bin/python",
+        "cluster.container.python=/venv/bin/python",
+    ],
+    "a100-singularity": [
+        "cluster.container.runtime=singularity",
+        "cluster.container.image=/images/pytorch.sif",
+        MOUNTS,
+        "cluster.container.args=[--writable-tmpfs]",
+    ],
 }
 
 
 def dry_run_script(*overrides: str) -> str:
     out = subprocess.run(
-        [sys.executable, "-m", "slurmvision", "launch", "swinv2-tiny-a100", "data.root=/data/imagenet-shards",
-         "--cluster", "a100", "--run-dir", "/scratch/runs/swin", "--dry-run", *overrides],
-        capture_output=True, text=True, check=True).stdout
+        [
+            sys.executable,
+            "-m",
+            "slurmvision",
+            "launch",
+            "swinv2-tiny-a100",
+            "data.root=/data/imagenet-shards",
+            "--cluster",
+            "a100",
+            "--run-dir",
+            "/scratch/runs/swin",
+            "--dry-run",
+            *overrides,
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     script = out.split("# resolved config")[0].strip() + "\n"
     return script.replace(sys.executable, "PYTHON")
 
@@ -36,18 +64,50 @@ def test_a100_sbatch_script_matches_golden(name):
 
 
 def test_dry_run_submits_and_writes_nothing(tmp_path):
-    subprocess.run([sys.executable, "-m", "slurmvision", "launch", "digits-demo", "data.root=/x", "--cluster", "a100",
-                    "--run-dir", str(tmp_path / "run"), "--dry-run"], capture_output=True, check=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "slurmvision",
+            "launch",
+            "digits-demo",
+            "data.root=/x",
+            "--cluster",
+            "a100",
+            "--run-dir",
+            str(tmp_path / "run"),
+            "--dry-run",
+        ],
+        capture_output=True,
+        check=True,
+    )
     assert not (tmp_path / "run").exists()
-
 
 
 def test_an_elastic_run_starts_one_set_of_tasks_per_node_it_has(tmp_path):
     """Its job may be resized while it waits (slurmvision.launch.coordinator): srun must not take the
     task count of the submission from the environment."""
-    out = subprocess.run([sys.executable, "-m", "slurmvision", "launch", "digits-demo", "data.root=/x", "--cluster", "a100",
-                          "cluster.nodes=4", "cluster.min_nodes=2", "trainer.grad_accum=3", "--run-dir", str(tmp_path / "run"),
-                          "--dry-run"], capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "slurmvision",
+            "launch",
+            "digits-demo",
+            "data.root=/x",
+            "--cluster",
+            "a100",
+            "cluster.nodes=4",
+            "cluster.min_nodes=2",
+            "trainer.grad_accum=3",
+            "--run-dir",
+            str(tmp_path / "run"),
+            "--dry-run",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     script = out.split("# resolved config")[0]
     assert "#SBATCH --nodes=4\n" in script
     setup, srun = script.index("export SLURM_NTASKS=$((SLURM_JOB_NUM_NODES * 8))"), script.index("\nsrun ")

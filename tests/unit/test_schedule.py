@@ -11,14 +11,28 @@ from slurmvision.trainer.optim import build_optimizer
 from slurmvision.trainer.schedule import build_schedule
 
 pytestmark = pytest.mark.unit
-SWIN = ["model.name=swinv2_tiny_window8_256", "model.kwargs={img_size: 32, patch_size: 4, window_size: 4, embed_dim: 16, "
-        "depths: [2, 2], num_heads: [1, 2]}"]
+SWIN = [
+    "model.name=swinv2_tiny_window8_256",
+    "model.kwargs={img_size: 32, patch_size: 4, window_size: 4, embed_dim: 16, depths: [2, 2], num_heads: [1, 2]}",
+]
 
 
 def setup(*overrides):
-    config = load_config("digits-demo", ["data.root=/x", *SWIN, "trainer.max_steps=100", "optim.lr=1e-3",
-                                         "optim.min_lr=1e-5", "optim.warmup_lr=1e-6", "optim.warmup_steps=10",
-                                         "optim.weight_decay=0.05", *overrides], cluster="local")
+    config = load_config(
+        "digits-demo",
+        [
+            "data.root=/x",
+            *SWIN,
+            "trainer.max_steps=100",
+            "optim.lr=1e-3",
+            "optim.min_lr=1e-5",
+            "optim.warmup_lr=1e-6",
+            "optim.warmup_steps=10",
+            "optim.weight_decay=0.05",
+            *overrides,
+        ],
+        cluster="local",
+    )
     model = build_model(config.model, 4)
     optimizer = build_optimizer(model, config)
     return model, optimizer, build_schedule(optimizer, config, global_batch=64, samples_per_epoch=640)
@@ -34,8 +48,13 @@ def test_norms_biases_and_position_tables_have_no_weight_decay():
     at(0)
     decay = decay_of(model, optimizer)
     assert decay["layers.0.blocks.0.attn.qkv.weight"] == decay["head.fc.weight"] == 0.05
-    for name in ("layers.0.blocks.0.norm1.weight", "layers.0.blocks.0.attn.q_bias", "head.fc.bias",
-                 "layers.0.blocks.0.attn.logit_scale", "layers.0.blocks.0.attn.cpb_mlp.0.weight"):
+    for name in (
+        "layers.0.blocks.0.norm1.weight",
+        "layers.0.blocks.0.attn.q_bias",
+        "head.fc.bias",
+        "layers.0.blocks.0.attn.logit_scale",
+        "layers.0.blocks.0.attn.cpb_mlp.0.weight",
+    ):
         assert decay[name] == 0.0, name
 
 
@@ -72,13 +91,22 @@ def test_layer_decay_gives_lower_layers_a_smaller_share_of_the_lr():
     assert base == pytest.approx(cosine(10))
     lr_of = {id(p): g["lr"] for g in optimizer.param_groups for p in g["params"]}
     params = dict(model.named_parameters())
-    head, deep, shallow, stem = (lr_of[id(params[n])] for n in (
-        "head.fc.weight", "layers.1.blocks.1.mlp.fc1.weight", "layers.0.blocks.0.mlp.fc1.weight", "patch_embed.proj.weight"))
+    head, deep, shallow, stem = (
+        lr_of[id(params[n])]
+        for n in (
+            "head.fc.weight",
+            "layers.1.blocks.1.mlp.fc1.weight",
+            "layers.0.blocks.0.mlp.fc1.weight",
+            "patch_embed.proj.weight",
+        )
+    )
     assert head == pytest.approx(base) and stem < shallow < deep < head
 
 
 def test_a_weight_decay_schedule_needs_a_weight_decay_to_start_from():
     with pytest.raises(ConfigError, match="optim.weight_decay_end=0.1.*needs optim.weight_decay > 0"):
-        load_config("digits-demo", ["data.root=/x", "optim.weight_decay=0", "optim.weight_decay_end=0.1"], cluster="local")
+        load_config(
+            "digits-demo", ["data.root=/x", "optim.weight_decay=0", "optim.weight_decay_end=0.1"], cluster="local"
+        )
     with pytest.raises(ConfigError, match="optim.layer_decay=1.5"):
         load_config("digits-demo", ["data.root=/x", "optim.layer_decay=1.5"], cluster="local")

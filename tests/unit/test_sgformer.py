@@ -23,6 +23,7 @@ REFERENCE_BOUNDS = {8: (0, 1 / 4, 3 / 4, 1), 4: (0, 1 / 4, 3 / 4, 1), 2: (0, 1 /
 # sizes it states our generalisation plainly: a border window holds only the tokens inside the map, and the last
 # chunk of a group may be short (its merge sums the tokens it has).
 
+
 def _split(t: torch.Tensor, heads: int) -> torch.Tensor:
     B, L, C = t.shape
     return t.reshape(B, L, heads, C // heads).permute(0, 2, 1, 3)
@@ -56,12 +57,12 @@ def reference_hybrid(attn, x, H, W):
     local, local_significance = x.new_zeros(B, H, W, C // 2), x.new_zeros(B, H, W)
     for i in range(0, H, 7):
         for j in range(0, W, 7):
-            q = queries[:, i:i + 7, j:j + 7]
+            q = queries[:, i : i + 7, j : j + 7]
             rows, cols = q.shape[1:3]
-            k, v = _keys_values(keys_values[:, i:i + 7, j:j + 7].reshape(B, rows * cols, -1), heads)
+            k, v = _keys_values(keys_values[:, i : i + 7, j : j + 7].reshape(B, rows * cols, -1), heads)
             out, a = _softmax_attention(_split(q.reshape(B, rows * cols, -1), heads), k, v, attn.scale)
-            local[:, i:i + 7, j:j + 7] = out.reshape(B, rows, cols, -1)
-            local_significance[:, i:i + 7, j:j + 7] = a.mean(dim=(1, 2)).reshape(B, rows, cols)
+            local[:, i : i + 7, j : j + 7] = out.reshape(B, rows, cols, -1)
+            local_significance[:, i : i + 7, j : j + 7] = a.mean(dim=(1, 2)).reshape(B, rows, cols)
     out = torch.cat([wide, local.reshape(B, N, -1)], dim=-1)
     return _project(attn, out, x, H, W), significance + local_significance.reshape(B, N)
 
@@ -74,10 +75,10 @@ def _reference_merge(attn, tokens, significance, sr):
     for i, width in enumerate(REFERENCE_MERGES[sr]):
         f = getattr(attn, f"f{i + 1}")
         assert f.weight.shape == (1, width)
-        group = tokens[:, int(N * REFERENCE_BOUNDS[sr][i]):int(N * REFERENCE_BOUNDS[sr][i + 1])]
+        group = tokens[:, int(N * REFERENCE_BOUNDS[sr][i]) : int(N * REFERENCE_BOUNDS[sr][i + 1])]
         for start in range(0, group.shape[1], width):
-            chunk = group[:, start:start + width]
-            merged.append(torch.einsum("bjc,j->bc", chunk, f.weight[0, :chunk.shape[1]]) + f.bias)
+            chunk = group[:, start : start + width]
+            merged.append(torch.einsum("bjc,j->bc", chunk, f.weight[0, : chunk.shape[1]]) + f.bias)
     return torch.stack(merged, dim=1)
 
 
@@ -94,7 +95,7 @@ def reference_significance_guided(attn, x, H, W, significance, sr):
     halves = []
     for half, (kv, tokens, scores) in enumerate(scans):
         k, v = _keys_values(kv(_reference_merge(attn, tokens, scores, sr)), heads)
-        halves.append(_softmax_attention(q[:, half * heads:(half + 1) * heads], k, v, attn.scale)[0])
+        halves.append(_softmax_attention(q[:, half * heads : (half + 1) * heads], k, v, attn.scale)[0])
     return _project(attn, torch.cat(halves, dim=-1), x, H, W)
 
 
@@ -150,9 +151,11 @@ def run_against_the_reference(model, images):
     the model's output. Each significance-guided block gets the map of the hybrid-scale block just before it (and
     the same map makes the same order in both, whatever the rounding)."""
     calls = []
-    hooks = [module.register_forward_hook(lambda module, args, out: calls.append((module, args, out)))
-             for module in model.modules() if isinstance(module, (HybridScaleAttention, SignificanceGuidedAttention,
-                                                                  Attention))]
+    hooks = [
+        module.register_forward_hook(lambda module, args, out: calls.append((module, args, out)))
+        for module in model.modules()
+        if isinstance(module, (HybridScaleAttention, SignificanceGuidedAttention, Attention))
+    ]
     output = model(images)
     for hook in hooks:
         hook.remove()
@@ -193,14 +196,34 @@ def test_published_variants_have_the_reference_parameter_counts(name, published)
         model = timm.create_model(name, num_classes=1000)
     assert abs(sum(p.numel() for p in model.parameters()) - published) < 0.01 * published
     names = {name for name, _ in model.named_parameters()}  # the reference's, so its weights load as they are
-    assert {"pos_embed", "patch_embed1.conv.0.c.weight", "patch_embed1.conv.4.bn.bias", "patch_embed1.norm.weight",
-            "block1.0.attn.q1.weight", "block1.0.attn.kv2.bias", "block1.0.attn.sr.weight", "block1.0.attn.norm.weight",
-            "block1.1.attn.q.weight", "block1.1.attn.f3.weight", "block3.1.attn.f2.bias", "block2.0.mlp.fc1.weight",
-            "block2.0.attn.lepe_conv.weight", "block2.0.mlp.dwconv.dwconv.weight", "block4.0.attn.kv.weight",
-            "patch_embed2.conv2.c.weight", "patch_embed4.conv3.bn.weight", "norm4.weight", "head.weight"} <= names
+    assert {
+        "pos_embed",
+        "patch_embed1.conv.0.c.weight",
+        "patch_embed1.conv.4.bn.bias",
+        "patch_embed1.norm.weight",
+        "block1.0.attn.q1.weight",
+        "block1.0.attn.kv2.bias",
+        "block1.0.attn.sr.weight",
+        "block1.0.attn.norm.weight",
+        "block1.1.attn.q.weight",
+        "block1.1.attn.f3.weight",
+        "block3.1.attn.f2.bias",
+        "block2.0.mlp.fc1.weight",
+        "block2.0.attn.lepe_conv.weight",
+        "block2.0.mlp.dwconv.dwconv.weight",
+        "block4.0.attn.kv.weight",
+        "patch_embed2.conv2.c.weight",
+        "patch_embed4.conv3.bn.weight",
+        "norm4.weight",
+        "head.weight",
+    } <= names
     cfg = model.pretrained_cfg
-    assert (cfg["input_size"], cfg["crop_pct"], cfg["interpolation"], cfg["classifier"]) == ((3, 224, 224), 0.9,
-                                                                                             "bicubic", "head")
+    assert (cfg["input_size"], cfg["crop_pct"], cfg["interpolation"], cfg["classifier"]) == (
+        (3, 224, 224),
+        0.9,
+        "bicubic",
+        "head",
+    )
     assert cfg["mean"] == timm.data.IMAGENET_DEFAULT_MEAN and cfg["std"] == timm.data.IMAGENET_DEFAULT_STD
 
 

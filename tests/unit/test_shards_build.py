@@ -50,8 +50,11 @@ def digests(directory: Path) -> dict[str, str]:
 
 
 def sources(root: Path) -> dict[str, Path]:
-    return {p.relative_to(root).as_posix(): p for p in root.rglob("*")
-            if p.is_file() and p.suffix.lower() in NORMALISED and not any(s.startswith(".") for s in p.parts[-3:])}
+    return {
+        p.relative_to(root).as_posix(): p
+        for p in root.rglob("*")
+        if p.is_file() and p.suffix.lower() in NORMALISED and not any(s.startswith(".") for s in p.parts[-3:])
+    }
 
 
 def test_manifest_lists_classes_shards_and_totals(image_folder, tmp_path):
@@ -65,14 +68,21 @@ def test_manifest_lists_classes_shards_and_totals(image_folder, tmp_path):
         data = (out / info.name).read_bytes()
         assert info.bytes == len(data) and info.sha256 == hashlib.sha256(data).hexdigest()
     train_bytes = sum(s.bytes for s in manifest.shards_for("train"))
-    assert manifest.splits == {"train": {"samples": 24, "shards": 5, "bytes": train_bytes},
-                               "val": {"samples": 12, "shards": 3, "bytes": manifest.splits["val"]["bytes"]}}
+    assert manifest.splits == {
+        "train": {"samples": 24, "shards": 5, "bytes": train_bytes},
+        "val": {"samples": 12, "shards": 3, "bytes": manifest.splits["val"]["bytes"]},
+    }
     on_disk = json.loads((out / MANIFEST_NAME).read_text(encoding="utf-8"))
     assert list(on_disk) == ["format_version", "classes", "splits", "shards"]
     assert on_disk["classes"] == {"02_x": 0, "class a": 1, "Ünï": 2}
     assert on_disk["splits"] == manifest.splits
-    assert on_disk["shards"][0] == {"name": "train-000000.tar", "split": "train", "count": 5,
-                                    "bytes": manifest.shards[0].bytes, "sha256": manifest.shards[0].sha256}
+    assert on_disk["shards"][0] == {
+        "name": "train-000000.tar",
+        "split": "train",
+        "count": 5,
+        "bytes": manifest.shards[0].bytes,
+        "sha256": manifest.shards[0].sha256,
+    }
     assert Manifest.load(out) == Manifest.load(out / MANIFEST_NAME) == manifest
     assert sorted(p.name for p in out.iterdir()) == sorted([MANIFEST_NAME, *(s.name for s in manifest.shards)])
 
@@ -225,8 +235,9 @@ def test_failed_rebuild_leaves_the_old_shards_and_the_users_files(image_folder, 
         assert digests(out) == before and sorted(p.name for p in out.iterdir()) == sorted(before)
     broken.unlink()
     manifest = build_shards(image_folder, out, samples_per_shard=7, overwrite=True, progress=False)
-    assert sorted(p.name for p in out.iterdir()) == sorted(["README.txt", "extra.tar", MANIFEST_NAME,
-                                                            *(s.name for s in manifest.shards)])
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        ["README.txt", "extra.tar", MANIFEST_NAME, *(s.name for s in manifest.shards)]
+    )
     assert (out / "extra.tar").read_bytes() == b"not listed by the manifest: not the build's to delete"
     problems = {(b["shard"], b["problem"]) for b in verify_shards(out).bad}
     assert problems == {("extra.tar", "tar file not in the manifest")}
@@ -305,8 +316,21 @@ def test_manifest_load_errors_say_what_to_do(image_folder, tmp_path):
         manifest.shards_for("val")
 
 
-@pytest.mark.parametrize("name", ["../train-000000.tar", "/etc/passwd", "train/x.tar", "a\\b.tar", "", ".", "..",
-                                  "a\nb.tar", "a\x00.tar", "a\x85.tar"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "../train-000000.tar",
+        "/etc/passwd",
+        "train/x.tar",
+        "a\\b.tar",
+        "",
+        ".",
+        "..",
+        "a\nb.tar",
+        "a\x00.tar",
+        "a\x85.tar",
+    ],
+)
 def test_manifest_shard_names_must_be_plain_file_names(image_folder, tmp_path, name):
     out = tmp_path / "out"
     build_shards(image_folder, out, samples_per_shard=5, splits=["train"], progress=False)

@@ -94,8 +94,10 @@ def test_missing_shard_and_extra_tar(built):
     (out / manifest.shards[-1].name).unlink()
     (out / "stray-000000.tar").write_bytes(b"")
     report = verify_shards(out)
-    assert problems(report) == [(manifest.shards[-1].name, "", "shard file is missing"),
-                                ("stray-000000.tar", "", "tar file not in the manifest")]
+    assert problems(report) == [
+        (manifest.shards[-1].name, "", "shard file is missing"),
+        ("stray-000000.tar", "", "tar file not in the manifest"),
+    ]
     assert report.samples == 36 - manifest.shards[-1].count
 
 
@@ -123,22 +125,29 @@ def test_bad_labels_and_fields_in_a_hand_made_shard(built):
     with tarfile.open(out / manifest.shards[0].name) as tar:
         image = next(m for m in tar.getmembers() if m.name.endswith(".png"))
         png = tar.extractfile(image).read()
-    info = write_tar(out / "train-000099.tar", {
-        "good": {"png": png, "cls": b"2"},
-        "high": {"png": png, "cls": b"12"},
-        "negative": {"png": png, "cls": b"-1"},
-        "text": {"png": png, "cls": b"dog"},
-        "nolabel": {"png": png, "json": b"{}"},
-        "twoimages": {"png": png, "jpg": png, "cls": b"0"},
-        "noimage": {"cls": b"0"},
-    })
+    info = write_tar(
+        out / "train-000099.tar",
+        {
+            "good": {"png": png, "cls": b"2"},
+            "high": {"png": png, "cls": b"12"},
+            "negative": {"png": png, "cls": b"-1"},
+            "text": {"png": png, "cls": b"dog"},
+            "nolabel": {"png": png, "json": b"{}"},
+            "twoimages": {"png": png, "jpg": png, "cls": b"0"},
+            "noimage": {"cls": b"0"},
+        },
+    )
     manifest.shards.append(info)
     manifest.save(out)
     found = [(k, p) for s, k, p in problems(verify_shards(out)) if s == info.name]
-    assert found == [("high", "label 12 out of range 0..2"), ("negative", "label -1 out of range 0..2"),
-                     ("text", "label b'dog' is not an integer"), ("nolabel", "no cls (label) field"),
-                     ("twoimages", "expected one image, found 2 (cls, jpg, png)"),
-                     ("noimage", "expected one image, found 0 (cls)")]
+    assert found == [
+        ("high", "label 12 out of range 0..2"),
+        ("negative", "label -1 out of range 0..2"),
+        ("text", "label b'dog' is not an integer"),
+        ("nolabel", "no cls (label) field"),
+        ("twoimages", "expected one image, found 2 (cls, jpg, png)"),
+        ("noimage", "expected one image, found 0 (cls)"),
+    ]
     assert len(problems(verify_shards(out))) == len(found)
 
 

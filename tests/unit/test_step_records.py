@@ -14,14 +14,17 @@ def boundary(**counts) -> Boundary:
     return Boundary(**{"data_errors": 0, "save_due": 0, "warnings": 0, "terms": 0, "limit_ahead": 0, **counts})
 
 
-@pytest.mark.parametrize("counts, reason", [
-    ({}, None),
-    ({"save_due": 1}, None),
-    ({"terms": 2}, StopReason.SIGTERM),
-    ({"warnings": 1, "terms": 1}, StopReason.SIGUSR1),  # a warning on any rank: every rank comes back
-    ({"limit_ahead": 1}, StopReason.LIMIT_AHEAD),
-    ({"limit_ahead": 1, "terms": 1}, StopReason.SIGTERM),  # a signal's stop is Slurm's: its lead time applies
-])
+@pytest.mark.parametrize(
+    "counts, reason",
+    [
+        ({}, None),
+        ({"save_due": 1}, None),
+        ({"terms": 2}, StopReason.SIGTERM),
+        ({"warnings": 1, "terms": 1}, StopReason.SIGUSR1),  # a warning on any rank: every rank comes back
+        ({"limit_ahead": 1}, StopReason.LIMIT_AHEAD),
+        ({"limit_ahead": 1, "terms": 1}, StopReason.SIGTERM),  # a signal's stop is Slurm's: its lead time applies
+    ],
+)
 def test_every_rank_reports_one_stop_reason(counts, reason):
     assert boundary(**counts).stop_reason("USR1") == reason
 
@@ -32,6 +35,7 @@ def test_the_trainers_own_stop_before_the_time_limit_comes_back_like_a_warning()
 
 
 def test_agree_fills_a_record_by_field_name_on_a_single_process():
-    totals = agree(StepTotals, torch.device("cpu"), stop_pending=True, images=12, loss=1.5, nonfinite=False,
-                   bad_samples=2)
+    totals = agree(
+        StepTotals, torch.device("cpu"), stop_pending=True, images=12, loss=1.5, nonfinite=False, bad_samples=2
+    )
     assert totals == StepTotals(loss=1.5, nonfinite=0.0, images=12.0, bad_samples=2.0, stop_pending=1.0)

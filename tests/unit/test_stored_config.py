@@ -25,12 +25,19 @@ def planted(tmp_path):
     """(a run whose stored data.root is a pipe: command that would leave a marker file, the marker)."""
     marker = tmp_path / "ran"
     root = f"pipe:touch {marker}; cat /nonexistent/{{}}"
-    config = load_config("digits-demo", [f"data.root={root}", "model.name=swinv2_tiny_window8_256",
-                                          f"model.kwargs={json.dumps(TINY)}"], run_dir=tmp_path / "theirs")
+    config = load_config(
+        "digits-demo",
+        [f"data.root={root}", "model.name=swinv2_tiny_window8_256", f"model.kwargs={json.dumps(TINY)}"],
+        run_dir=tmp_path / "theirs",
+    )
     model = build_model(config.model, 2)
     manager = CheckpointManager(tmp_path / "theirs" / "checkpoints", DistEnv(), keep=1)
-    manager.save(1, {"config": json.dumps(to_dict(config)), "engine": {"model": model.state_dict()}, "step": 1},
-                 {"rng": rng_state()}, {"step": 1, "epoch": 0})
+    manager.save(
+        1,
+        {"config": json.dumps(to_dict(config)), "engine": {"model": model.state_dict()}, "step": 1},
+        {"rng": rng_state()},
+        {"step": 1, "epoch": 0},
+    )
     return tmp_path / "theirs", marker
 
 

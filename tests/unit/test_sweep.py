@@ -35,8 +35,9 @@ def test_a_sweep_makes_one_run_each_and_status_ranks_them_by_top1(tmp_path, subm
     assert [p.name for p in runs] == ["000-lr=1e-3", "001-lr=5e-4"] and submitted == ["local-0", "local-1"]
     assert [load_saved_config(p).optim.lr for p in runs] == [1e-3, 5e-4]
     (runs[1] / "eval").mkdir()
-    (runs[1] / "eval" / "step-00000600.json").write_text(json.dumps({"step": 600, "top1": 0.9, "top5": 1.0,
-                                                                      "f1_macro": 0.9}))
+    (runs[1] / "eval" / "step-00000600.json").write_text(
+        json.dumps({"step": 600, "top1": 0.9, "top5": 1.0, "f1_macro": 0.9})
+    )
     capsys.readouterr()
     assert main(["status", str(sweep_dir)]) == 0
     rows = capsys.readouterr().out.splitlines()
@@ -67,12 +68,28 @@ def test_on_slurm_the_runs_are_one_job_array_each_attempt_checking_every_run_dir
     monkeypatch.setattr(executor_module, "make_executor", Executor)
     monkeypatch.setattr(cluster_module, "validate_cluster", lambda cluster: None)
     sweep_dir = tmp_path / "sweep"
-    assert main(["sweep", "digits-demo", "data.root=/x", "model.drop_path=0.1,0.2", "--cluster", "devslurm",
-                 "--coordinate", "none", "--sweep-dir", str(sweep_dir)]) == 0
+    assert (
+        main(
+            [
+                "sweep",
+                "digits-demo",
+                "data.root=/x",
+                "model.drop_path=0.1,0.2",
+                "--cluster",
+                "devslurm",
+                "--coordinate",
+                "none",
+                "--sweep-dir",
+                str(sweep_dir),
+            ]
+        )
+        == 0
+    )
     runs = [sweep_dir.resolve() / "000-drop_path=0.1", sweep_dir.resolve() / "001-drop_path=0.2"]
     assert made["folder"] == sweep_dir.resolve() / "slurm" and list(made["also_check"]) == runs
     assert [Ledger(run).jobs()[0]["job_id"] for run in runs] == ["7_0", "7_1"]
     config = load_config("digits-demo", ["data.root=/x"], cluster="devslurm")
     setup = executor_module.slurm_parameters(config.cluster, Path("/s"), "n", "c", also_check=tuple(runs))["setup"]
-    assert [line.split(" -m slurmvision.slurm.rundir ")[1] for line in setup] == [f"{p} || exit 3" for p in
-                                                                                  [Path("/s"), *runs]]
+    assert [line.split(" -m slurmvision.slurm.rundir ")[1] for line in setup] == [
+        f"{p} || exit 3" for p in [Path("/s"), *runs]
+    ]

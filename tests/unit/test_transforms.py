@@ -53,8 +53,15 @@ def test_train_crops_match_timms_pipeline(crop_scale):
     ours = train_transform(data, 64)
     from timm.data import create_transform
 
-    theirs = create_transform(64, is_training=True, use_prefetcher=True, hflip=0.5, scale=tuple(crop_scale),
-                              color_jitter=None, interpolation="bicubic")
+    theirs = create_transform(
+        64,
+        is_training=True,
+        use_prefetcher=True,
+        hflip=0.5,
+        scale=tuple(crop_scale),
+        color_jitter=None,
+        interpolation="bicubic",
+    )
     encoded = photo()
     for seed in range(6):
         a, b = drafted(ours, encoded, seed), reference(theirs, encoded, seed)
@@ -70,8 +77,9 @@ def test_an_undrafted_crop_is_resized_as_pil_does(interpolation):
     ours = train_transform(data, 96)
     from timm.data import create_transform
 
-    theirs = create_transform(96, is_training=True, use_prefetcher=True, hflip=0.5, color_jitter=None,
-                              interpolation=interpolation)
+    theirs = create_transform(
+        96, is_training=True, use_prefetcher=True, hflip=0.5, color_jitter=None, interpolation=interpolation
+    )
     encoded = photo(320, 240, fmt="PNG")
     for seed in range(6):
         a, b = drafted(ours, encoded, seed), reference(theirs, encoded, seed)

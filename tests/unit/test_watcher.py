@@ -3,6 +3,7 @@ submits next (the real chain runs in tests/slurm/test_watcher.py)."""
 
 import shlex
 from pathlib import Path
+
 import pytest
 
 from slurmvision.configs import load_config, load_saved_config, save_config
@@ -15,8 +16,12 @@ pytestmark = pytest.mark.unit
 
 @pytest.fixture
 def config(tmp_path):
-    config = load_config("digits-demo", ["data.root=/x", "cluster.setup=[module load python]"], cluster="a100",
-                         run_dir=tmp_path / "my run")
+    config = load_config(
+        "digits-demo",
+        ["data.root=/x", "cluster.setup=[module load python]"],
+        cluster="a100",
+        run_dir=tmp_path / "my run",
+    )
     save_config(config, config.run.dir)
     return config
 
@@ -49,21 +54,25 @@ class FakeCoordinator:
         return self.decision
 
 
-@pytest.mark.parametrize("decision, after, begin", [
-    (Decision("wait"), "7", watcher.ACCOUNTING_LAG_S),  # the job runs: wake when it ends
-    (Decision("resubmit", "crash"), "7", watcher.ACCOUNTING_LAG_S),  # the new job (7 in this ledger)
-    (Decision("wait", "backing off", delay_s=120), None, 120),  # nothing to wait for but the time
-    (Decision("finished", "run finished"), None, None),  # the chain ends
-    (Decision("stop", "run stopped: oom"), None, None),
-])
+@pytest.mark.parametrize(
+    "decision, after, begin",
+    [
+        (Decision("wait"), "7", watcher.ACCOUNTING_LAG_S),  # the job runs: wake when it ends
+        (Decision("resubmit", "crash"), "7", watcher.ACCOUNTING_LAG_S),  # the new job (7 in this ledger)
+        (Decision("wait", "backing off", delay_s=120), None, 120),  # nothing to wait for but the time
+        (Decision("finished", "run finished"), None, None),  # the chain ends
+        (Decision("stop", "run stopped: oom"), None, None),
+    ],
+)
 def test_each_watcher_submits_its_successor_until_the_run_is_over(config, monkeypatch, decision, after, begin):
     Ledger(config.run.dir).add_job("7", "a100")
     Ledger(config.run.dir).put("watcher", {"job_id": "8", "after": "7"})
     FakeCoordinator.decision = decision
     monkeypatch.setattr(coordinator, "Coordinator", FakeCoordinator)
     successors = []
-    monkeypatch.setattr(watcher, "submit_watcher", lambda config, after, begin_in_s, tries: successors.append(
-        (after, begin_in_s)))
+    monkeypatch.setattr(
+        watcher, "submit_watcher", lambda config, after, begin_in_s, tries: successors.append((after, begin_in_s))
+    )
     assert watcher.watch(config.run.dir) is decision
     if decision.final:
         assert successors == [] and Ledger(config.run.dir).get("watcher") is None

@@ -24,8 +24,22 @@ from slurmvision.configs.schema import (
 )
 
 __all__ = [
-    "ClusterConfig", "Config", "DataConfig", "DistillConfig", "ModelConfig", "OptimConfig", "RunConfig",
-    "TrainerConfig", "config_hash", "from_dict", "from_stored", "load_cluster", "load_config", "load_run_config",
+    "ClusterConfig",
+    "Config",
+    "DataConfig",
+    "DistillConfig",
+    "ModelConfig",
+    "OptimConfig",
+    "RunConfig",
+    "TrainerConfig",
+    "config_hash",
+    "from_dict",
+    "from_stored",
+    "load_cluster",
+    "load_config",
+    "load_run_config",
     "load_saved_config",
-    "save_config", "to_dict", "to_yaml",
+    "save_config",
+    "to_dict",
+    "to_yaml",
 ]

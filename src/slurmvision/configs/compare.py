@@ -11,13 +11,28 @@ from __future__ import annotations
 from typing import Any
 
 HARMLESS = (
-    "run.", "cluster.", "trainer.log_every", "trainer.checkpoint_every", "trainer.checkpoint_every_minutes",
-    "trainer.keep_checkpoints", "trainer.eval_every", "trainer.gradcam_images", "trainer.nonfinite_budget", "trainer.allow_config_change",
+    "run.",
+    "cluster.",
+    "trainer.log_every",
+    "trainer.checkpoint_every",
+    "trainer.checkpoint_every_minutes",
+    "trainer.keep_checkpoints",
+    "trainer.eval_every",
+    "trainer.gradcam_images",
+    "trainer.nonfinite_budget",
+    "trainer.allow_config_change",
     "trainer.grad_accum",  # compared through the global batch instead
     "trainer.initial_scale_power",  # a resume continues from the saved loss scale
-    "data.workers", "data.audit", "data.val_split", "data.bad_sample_budget", "data.eval_resize_ratio",
-    "model.compile", "model.grad_checkpointing", "model.channels_last",
-    "model.pretrained_file", "model.cache_dir",  # where the same weights are read from
+    "data.workers",
+    "data.audit",
+    "data.val_split",
+    "data.bad_sample_budget",
+    "data.eval_resize_ratio",
+    "model.compile",
+    "model.grad_checkpointing",
+    "model.channels_last",
+    "model.pretrained_file",
+    "model.cache_dir",  # where the same weights are read from
 )
 
 

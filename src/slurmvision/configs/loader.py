@@ -59,7 +59,10 @@ def find_yaml(name_or_path: str, subdir: str, what: str) -> Path:
     if path.suffix in (".yaml", ".yml") or os.sep in name_or_path:
         if path.is_file():
             return path
-        raise ConfigError(f"{what} file {name_or_path} does not exist: give an existing path or a name from {', '.join(_available(subdir)) or '(none)'}")
+        raise ConfigError(
+            f"{what} file {name_or_path} does not exist: give an existing path or a name from "
+            f"{', '.join(_available(subdir)) or '(none)'}"
+        )
     for base in search_path():
         candidate = base / subdir / f"{name_or_path}.yaml"
         if candidate.is_file():
@@ -67,7 +70,10 @@ def find_yaml(name_or_path: str, subdir: str, what: str) -> Path:
     names = _available(subdir)
     close = difflib.get_close_matches(name_or_path, names, n=1)
     hint = f"did you mean {close[0]!r}? " if close else ""
-    raise ConfigError(f"unknown {what} {name_or_path!r}: {hint}available: {', '.join(names) or '(none)'}; or give a path to a .yaml file")
+    raise ConfigError(
+        f"unknown {what} {name_or_path!r}: {hint}available: {', '.join(names) or '(none)'}; "
+        "or give a path to a .yaml file"
+    )
 
 
 class _Yaml12Loader(yaml.SafeLoader):
@@ -82,14 +88,18 @@ for _tag, _pattern, _first in [
     ("null", r"~|null|Null|NULL|", ["~", "n", "N", ""]),
     ("bool", r"true|True|TRUE|false|False|FALSE", list("tTfF")),
     ("int", r"[-+]?[0-9]+|0o[0-7]+|0x[0-9a-fA-F]+", list("-+0123456789")),
-    ("float", r"[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN)",
-     list("-+.0123456789")),
+    (
+        "float",
+        r"[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN)",
+        list("-+.0123456789"),
+    ),
     ("merge", r"<<", ["<"]),
 ]:
     _Yaml12Loader.add_implicit_resolver(f"tag:yaml.org,2002:{_tag}", re.compile(f"^(?:{_pattern})$"), _first)
 _Yaml12Loader.add_constructor(  # PyYAML's own reads a leading 0 as octal
     "tag:yaml.org,2002:int",
-    lambda loader, node: int(text := loader.construct_scalar(node), {"0o": 8, "0x": 16}.get(text[:2], 10)))
+    lambda loader, node: int(text := loader.construct_scalar(node), {"0o": 8, "0x": 16}.get(text[:2], 10)),
+)
 
 
 class _Dumper(yaml.SafeDumper):
@@ -179,8 +189,10 @@ def _config_error(err: OmegaConfBaseException, source: str) -> ConfigError:
         hint = f"did you mean {prefix}{close[0]}? " if close else ""
         return ConfigError(f"unknown key {key!r} in {source}: {hint}valid keys here: {', '.join(valid)}")
     if isinstance(err, (InterpolationResolutionError, GrammarParseError)):
-        message += ("; ${...} names another key of the config (e.g. ${run.name}): let the shell expand an environment "
-                    "variable ($HOME outside single quotes), and write \\${ for a literal ${")
+        message += (
+            "; ${...} names another key of the config (e.g. ${run.name}): let the shell expand an environment "
+            "variable ($HOME outside single quotes), and write \\${ for a literal ${"
+        )
     return ConfigError(f"bad value for {key or 'config'} in {source}: {message}")
 
 
@@ -207,8 +219,10 @@ def _override(merged, item: str):
     try:
         value = _parse_yaml(text, _schema_type(key))
     except yaml.YAMLError as err:
-        raise ConfigError(f"override {item!r} is not valid YAML ({getattr(err, 'problem', None) or err}): close its "
-                          f"brackets, or put text in YAML quotes inside the shell's: '{key}=\"...\"'") from None
+        raise ConfigError(
+            f"override {item!r} is not valid YAML ({getattr(err, 'problem', None) or err}): close its "
+            f"brackets, or put text in YAML quotes inside the shell's: '{key}=\"...\"'"
+        ) from None
     try:
         update = OmegaConf.create()
         OmegaConf.update(update, key, value)
@@ -244,8 +258,9 @@ def load_run_config(run_dir: str | Path, overrides: Iterable[str] = (), *, clust
     return _resolve(path, saved, overrides, cluster, run_dir)
 
 
-def _resolve(source: Path, recipe: dict, overrides: Iterable[str], cluster: Optional[str],
-             run_dir: Optional[str | Path]) -> Config:
+def _resolve(
+    source: Path, recipe: dict, overrides: Iterable[str], cluster: Optional[str], run_dir: Optional[str | Path]
+) -> Config:
     """Merge, lowest first: the defaults, the cluster profile, the recipe, the overrides; then validate."""
     # The run is named after the recipe unless the recipe names it.
     merged = _merge(OmegaConf.structured(Config), {"run": {"name": source.stem}}, str(source))
@@ -309,8 +324,10 @@ def from_stored(data: dict, source: str, data_root: Optional[str] = None) -> Con
     stored = {key: value for key, value in flatten(data).items() if data_root is None or key != "data.root"}
     pipes = [f"{key}={value!r}" for key, value in stored.items() if str(value).startswith("pipe:")]
     if pipes:
-        raise ConfigError(f"{source} stores {', '.join(pipes)}, a shell command, and a checkpoint's config runs none: "
-                          "give the shards to read yourself (eval --data, export --data-root)")
+        raise ConfigError(
+            f"{source} stores {', '.join(pipes)}, a shell command, and a checkpoint's config runs none: "
+            "give the shards to read yourself (eval --data, export --data-root)"
+        )
     if data_root is not None:
         data = {**data, "data": {**data.get("data", {}), "root": data_root}}
     return from_dict(data, source)
@@ -319,8 +336,10 @@ def from_stored(data: dict, source: str, data_root: Optional[str] = None) -> Con
 def _saved_config_path(run_dir: str | Path) -> Path:
     path = Path(run_dir) / CONFIG_FILE
     if not path.is_file():
-        raise ConfigError(f"{run_dir} is not a slurmvision run directory (no {CONFIG_FILE}); start one with "
-                          "`slurmvision launch` or `train`")
+        raise ConfigError(
+            f"{run_dir} is not a slurmvision run directory (no {CONFIG_FILE}); start one with "
+            "`slurmvision launch` or `train`"
+        )
     return path
 
 

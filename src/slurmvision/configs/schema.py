@@ -66,15 +66,31 @@ class DataConfig:
         _check(all(s >= 8 for s in self.scales), "data.scales", self.scales, "resolutions must be >= 8")
         _check(
             not self.scale_batch_sizes or len(self.scale_batch_sizes) == len(self.scales),
-            "data.scale_batch_sizes", self.scale_batch_sizes, "give one batch size per entry of data.scales",
+            "data.scale_batch_sizes",
+            self.scale_batch_sizes,
+            "give one batch size per entry of data.scales",
         )
-        _check(all(b >= 1 for b in self.scale_batch_sizes), "data.scale_batch_sizes", self.scale_batch_sizes, "must be >= 1")
+        _check(
+            all(b >= 1 for b in self.scale_batch_sizes),
+            "data.scale_batch_sizes",
+            self.scale_batch_sizes,
+            "must be >= 1",
+        )
         _choice("data.interpolation", self.interpolation, ("bilinear", "bicubic", "nearest", "random"))
-        _check(len(self.crop_scale) == 2 and 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1, "data.crop_scale",
-               self.crop_scale, "give [min, max] area fractions with 0 < min <= max <= 1")
+        _check(
+            len(self.crop_scale) == 2 and 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1,
+            "data.crop_scale",
+            self.crop_scale,
+            "give [min, max] area fractions with 0 < min <= max <= 1",
+        )
         for key in ("hflip", "reprob", "mixup", "cutmix", "label_smoothing"):
             value = getattr(self, key)
-            _check(0.0 <= value <= 1.0 or key in ("mixup", "cutmix") and value >= 0, f"data.{key}", value, "must be in [0, 1]")
+            _check(
+                0.0 <= value <= 1.0 or key in ("mixup", "cutmix") and value >= 0,
+                f"data.{key}",
+                value,
+                "must be in [0, 1]",
+            )
         _check(self.bad_sample_budget >= 0, "data.bad_sample_budget", self.bad_sample_budget, "must be >= 0")
 
     @property
@@ -93,8 +109,12 @@ class DistillConfig:
     def __post_init__(self) -> None:
         _check(self.temperature > 0, "model.distill.temperature", self.temperature, "must be > 0")
         _check(0.0 <= self.weight <= 1.0, "model.distill.weight", self.weight, "must be in [0, 1]")
-        _check(not self.teacher or bool(self.teacher_weights), "model.distill.teacher_weights", self.teacher_weights,
-               "the teacher needs its trained weights (a run directory or a weights file)")
+        _check(
+            not self.teacher or bool(self.teacher_weights),
+            "model.distill.teacher_weights",
+            self.teacher_weights,
+            "the teacher needs its trained weights (a run directory or a weights file)",
+        )
 
 
 @dataclass
@@ -120,8 +140,12 @@ class ModelConfig:
         _check(0.0 <= self.drop_path < 1.0, "model.drop_path", self.drop_path, "must be in [0, 1)")
         _check(0.0 <= self.ema_decay < 1.0, "model.ema_decay", self.ema_decay, "must be in [0, 1)")
         _check(self.num_classes is None or self.num_classes >= 2, "model.num_classes", self.num_classes, "must be >= 2")
-        _check(self.pretrained or not self.pretrained_file, "model.pretrained_file", self.pretrained_file,
-               "set model.pretrained=true to start from it")
+        _check(
+            self.pretrained or not self.pretrained_file,
+            "model.pretrained_file",
+            self.pretrained_file,
+            "set model.pretrained=true to start from it",
+        )
 
 
 @dataclass
@@ -147,18 +171,37 @@ class OptimConfig:
         _choice("optim.schedule", self.schedule, ("cosine", "constant"))
         _check(self.lr > 0, "optim.lr", self.lr, "must be > 0")
         _check(self.weight_decay >= 0, "optim.weight_decay", self.weight_decay, "must be >= 0")
-        _check(self.weight_decay_end is None or self.weight_decay_end >= 0, "optim.weight_decay_end",
-               self.weight_decay_end, "must be >= 0 or null")
+        _check(
+            self.weight_decay_end is None or self.weight_decay_end >= 0,
+            "optim.weight_decay_end",
+            self.weight_decay_end,
+            "must be >= 0 or null",
+        )
         # The schedule drives the groups that have a weight decay; with none to start from, no
         # group has one (timm may even put every parameter in one group).
-        _check(self.weight_decay_end is None or self.weight_decay > 0, "optim.weight_decay_end", self.weight_decay_end,
-               "needs optim.weight_decay > 0, where its schedule starts")
-        _check(self.layer_decay is None or 0 < self.layer_decay <= 1, "optim.layer_decay", self.layer_decay,
-               "must be in (0, 1], e.g. 0.9, or null")
+        _check(
+            self.weight_decay_end is None or self.weight_decay > 0,
+            "optim.weight_decay_end",
+            self.weight_decay_end,
+            "needs optim.weight_decay > 0, where its schedule starts",
+        )
+        _check(
+            self.layer_decay is None or 0 < self.layer_decay <= 1,
+            "optim.layer_decay",
+            self.layer_decay,
+            "must be in (0, 1], e.g. 0.9, or null",
+        )
         _check(len(self.betas) == 2, "optim.betas", self.betas, "give two numbers, e.g. [0.9, 0.999]")
-        _check(self.warmup_steps >= 0 and self.warmup_epochs >= 0, "optim.warmup_steps", self.warmup_steps, "must be >= 0")
+        _check(
+            self.warmup_steps >= 0 and self.warmup_epochs >= 0, "optim.warmup_steps", self.warmup_steps, "must be >= 0"
+        )
         _check(self.clip_grad is None or self.clip_grad > 0, "optim.clip_grad", self.clip_grad, "must be > 0 or null")
-        _check(self.lr_base_batch is None or self.lr_base_batch >= 1, "optim.lr_base_batch", self.lr_base_batch, "must be >= 1")
+        _check(
+            self.lr_base_batch is None or self.lr_base_batch >= 1,
+            "optim.lr_base_batch",
+            self.lr_base_batch,
+            "must be >= 1",
+        )
 
 
 @dataclass
@@ -187,8 +230,18 @@ class TrainerConfig:
             _check(getattr(self, key) >= 1, f"trainer.{key}", getattr(self, key), "must be >= 1")
         _check(self.eval_every >= 0, "trainer.eval_every", self.eval_every, "must be >= 0")
         _check(self.gradcam_images >= 0, "trainer.gradcam_images", self.gradcam_images, "must be >= 0")
-        _check(0 <= self.initial_scale_power <= 64, "trainer.initial_scale_power", self.initial_scale_power, "must be 0 to 64")
-        _check(self.checkpoint_every_minutes >= 0, "trainer.checkpoint_every_minutes", self.checkpoint_every_minutes, "must be >= 0")
+        _check(
+            0 <= self.initial_scale_power <= 64,
+            "trainer.initial_scale_power",
+            self.initial_scale_power,
+            "must be 0 to 64",
+        )
+        _check(
+            self.checkpoint_every_minutes >= 0,
+            "trainer.checkpoint_every_minutes",
+            self.checkpoint_every_minutes,
+            "must be >= 0",
+        )
 
 
 @dataclass
@@ -205,17 +258,31 @@ class ContainerConfig:
     def __post_init__(self) -> None:
         if self.runtime is not None:
             _choice("cluster.container.runtime", self.runtime, ("pyxis", "apptainer", "singularity"))
-        _check(bool(self.runtime) == bool(self.image), "cluster.container.image", self.image,
-               "set both cluster.container.runtime and cluster.container.image, or neither")
-        for key, values in (("mounts", self.mounts), ("args", self.args), ("image", [self.image]),
-                            ("python", [self.python])):
+        _check(
+            bool(self.runtime) == bool(self.image),
+            "cluster.container.image",
+            self.image,
+            "set both cluster.container.runtime and cluster.container.image, or neither",
+        )
+        for key, values in (
+            ("mounts", self.mounts),
+            ("args", self.args),
+            ("image", [self.image]),
+            ("python", [self.python]),
+        ):
             for value in values:
                 _one_line(f"cluster.container.{key}", value)
         for mount in self.mounts:
             parts = mount.split(":")
-            _check(all(p.startswith("/") for p in parts[:2]) and "," not in mount and len(parts) <= 3
-                   and parts[2:] in ([], ["ro"], ["rw"]), "cluster.container.mounts", mount,
-                   "give SRC[:DST[:ro|rw]] with absolute paths, one mount per entry")
+            _check(
+                all(p.startswith("/") for p in parts[:2])
+                and "," not in mount
+                and len(parts) <= 3
+                and parts[2:] in ([], ["ro"], ["rw"]),
+                "cluster.container.mounts",
+                mount,
+                "give SRC[:DST[:ro|rw]] with absolute paths, one mount per entry",
+            )
 
     def sees(self, path: str) -> bool:
         return mounted(path, self.mounts)
@@ -278,10 +345,23 @@ class ClusterConfig:
     def __post_init__(self) -> None:
         _choice("cluster.executor", self.executor, ("local", "slurm"))
         _choice("cluster.coordinate", self.coordinate, ("watcher", "daemon", "none"))
-        _check(not self.container.runtime or self.executor == "slurm", "cluster.container.runtime",
-               self.container.runtime, "containers need cluster.executor=slurm (the local executor runs none)")
-        for key in ("name", "partition", "account", "qos", "constraint", "exclude", "watcher_partition", "watcher_qos",
-                    "python"):
+        _check(
+            not self.container.runtime or self.executor == "slurm",
+            "cluster.container.runtime",
+            self.container.runtime,
+            "containers need cluster.executor=slurm (the local executor runs none)",
+        )
+        for key in (
+            "name",
+            "partition",
+            "account",
+            "qos",
+            "constraint",
+            "exclude",
+            "watcher_partition",
+            "watcher_qos",
+            "python",
+        ):
             _one_line(f"cluster.{key}", getattr(self, key))
         for i, line in enumerate(self.setup):
             _one_line(f"cluster.setup[{i}]", line)
@@ -291,18 +371,35 @@ class ClusterConfig:
         for key in ("crash_retries", "node_failure_retries", "retry_backoff_s", "sigterm_grace_s"):
             _check(getattr(self, key) >= 0, f"cluster.{key}", getattr(self, key), "must be >= 0")
         _choice("cluster.signal", self.signal, ("USR1", "USR2", "TERM", "INT"))
-        for key in ("nodes", "tasks_per_node", "cpus_per_task", "time_min", "max_attempts", "watcher_time_min",
-                    "watcher_every_s"):
+        for key in (
+            "nodes",
+            "tasks_per_node",
+            "cpus_per_task",
+            "time_min",
+            "max_attempts",
+            "watcher_time_min",
+            "watcher_every_s",
+        ):
             _check(getattr(self, key) >= 1, f"cluster.{key}", getattr(self, key), "must be >= 1")
-        _check(self.min_nodes is None or 1 <= self.min_nodes <= self.nodes, "cluster.min_nodes", self.min_nodes,
-               f"must be 1 to cluster.nodes={self.nodes}, or null")
+        _check(
+            self.min_nodes is None or 1 <= self.min_nodes <= self.nodes,
+            "cluster.min_nodes",
+            self.min_nodes,
+            f"must be 1 to cluster.nodes={self.nodes}, or null",
+        )
         _check(self.gpus_per_node >= 0, "cluster.gpus_per_node", self.gpus_per_node, "must be >= 0")
         _check(
-            self.gpus_per_node in (0, self.tasks_per_node), "cluster.gpus_per_node", self.gpus_per_node,
+            self.gpus_per_node in (0, self.tasks_per_node),
+            "cluster.gpus_per_node",
+            self.gpus_per_node,
             f"use one task per GPU: set cluster.tasks_per_node={self.gpus_per_node}",
         )
-        _check(0 <= self.signal_delay_s < self.time_min * 60, "cluster.signal_delay_s", self.signal_delay_s,
-               "must be >= 0 and shorter than the time limit")
+        _check(
+            0 <= self.signal_delay_s < self.time_min * 60,
+            "cluster.signal_delay_s",
+            self.signal_delay_s,
+            "must be >= 0 and shorter than the time limit",
+        )
 
     @property
     def world_size(self) -> int:
@@ -340,8 +437,10 @@ class Config:
         if self.trainer.engine == "ddp" and self.trainer.zero_stage:
             raise ConfigError(f"trainer.zero_stage={self.trainer.zero_stage} needs trainer.engine=deepspeed")
         if self.trainer.zero_stage == 3 and self.model.ema_decay:
-            raise ConfigError("model.ema_decay keeps a full copy of the weights on every rank, which ZeRO-3 "
-                              "partitions: set model.ema_decay=0 or use trainer.zero_stage=2")
+            raise ConfigError(
+                "model.ema_decay keeps a full copy of the weights on every rank, which ZeRO-3 "
+                "partitions: set model.ema_decay=0 or use trainer.zero_stage=2"
+            )
         if self.cluster.elastic:
             self._check_elastic_batch()
         if self.cluster.container.runtime:
@@ -349,14 +448,20 @@ class Config:
 
     def _check_container_paths(self) -> None:
         """What the ranks read must be mounted in the container (the run directory always is)."""
-        for key, path in (("data.root", self.data.root), ("model.pretrained_file", self.model.pretrained_file),
-                          ("model.cache_dir", self.model.cache_dir), ("model.finetune_from", self.model.finetune_from),
-                          ("model.distill.teacher_weights", self.model.distill.teacher_weights)):
+        for key, path in (
+            ("data.root", self.data.root),
+            ("model.pretrained_file", self.model.pretrained_file),
+            ("model.cache_dir", self.model.cache_dir),
+            ("model.finetune_from", self.model.finetune_from),
+            ("model.distill.teacher_weights", self.model.distill.teacher_weights),
+        ):
             if path and not path.startswith("/"):
                 raise ConfigError(f"{key}={path!r} is read in a container: give an absolute path")
             if path and not self.cluster.container.sees(path):
-                raise ConfigError(f"{key}={path} is not mounted in the container: add it, or a directory above it, "
-                                  f"to cluster.container.mounts (now {list(self.cluster.container.mounts)})")
+                raise ConfigError(
+                    f"{key}={path} is not mounted in the container: add it, or a directory above it, "
+                    f"to cluster.container.mounts (now {list(self.cluster.container.mounts)})"
+                )
 
     def _check_elastic_batch(self) -> None:
         """Every node count from min_nodes to nodes must split the global batch into whole micro-batches."""
@@ -365,9 +470,11 @@ class Config:
         if all(cluster.nodes * accum % n == 0 for n in counts):
             return
         fits = next(k * accum for k in range(2, 10_000) if all(cluster.nodes * k * accum % n == 0 for n in counts))
-        raise ConfigError(f"trainer.grad_accum={accum} cannot keep the global batch on {cluster.min_nodes} to "
-                          f"{cluster.nodes} nodes (cluster.min_nodes): set trainer.grad_accum={fits}, or raise "
-                          "cluster.min_nodes")
+        raise ConfigError(
+            f"trainer.grad_accum={accum} cannot keep the global batch on {cluster.min_nodes} to "
+            f"{cluster.nodes} nodes (cluster.min_nodes): set trainer.grad_accum={fits}, or raise "
+            "cluster.min_nodes"
+        )
 
     def grad_accum_at(self, world_size: int) -> int:
         """Micro-batches per step with this many ranks: an elastic run keeps its global batch on
@@ -376,7 +483,9 @@ class Config:
             return self.trainer.grad_accum
         micro_batches = self.cluster.world_size * self.trainer.grad_accum
         if micro_batches % world_size:
-            raise ConfigError(f"{world_size} ranks cannot share the global batch of {micro_batches} micro-batches of "
-                              f"cluster.nodes={self.cluster.nodes} x cluster.tasks_per_node="
-                              f"{self.cluster.tasks_per_node} x trainer.grad_accum={self.trainer.grad_accum}")
+            raise ConfigError(
+                f"{world_size} ranks cannot share the global batch of {micro_batches} micro-batches of "
+                f"cluster.nodes={self.cluster.nodes} x cluster.tasks_per_node="
+                f"{self.cluster.tasks_per_node} x trainer.grad_accum={self.trainer.grad_accum}"
+            )
         return micro_batches // world_size

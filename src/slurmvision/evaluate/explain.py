@@ -31,8 +31,13 @@ class _Tapped(torch.nn.Module):
         return self.model.forward_head(self.tap(self.model.forward_features(images)))
 
 
-def feature_map(features: torch.Tensor, image_hw: tuple[int, int], channels: int, layout: Optional[str] = None,
-                prefix_tokens: int = 0) -> torch.Tensor:
+def feature_map(
+    features: torch.Tensor,
+    image_hw: tuple[int, int],
+    channels: int,
+    layout: Optional[str] = None,
+    prefix_tokens: int = 0,
+) -> torch.Tensor:
     """Features as the N x C x h x w map Grad-CAM weighs. Maps are NCHW or NHWC (Swin V2, SG-Former): the model's
     `layout` (timm's output_fmt) says which, or else the place of its `channels`. Tokens (N x L x C: ViTs) lose
     their `prefix_tokens` (class, register) and are laid out on the grid of the image's aspect ratio."""
@@ -51,8 +56,9 @@ def require_gradcam() -> None:
     try:
         import pytorch_grad_cam  # noqa: F401
     except ImportError:
-        raise SlurmVisionError("Grad-CAM pictures need the grad-cam package: "
-                               "pip install 'slurmvision[explain]'") from None
+        raise SlurmVisionError(
+            "Grad-CAM pictures need the grad-cam package: pip install 'slurmvision[explain]'"
+        ) from None
 
 
 def gradcam(model: torch.nn.Module, inputs: torch.Tensor) -> tuple[np.ndarray, torch.Tensor]:
@@ -68,8 +74,11 @@ def gradcam(model: torch.nn.Module, inputs: torch.Tensor) -> tuple[np.ndarray, t
     layout, prefix = getattr(model, "output_fmt", None), getattr(model, "num_prefix_tokens", 0)
     params = list(model.parameters())
     saved, training = [(p.requires_grad, p.grad) for p in params], model.training
-    cam = GradCAM(tapped, [tapped.tap],  # (puts the model in eval mode)
-                  reshape_transform=lambda f: feature_map(f, image_hw, model.num_features, layout, prefix))
+    cam = GradCAM(
+        tapped,
+        [tapped.tap],  # (puts the model in eval mode)
+        reshape_transform=lambda f: feature_map(f, image_hw, model.num_features, layout, prefix),
+    )
     try:
         model.requires_grad_(False)
         # float32 even inside the trainer's autocast: Grad-CAM reads activations and gradients as numpy arrays
@@ -86,8 +95,12 @@ def gradcam(model: torch.nn.Module, inputs: torch.Tensor) -> tuple[np.ndarray, t
     return maps, probs
 
 
-def gradcam_pictures(model: torch.nn.Module, images: torch.Tensor, classes: Sequence[str],
-                     normalize: Callable[[torch.Tensor], torch.Tensor]) -> list[np.ndarray]:
+def gradcam_pictures(
+    model: torch.nn.Module,
+    images: torch.Tensor,
+    classes: Sequence[str],
+    normalize: Callable[[torch.Tensor], torch.Tensor],
+) -> list[np.ndarray]:
     """One H' x W' x 3 uint8 picture per image: the image and its Grad-CAM overlay for the top-1 class side by side,
     the top-3 classes with their probabilities below.
 
@@ -123,8 +136,14 @@ def _picture(image: torch.Tensor, heat: np.ndarray, top: list[tuple[str, float]]
     return np.asarray(canvas)
 
 
-def explain_run(checkpoint_path: str | Path, images: Sequence[str | Path], out: str | Path, *,
-                data_root: Optional[str] = None, image_size: Optional[int] = None) -> list[dict]:
+def explain_run(
+    checkpoint_path: str | Path,
+    images: Sequence[str | Path],
+    out: str | Path,
+    *,
+    data_root: Optional[str] = None,
+    image_size: Optional[int] = None,
+) -> list[dict]:
     """`slurmvision explain`: a Grad-CAM picture per image file, written as OUT/<image name>.png; the images go
     through the checkpoint's eval transform (resize, centre crop at data.img_size or `image_size`, normalise).
     Returns [{"image", "picture", "top": [{"class", "probability"}]}]."""
@@ -159,11 +178,16 @@ def explain_run(checkpoint_path: str | Path, images: Sequence[str | Path], out: 
     stems = [path.stem for path in paths]
     results = []
     for start in range(0, len(tensors), CHUNK):
-        images = torch.stack(tensors[start:start + CHUNK])
+        images = torch.stack(tensors[start : start + CHUNK])
         maps, probs = gradcam(model, normalize(images))
         for i, image, heat, top in zip(itertools.count(start), images, maps, _top(probs, classes)):
             picture = out / (f"{stems[i]}.png" if stems.count(stems[i]) == 1 else f"{stems[i]}-{i}.png")
             Image.fromarray(_picture(image, heat, top)).save(picture)
-            results.append({"image": str(paths[i]), "picture": str(picture),
-                            "top": [{"class": name, "probability": p} for name, p in top]})
+            results.append(
+                {
+                    "image": str(paths[i]),
+                    "picture": str(picture),
+                    "top": [{"class": name, "probability": p} for name, p in top],
+                }
+            )
     return results

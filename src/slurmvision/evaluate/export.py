@@ -34,8 +34,16 @@ LATENCY_BATCHES, LATENCY_RUNS = (1, 32), 5
 INT8_OPS = {"static": ["Conv", "MatMul", "Gemm"], "dynamic": ["MatMul", "Gemm"]}
 
 
-def export_onnx(model: torch.nn.Module, path: str | Path, *, img_size: int, in_chans: int = 3, opset: int = 18,
-                check: bool = True, dynamic_batch: bool = True) -> dict:
+def export_onnx(
+    model: torch.nn.Module,
+    path: str | Path,
+    *,
+    img_size: int,
+    in_chans: int = 3,
+    opset: int = 18,
+    check: bool = True,
+    dynamic_batch: bool = True,
+) -> dict:
     """Write `model` (in eval mode, float32, on the CPU) as ONNX to `path`, atomically.
 
     The TorchScript exporter goes first: it handles timm's Swin V2 models and is several times
@@ -50,8 +58,9 @@ def export_onnx(model: torch.nn.Module, path: str | Path, *, img_size: int, in_c
         import onnx
         import onnxruntime
     except ImportError:
-        raise SlurmVisionError("ONNX export needs onnx and onnxruntime: "
-                               "pip install onnx onnxscript onnxruntime") from None
+        raise SlurmVisionError(
+            "ONNX export needs onnx and onnxruntime: pip install onnx onnxscript onnxruntime"
+        ) from None
     path = Path(path)
     # The exporters may write weights next to the graph (ONNX external data, named after the graph file),
     # so the whole export goes into a hidden folder and the graph file is moved into place last.
@@ -66,14 +75,18 @@ def export_onnx(model: torch.nn.Module, path: str | Path, *, img_size: int, in_c
         exporter = _export(model, example, tmp, opset, dynamic_batch)
         graph = onnx.load(str(tmp), load_external_data=False).graph
         result = {
-            "path": str(path), "opset": opset, "exporter": exporter, "max_abs_diff": None,
+            "path": str(path),
+            "opset": opset,
+            "exporter": exporter,
+            "max_abs_diff": None,
             "inputs": {value.name: _shape(value) for value in graph.input},
             "outputs": {value.name: _shape(value) for value in graph.output},
         }
         if check:
             onnx.checker.check_model(str(tmp))
-            result["max_abs_diff"] = _compare(model, tmp, onnxruntime, example.shape[1:],
-                                              [2, 3] if dynamic_batch else [2], generator)
+            result["max_abs_diff"] = _compare(
+                model, tmp, onnxruntime, example.shape[1:], [2, 3] if dynamic_batch else [2], generator
+            )
         for extra in staging.iterdir():
             if extra != tmp:
                 os.replace(extra, path.parent / extra.name)
@@ -114,23 +127,39 @@ def _export(model: torch.nn.Module, example: torch.Tensor, out: Path, opset: int
     try:
         import onnxscript  # noqa: F401  (the torch.export exporter writes its graph with it)
     except ImportError:
-        raise SlurmVisionError(f"the TorchScript ONNX exporter failed ({first}) and the other one needs onnxscript: "
-                               "pip install onnxscript") from None
+        raise SlurmVisionError(
+            f"the TorchScript ONNX exporter failed ({first}) and the other one needs onnxscript: pip install onnxscript"
+        ) from None
     shapes = ({0: torch.export.Dim("batch", min=1)},) if dynamic_batch else None
     try:
         # One self-contained file unless the weights pass protobuf's 2 GB limit.
         size = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
-        torch.onnx.export(model, (example,), str(out), dynamic_shapes=shapes, dynamo=True, verbose=False,
-                          external_data=size > 1.8e9, **names)
+        torch.onnx.export(
+            model,
+            (example,),
+            str(out),
+            dynamic_shapes=shapes,
+            dynamo=True,
+            verbose=False,
+            external_data=size > 1.8e9,
+            **names,
+        )
     except Exception as error:  # noqa: BLE001
         second = f"{type(error).__name__}: {error}".splitlines()[0]
-        raise SlurmVisionError(f"neither ONNX exporter handles this model at opset {opset} ({first}; {second}): "
-                               "try another --opset") from error
+        raise SlurmVisionError(
+            f"neither ONNX exporter handles this model at opset {opset} ({first}; {second}): try another --opset"
+        ) from error
     return "dynamo"
 
 
-def _compare(model: torch.nn.Module, onnx_path: Path, onnxruntime, image_shape: torch.Size, batches: list[int],
-             generator: torch.Generator) -> float:
+def _compare(
+    model: torch.nn.Module,
+    onnx_path: Path,
+    onnxruntime,
+    image_shape: torch.Size,
+    batches: list[int],
+    generator: torch.Generator,
+) -> float:
     """The largest |onnx - torch| over random batches; raises if it is beyond float32 noise."""
     options = onnxruntime.SessionOptions()
     options.log_severity_level = 4  # a failure is raised below as one line; onnxruntime would log it as well
@@ -143,15 +172,20 @@ def _compare(model: torch.nn.Module, onnx_path: Path, onnxruntime, image_shape: 
         try:
             got = session.run([OUTPUT], {INPUT: images.numpy()})[0]
         except Exception as error:  # noqa: BLE001  (onnxruntime's own error types)
-            raise SlurmVisionError(f"onnxruntime fails on the exported model with a batch of {batch}: "
-                                   f"{str(error).splitlines()[0]}") from error
+            raise SlurmVisionError(
+                f"onnxruntime fails on the exported model with a batch of {batch}: {str(error).splitlines()[0]}"
+            ) from error
         if got.shape != expected.shape:
-            raise SlurmVisionError(f"the ONNX model gives shape {got.shape} for a batch of {batch}, torch "
-                                   f"{expected.shape}: export with dynamic_batch=False or another --opset")
+            raise SlurmVisionError(
+                f"the ONNX model gives shape {got.shape} for a batch of {batch}, torch "
+                f"{expected.shape}: export with dynamic_batch=False or another --opset"
+            )
         worst, scale = max(worst, float(np.abs(got - expected).max())), max(scale, float(np.abs(expected).max()))
     if not worst <= 1e-3 * scale:  # also catches NaN
-        raise SlurmVisionError(f"the ONNX model differs from torch by up to {worst:.2e} (outputs up to {scale:.2e}): "
-                               "export with another --opset")
+        raise SlurmVisionError(
+            f"the ONNX model differs from torch by up to {worst:.2e} (outputs up to {scale:.2e}): "
+            "export with another --opset"
+        )
     return worst
 
 
@@ -167,9 +201,17 @@ def set_image_size(model: torch.nn.Module, size: int) -> None:
         model.set_input_size(img_size=(size, size))
 
 
-def export_run(checkpoint_path: str | Path, out: str | Path, *, opset: int = 18, data_root: Optional[str] = None,
-               image_size: Optional[int] = None, int8: Optional[str] = None, calibration: Optional[str] = None,
-               max_drop: float = 1.0) -> dict:
+def export_run(
+    checkpoint_path: str | Path,
+    out: str | Path,
+    *,
+    opset: int = 18,
+    data_root: Optional[str] = None,
+    image_size: Optional[int] = None,
+    int8: Optional[str] = None,
+    calibration: Optional[str] = None,
+    max_drop: float = 1.0,
+) -> dict:
     """`slurmvision export`: the checkpoint's model as float32 ONNX at `out` (export_onnx's record), or with `int8`
     ("dynamic" or "static") as an INT8 model, written only if its top-1 on the run's val split is at most
     `max_drop` points below the float32 model's.
@@ -208,31 +250,42 @@ def export_run(checkpoint_path: str | Path, out: str | Path, *, opset: int = 18,
         if int8 == "static":
             # The shard writer mixes the classes in every shard, so the first images of a split are a fair sample.
             data = dataclasses.replace(config.data, root=calibration or config.data.root)
-            batches = itertools.islice(_batches(data, data.train_split, size, normalize, CALIBRATION_BATCH),
-                                       CALIBRATION_SAMPLES // CALIBRATION_BATCH)
+            batches = itertools.islice(
+                _batches(data, data.train_split, size, normalize, CALIBRATION_BATCH),
+                CALIBRATION_SAMPLES // CALIBRATION_BATCH,
+            )
             calibration_data = (images for images, _ in batches)
         quantize_onnx(fp32, quantized, int8, calibration_data)
         val = _batches(config.data, config.data.val_split, size, normalize, VAL_BATCH)
         models, samples = compare_onnx({"fp32": fp32, "int8": quantized}, val, size)
         drop = 100 * (models["fp32"]["top1"] - models["int8"]["top1"])
-        record["int8"] = {"mode": int8, "calibration": (calibration or config.data.root) if int8 == "static" else None,
-                          "max_drop": max_drop, "drop": drop, "val_samples": samples, "models": models}
+        record["int8"] = {
+            "mode": int8,
+            "calibration": (calibration or config.data.root) if int8 == "static" else None,
+            "max_drop": max_drop,
+            "drop": drop,
+            "val_samples": samples,
+            "models": models,
+        }
         if drop > max_drop:
             raise SlurmVisionError(
                 f"the INT8 model's top-1 {models['int8']['top1']:.4f} is {drop:.2f} points below the float32 model's "
                 f"{models['fp32']['top1']:.4f} on {samples} {config.data.val_split} images (--max-drop {max_drop:g}): "
-                f"{out} not written; try --int8 {'dynamic' if int8 == 'static' else 'static'} or a larger --max-drop")
+                f"{out} not written; try --int8 {'dynamic' if int8 == 'static' else 'static'} or a larger --max-drop"
+            )
         os.replace(quantized, out)
     return record
 
 
-def _batches(data: DataConfig, split: str, size: int, normalize: Callable[[torch.Tensor], torch.Tensor],
-             batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+def _batches(
+    data: DataConfig, split: str, size: int, normalize: Callable[[torch.Tensor], torch.Tensor], batch_size: int
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """(normalised images, targets) of a split, read and preprocessed as evaluation reads them."""
     from slurmvision.shards.reader import eval_batches
 
-    for batch in eval_batches(dataclasses.replace(data, batch_size=batch_size), split, rank=0, world_size=1,
-                              resolution=size):
+    for batch in eval_batches(
+        dataclasses.replace(data, batch_size=batch_size), split, rank=0, world_size=1, resolution=size
+    ):
         if len(batch.keys):  # a batch whose samples were all bad
             yield normalize(batch.images).numpy(), batch.targets.numpy()
 
@@ -248,14 +301,25 @@ def quantize_onnx(fp32: Path, out: Path, mode: str, calibration: Iterable[np.nda
     # inference cannot follow Swin V2's window reshapes, ONNX's own can.
     quant_pre_process(str(fp32), str(prepared), skip_symbolic_shape=True)
     # 7-bit weights: on CPUs without VNNI (AVX2 only), products of uint8 activations and int8 weights can saturate.
-    common = {"per_channel": True, "reduce_range": True, "weight_type": QuantType.QInt8,
-              "op_types_to_quantize": INT8_OPS[mode]}
+    common = {
+        "per_channel": True,
+        "reduce_range": True,
+        "weight_type": QuantType.QInt8,
+        "op_types_to_quantize": INT8_OPS[mode],
+    }
     if mode == "dynamic":
         quantize_dynamic(prepared, out, **common)
     else:
         # MatMulConstBOnly: MatMuls of two activations (attention) stay in float.
-        quantize_static(prepared, out, _Feed(calibration), quant_format=QuantFormat.QDQ,
-                        activation_type=QuantType.QUInt8, extra_options={"MatMulConstBOnly": True}, **common)
+        quantize_static(
+            prepared,
+            out,
+            _Feed(calibration),
+            quant_format=QuantFormat.QDQ,
+            activation_type=QuantType.QUInt8,
+            extra_options={"MatMulConstBOnly": True},
+            **common,
+        )
     prepared.unlink()
 
 
@@ -276,14 +340,17 @@ class _Feed:
         return {INPUT: images}
 
 
-def compare_onnx(paths: dict[str, Path], batches: Iterable[tuple[np.ndarray, np.ndarray]],
-                 image_size: int) -> tuple[dict, int]:
+def compare_onnx(
+    paths: dict[str, Path], batches: Iterable[tuple[np.ndarray, np.ndarray]], image_size: int
+) -> tuple[dict, int]:
     """({name: {"top1", "size_mb", "latency_ms": {batch: median ms}}}, samples) for ONNX models run by onnxruntime
     on this machine's CPU over the same (images, targets) batches."""
     import onnxruntime
 
-    sessions = {name: onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-                for name, path in paths.items()}
+    sessions = {
+        name: onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        for name, path in paths.items()
+    }
     correct, samples = dict.fromkeys(sessions, 0), 0
     for images, targets in batches:
         for name, session in sessions.items():
@@ -291,9 +358,14 @@ def compare_onnx(paths: dict[str, Path], batches: Iterable[tuple[np.ndarray, np.
         samples += len(targets)
     if not samples:
         raise DataError("no val images to compare the models on: the val split is empty")
-    return {name: {"top1": correct[name] / samples, "size_mb": os.path.getsize(paths[name]) / 2**20,
-                   "latency_ms": {batch: _latency_ms(session, batch, image_size) for batch in LATENCY_BATCHES}}
-            for name, session in sessions.items()}, samples
+    return {
+        name: {
+            "top1": correct[name] / samples,
+            "size_mb": os.path.getsize(paths[name]) / 2**20,
+            "latency_ms": {batch: _latency_ms(session, batch, image_size) for batch in LATENCY_BATCHES},
+        }
+        for name, session in sessions.items()
+    }, samples
 
 
 def _latency_ms(session, batch: int, image_size: int) -> float:

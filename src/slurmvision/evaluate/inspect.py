@@ -12,7 +12,20 @@ def inspect_checkpoint(path: str | Path) -> dict:
     meta = read_meta(found)
     problem = verify(found) or format_problem(meta)
     return {
-        "path": str(found), "valid": problem is None, "problem": problem,
-        **{key: meta.get(key) for key in ("step", "epoch", "samples_seen", "world_size", "engine", "config_hash",
-                                          "params_sha256", VERSION_KEY)},
+        "path": str(found),
+        "valid": problem is None,
+        "problem": problem,
+        **{
+            key: meta.get(key)
+            for key in (
+                "step",
+                "epoch",
+                "samples_seen",
+                "world_size",
+                "engine",
+                "config_hash",
+                "params_sha256",
+                VERSION_KEY,
+            )
+        },
     }

@@ -28,13 +28,16 @@ class ClassificationMetrics:
         """Count one batch: `logits` is N x num_classes, `targets` holds N class indices."""
         n = self.num_classes
         if logits.ndim != 2 or logits.shape[1] != n or targets.shape != logits.shape[:1]:
-            raise ValueError(f"expected logits N x {n} and targets N, "
-                             f"got {tuple(logits.shape)} and {tuple(targets.shape)}")
+            raise ValueError(
+                f"expected logits N x {n} and targets N, got {tuple(logits.shape)} and {tuple(targets.shape)}"
+            )
         logits, targets = logits.detach(), targets.detach().to(logits.device, torch.int64)
         if targets.numel() and bool(((targets < 0) | (targets >= n)).any()):
             bad = targets[(targets < 0) | (targets >= n)][0].item()
-            raise DataError(f"label {bad} is outside the model's {n} classes: set model.num_classes to the number "
-                            f"of classes in the data, or rebuild the shards")
+            raise DataError(
+                f"label {bad} is outside the model's {n} classes: set model.num_classes to the number "
+                f"of classes in the data, or rebuild the shards"
+            )
         if self.confusion.device != logits.device:
             self.confusion, self.topk_hits = self.confusion.to(logits.device), self.topk_hits.to(logits.device)
         predicted = logits.argmax(dim=1)
@@ -79,16 +82,21 @@ class ClassificationMetrics:
         return {
             "top1": float(correct.sum()) / samples if samples else 0.0,
             "top5": int(self.topk_hits) / samples if samples else 0.0,
-            "f1_macro": macro(f1), "precision_macro": macro(precision), "recall_macro": macro(recall),
-            "per_class": [{"precision": float(p), "recall": float(r), "f1": float(f), "support": int(s)}
-                          for p, r, f, s in zip(precision, recall, f1, support)],
+            "f1_macro": macro(f1),
+            "precision_macro": macro(precision),
+            "recall_macro": macro(recall),
+            "per_class": [
+                {"precision": float(p), "recall": float(r), "f1": float(f), "support": int(s)}
+                for p, r, f, s in zip(precision, recall, f1, support)
+            ],
             "samples": samples,
             "confusion": counts.tolist(),
         }
 
 
-def confusion_image(confusion: list[list[int]] | np.ndarray, class_names: list[str] | None = None,
-                    cell: int | None = None) -> np.ndarray:
+def confusion_image(
+    confusion: list[list[int]] | np.ndarray, class_names: list[str] | None = None, cell: int | None = None
+) -> np.ndarray:
     """The row-normalised confusion matrix as an RGB heat-map, H x W x 3 uint8.
 
     Rows are true classes, columns predicted ones; the darker the cell, the larger the share of
@@ -118,8 +126,13 @@ def confusion_image(confusion: list[list[int]] | np.ndarray, class_names: list[s
             x, y = margin + j * cell, margin + i * cell
             draw.rectangle([x, y, x + cell - 1, y + cell - 1], fill=(shade, shade, 255))
             if show_values and matrix[i, j]:
-                draw.text((x + cell / 2, y + cell / 2), f"{100 * rows[i, j]:.0f}", anchor="mm", font=font,
-                          fill="white" if shade < 128 else "black")
+                draw.text(
+                    (x + cell / 2, y + cell / 2),
+                    f"{100 * rows[i, j]:.0f}",
+                    anchor="mm",
+                    font=font,
+                    fill="white" if shade < 128 else "black",
+                )
     if show_names:
         for i, label in enumerate(labels):
             middle = margin + i * cell + cell // 2

@@ -69,5 +69,6 @@ def check_scales(model: torch.nn.Module, scales: Sequence[int], device: torch.de
                 model(torch.zeros(1, 3, size, size, device=device))
         except (AssertionError, RuntimeError, ValueError) as err:  # what timm's and torch's shape checks raise
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise ConfigError(f"the model cannot run on {size}x{size} images ({first}): choose --scales it takes, "
-                              "or --tta hflip") from None
+            raise ConfigError(
+                f"the model cannot run on {size}x{size} images ({first}): choose --scales it takes, or --tta hflip"
+            ) from None

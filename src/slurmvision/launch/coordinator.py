@@ -36,7 +36,7 @@ log = logging.getLogger("slurmvision.coordinator")
 # Ends a new job would meet again: the run stops with this advice. Every other end is retried.
 ADVICE = {
     Cause.OOM: "out of memory: lower data.batch_size (raise trainer.grad_accum to keep the global batch), "
-                "or set model.grad_checkpointing=true, then relaunch",
+    "or set model.grad_checkpointing=true, then relaunch",
     Cause.USER_CANCEL: "the job was cancelled by a user; relaunch the same config to resume it",
 }
 # sacct lags a fresh submission by seconds; a job that neither it nor squeue knows this long after
@@ -78,18 +78,26 @@ def _log_tail(run_dir: Path, job_id: str, size: int = 4000) -> str:
 
 
 class Coordinator:
-    def __init__(self, run_dir: str | Path, *, poll_s: float = 30.0,
-                 attempts_of: Callable[[str], list[SlurmAttempt]] = sacct_attempts,
-                 queued: Callable[[str], bool] = in_queue, submit: Optional[Callable] = None,
-                 node_states: Callable[[list[str]], dict[str, str]] = node_states,
-                 pending_nodes: Callable[[str], Optional[int]] = client.pending_nodes,
-                 partition_states: Callable[[Optional[str]], dict[str, str]] = client.partition_node_states,
-                 resize: Callable[[str, int, int], None] = client.resize_pending):
+    def __init__(
+        self,
+        run_dir: str | Path,
+        *,
+        poll_s: float = 30.0,
+        attempts_of: Callable[[str], list[SlurmAttempt]] = sacct_attempts,
+        queued: Callable[[str], bool] = in_queue,
+        submit: Optional[Callable] = None,
+        node_states: Callable[[list[str]], dict[str, str]] = node_states,
+        pending_nodes: Callable[[str], Optional[int]] = client.pending_nodes,
+        partition_states: Callable[[Optional[str]], dict[str, str]] = client.partition_node_states,
+        resize: Callable[[str, int, int], None] = client.resize_pending,
+    ):
         self.run_dir = Path(run_dir)
         self.config = load_saved_config(self.run_dir)
         if self.config.cluster.executor != "slurm":
-            raise RunError(f"{self.run_dir} runs on the {self.config.cluster.name!r} profile without Slurm: there is "
-                           "nothing to coordinate (follow it with `slurmvision status`); launch with a Slurm profile")
+            raise RunError(
+                f"{self.run_dir} runs on the {self.config.cluster.name!r} profile without Slurm: there is "
+                "nothing to coordinate (follow it with `slurmvision status`); launch with a Slurm profile"
+            )
         self.ledger = Ledger(self.run_dir, writer="coordinator")
         self.poll_s = poll_s
         self.attempts_of, self.queued = attempts_of, queued
@@ -137,8 +145,11 @@ class Coordinator:
             log.warning("cannot read the state of job %s: %s", job["job_id"], err)
             return Decision(Action.WAIT, f"Slurm unreachable: {err}")
         if ended and not slurm:
-            log.warning("job %s is neither in the queue nor in sacct %.0fs after its submission: taken as ended",
-                        job["job_id"], time.time() - job["submitted"])
+            log.warning(
+                "job %s is neither in the queue nor in sacct %.0fs after its submission: taken as ended",
+                job["job_id"],
+                time.time() - job["submitted"],
+            )
             slurm = [SlurmAttempt("UNKNOWN", "", "")]
         self._record_causes(job["job_id"], slurm)
         if self._finished():
@@ -156,8 +167,11 @@ class Coordinator:
             if self.ledger.get(key) is None:
                 self.ledger.put(key, time.time() + decision.delay_s)
             if time.time() < self.ledger.get(key):
-                return Decision(Action.WAIT, f"backing off until {time.ctime(self.ledger.get(key))}",
-                                delay_s=self.ledger.get(key) - time.time())
+                return Decision(
+                    Action.WAIT,
+                    f"backing off until {time.ctime(self.ledger.get(key))}",
+                    delay_s=self.ledger.get(key) - time.time(),
+                )
             try:
                 new_id = self.resubmit(decision)
             except ClusterError as err:  # not handled yet: the next tick tries again
@@ -187,20 +201,27 @@ class Coordinator:
         if failures >= SUBMIT_FAILURES:
             self.ledger.put(f"submit_failures:{job_id}", 0)
             self.ledger.put(f"resubmit_after:{job_id}", time.time())
-            return Decision(Action.STOP, f"run stopped: {failures} resubmissions of job {job_id} failed in a row, the last: "
-                                    f"{err}. Fix the cause, then run `slurmvision coordinate {self.run_dir}` again")
+            return Decision(
+                Action.STOP,
+                f"run stopped: {failures} resubmissions of job {job_id} failed in a row, the last: "
+                f"{err}. Fix the cause, then run `slurmvision coordinate {self.run_dir}` again",
+            )
         retry_at = time.time() + self._backoff(failures)
         self.ledger.put(f"submit_failures:{job_id}", failures)
         self.ledger.put(f"resubmit_after:{job_id}", retry_at)
-        message = (f"resubmission {failures}/{SUBMIT_FAILURES} of job {job_id} failed: {err}; "
-                   f"trying again after {time.ctime(retry_at)}")
+        message = (
+            f"resubmission {failures}/{SUBMIT_FAILURES} of job {job_id} failed: {err}; "
+            f"trying again after {time.ctime(retry_at)}"
+        )
         log.warning("%s", message)
         self.ledger.event("coordinator", message)
         return Decision(Action.WAIT, message, delay_s=retry_at - time.time())
 
     def _finished(self) -> bool:
-        return any(a["outcome"] == Outcome.FINISHED and (a["step_reached"] or 0) >= self.config.trainer.max_steps
-                   for a in self.ledger.attempts())
+        return any(
+            a["outcome"] == Outcome.FINISHED and (a["step_reached"] or 0) >= self.config.trainer.max_steps
+            for a in self.ledger.attempts()
+        )
 
     def _record_causes(self, job_id: str, slurm: list[SlurmAttempt]) -> None:
         ours = {a["restart"]: a for a in self.ledger.attempts() if a["job_id"] == job_id}
@@ -228,19 +249,29 @@ class Coordinator:
             return Decision(Action.FINISHED, "run finished")
         total = len(attempts)
         if total >= cluster.max_attempts:
-            return Decision(Action.STOP, f"run stopped: {total} attempts used (cluster.max_attempts={cluster.max_attempts}); "
-                                    f"the last ended by {cause}. Raise cluster.max_attempts and relaunch the same config to resume")
+            return Decision(
+                Action.STOP,
+                f"run stopped: {total} attempts used (cluster.max_attempts={cluster.max_attempts}); "
+                f"the last ended by {cause}. Raise cluster.max_attempts and relaunch the same config to resume",
+            )
         if cause == Cause.CRASH:
             return self._after_crash(attempts, last)
         exclude = tuple(job["exclude"].split(",")) if job["exclude"] else ()
         if cause == Cause.NODE_FAILURE:
             failures = sum(a["cause"] == Cause.NODE_FAILURE for a in attempts)
             if failures > cluster.node_failure_retries:
-                return Decision(Action.STOP, f"run stopped: {failures} node failures (cluster.node_failure_retries="
-                                        f"{cluster.node_failure_retries}); check the cluster's health")
+                return Decision(
+                    Action.STOP,
+                    f"run stopped: {failures} node failures (cluster.node_failure_retries="
+                    f"{cluster.node_failure_retries}); check the cluster's health",
+                )
             exclude = tuple(sorted(set(exclude) | set(self._failed_nodes(slurm[-1].nodes))))
-            return Decision(Action.RESUBMIT, f"job {job['job_id']} ended by {cause} on {slurm[-1].nodes}; excluding it",
-                            exclude, self._backoff(failures))
+            return Decision(
+                Action.RESUBMIT,
+                f"job {job['job_id']} ended by {cause} on {slurm[-1].nodes}; excluding it",
+                exclude,
+                self._backoff(failures),
+            )
         return Decision(Action.RESUBMIT, f"job {job['job_id']} ended by {cause}", exclude)
 
     def _fit_waiting_job(self, job_id: str) -> None:
@@ -261,8 +292,10 @@ class Coordinator:
         except ClusterError as err:
             log.warning("cannot fit job %s to the working nodes: %s", job_id, err)
             return
-        message = (f"job {job_id} waited for {waiting} nodes with {working} of the partition working: resized to "
-                   f"{target} (cluster.min_nodes={cluster.min_nodes}, cluster.nodes={cluster.nodes})")
+        message = (
+            f"job {job_id} waited for {waiting} nodes with {working} of the partition working: resized to "
+            f"{target} (cluster.min_nodes={cluster.min_nodes}, cluster.nodes={cluster.nodes})"
+        )
         self.ledger.event("coordinator", message)
         log.info("%s", message)
 
@@ -289,9 +322,12 @@ class Coordinator:
             same_step += 1
         error = (last or {}).get("error") or "no Python error recorded (a killed process?)"
         if same_step > self.config.cluster.crash_retries:
-            return Decision(Action.STOP, f"run stopped: {same_step} attempts crashed at step {step} "
-                                    f"(cluster.crash_retries={self.config.cluster.crash_retries}): {error}. "
-                                    f"Fix the cause, then relaunch to resume from the last checkpoint")
+            return Decision(
+                Action.STOP,
+                f"run stopped: {same_step} attempts crashed at step {step} "
+                f"(cluster.crash_retries={self.config.cluster.crash_retries}): {error}. "
+                f"Fix the cause, then relaunch to resume from the last checkpoint",
+            )
         return Decision(Action.RESUBMIT, f"crash at step {step}: {error}", delay_s=self._backoff(same_step))
 
     def _backoff(self, repeats: int) -> float:
@@ -313,15 +349,20 @@ class Coordinator:
             try:
                 fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                raise RunError(f"another coordinator is watching {self.run_dir} "
-                               f"(pid in {self.run_dir / 'coordinator.lock'})") from None
+                raise RunError(
+                    f"another coordinator is watching {self.run_dir} (pid in {self.run_dir / 'coordinator.lock'})"
+                ) from None
             except OSError as err:
                 if err.errno not in (errno.ENOLCK, errno.EOPNOTSUPP):
                     raise
                 # Some NFS mounts have no lock service. The lock only guards against a second
                 # coordinator someone starts by hand; the watcher chain runs one at a time.
-                log.warning("file locks are not supported in %s (%s): going on without the lock that keeps a "
-                            "second coordinator of this run out; start no other", self.run_dir, err.strerror)
+                log.warning(
+                    "file locks are not supported in %s (%s): going on without the lock that keeps a "
+                    "second coordinator of this run out; start no other",
+                    self.run_dir,
+                    err.strerror,
+                )
             f.truncate(0)
             f.write(str(os.getpid()))
             f.flush()

@@ -61,7 +61,9 @@ def prepare_shards(work_dir: Path) -> Path:
         build_shards(images, shards, samples_per_shard=256, workers=2)
     report = verify_shards(shards)
     if not report.ok:
-        raise DataError(f"demo shards in {shards} do not verify ({len(report.bad)} problems): delete the folder and rerun")
+        raise DataError(
+            f"demo shards in {shards} do not verify ({len(report.bad)} problems): delete the folder and rerun"
+        )
     print(f"shards verified: {report.shards} shards, {report.samples} samples", flush=True)
     return shards
 
@@ -81,17 +83,29 @@ def _follow(log_file: Path, stop: threading.Event) -> None:
         stop.wait(1.0)
 
 
-def run_demo(cluster: str = "local", run_dir: Optional[str] = None, work_dir: str = "runs/demo",
-             overrides: Optional[list[str]] = None) -> int:
+def run_demo(
+    cluster: str = "local",
+    run_dir: Optional[str] = None,
+    work_dir: str = "runs/demo",
+    overrides: Optional[list[str]] = None,
+) -> int:
     from slurmvision.launch.launcher import submit, wait_for
 
     work = Path(work_dir)
     shards = prepare_shards(work)
     run_dir = run_dir or str(work / f"run-{time.strftime('%Y%m%d-%H%M%S')}")
-    config = load_config("digits-demo", [f"data.root={shards.resolve()}", *(overrides or [])],
-                         cluster=cluster, run_dir=Path(run_dir).resolve())
+    config = load_config(
+        "digits-demo",
+        [f"data.root={shards.resolve()}", *(overrides or [])],
+        cluster=cluster,
+        run_dir=Path(run_dir).resolve(),
+    )
     job = submit(config)
-    print(f"job {job.job_id} submitted ({config.cluster.name}, {config.cluster.world_size} ranks); run directory {run_dir}", flush=True)
+    print(
+        f"job {job.job_id} submitted ({config.cluster.name}, {config.cluster.world_size} ranks); "
+        f"run directory {run_dir}",
+        flush=True,
+    )
     stop = threading.Event()
     follower = threading.Thread(target=_follow, args=(Path(run_dir) / "logs" / "rank-00000.log", stop), daemon=True)
     follower.start()
@@ -102,14 +116,19 @@ def run_demo(cluster: str = "local", run_dir: Optional[str] = None, work_dir: st
         stop.set()
         follower.join()
     if results.get("interrupted"):
-        raise RunError(f"the demo job was stopped by {results['signal']} at step {results['step']}; rerun to resume: "
-                       f"slurmvision demo --run-dir {run_dir}")
+        raise RunError(
+            f"the demo job was stopped by {results['signal']} at step {results['step']}; rerun to resume: "
+            f"slurmvision demo --run-dir {run_dir}"
+        )
     from slurmvision.launch.evaluation import evaluate_checkpoint
 
     test = evaluate_checkpoint(run_dir, split="test")  # the split training never saw
     print()
     for name, r in (("validation", results), ("held-out test", test)):
-        print(f"{name:>13} top-1 {r['top1']:.2%}  top-5 {r['top5']:.2%}  macro F1 {r['f1_macro']:.3f}  ({r['samples']} images)")
+        print(
+            f"{name:>13} top-1 {r['top1']:.2%}  top-5 {r['top5']:.2%}  macro F1 {r['f1_macro']:.3f}  "
+            f"({r['samples']} images)"
+        )
     print(f"run directory: {run_dir}")
     print(f"TensorBoard:   tensorboard --logdir {Path(run_dir) / 'tb'}")
     if test["top1"] < TARGET_TOP1:

@@ -34,8 +34,14 @@ class EvalJob:
     data_root: Optional[str]  # replaces the stored data.root; None: the run's own data
 
 
-def evaluate_checkpoint(checkpoint_path: str | Path, split: Optional[str] = None, tta: str = "none",
-                        data: Optional[str] = None, scales: Optional[Sequence[int]] = None, nproc: int = 1) -> dict:
+def evaluate_checkpoint(
+    checkpoint_path: str | Path,
+    split: Optional[str] = None,
+    tta: str = "none",
+    data: Optional[str] = None,
+    scales: Optional[Sequence[int]] = None,
+    nproc: int = 1,
+) -> dict:
     """Evaluate a checkpoint (a run's newest valid one) on `split` of its run's data or of `data`, with
     `nproc` ranks on this machine, and save the record as RUN/eval/<name>.json, with the confusion matrix
     beside it as <name>.csv and <name>.png (see `eval_name`). RUN is the run directory that holds the
@@ -59,10 +65,16 @@ def evaluate_checkpoint(checkpoint_path: str | Path, split: Optional[str] = None
     given = None if data is None else data if is_remote(data) else str(Path(data).resolve())
     split = None if whole else results["split"]
     record = {
-        "checkpoint": str(checkpoint.path), "step": checkpoint.step, "data": given or results["data_root"],
-        "split": split, "tta": tta, "scales": results["scales"],
-        **{key: results[key] for key in ("samples", "top1", "top5", "f1_macro", "precision_macro", "recall_macro",
-                                         "per_class")},
+        "checkpoint": str(checkpoint.path),
+        "step": checkpoint.step,
+        "data": given or results["data_root"],
+        "split": split,
+        "tta": tta,
+        "scales": results["scales"],
+        **{
+            key: results[key]
+            for key in ("samples", "top1", "top5", "f1_macro", "precision_macro", "recall_macro", "per_class")
+        },
     }
     folder = (run_of(checkpoint.path) or checkpoint.path.parent) / "eval"
     name = eval_name(checkpoint.step, split, tta, results["scales"], given)
@@ -92,17 +104,22 @@ def _evaluate(env, job: EvalJob) -> dict:
 
     device = distributed.init(env)
     try:
-        model, config, checkpoint, num_classes = load_model(job.checkpoint, job.data_root,
-                                                            any_size=job.tta.startswith("multiscale"))
+        model, config, checkpoint, num_classes = load_model(
+            job.checkpoint, job.data_root, any_size=job.tta.startswith("multiscale")
+        )
         scales = tta_scales(job.tta, job.scales, config.data)
         model.to(device)
         check_scales(model, scales, device)
         classes = checkpoint.meta.get("classes")
         if classes is None and job.data_root is not None and env.is_main:
-            log.warning("%s does not name its classes (saved by an older slurmvision): the data's classes are "
-                        "taken to be the model's, in the data's order", checkpoint.path)
-        results = evaluate(model, config, env, device, num_classes, split=job.split, tta=job.tta, scales=scales,
-                           classes=classes)
+            log.warning(
+                "%s does not name its classes (saved by an older slurmvision): the data's classes are "
+                "taken to be the model's, in the data's order",
+                checkpoint.path,
+            )
+        results = evaluate(
+            model, config, env, device, num_classes, split=job.split, tta=job.tta, scales=scales, classes=classes
+        )
     finally:
         distributed.shutdown()
     return {**results, "scales": scales, "data_root": config.data.root}
@@ -122,8 +139,10 @@ def _shards_of(data: Optional[str], split: Optional[str]) -> Iterator[tuple[Opti
 
     src = Path(data)
     if not src.is_dir():
-        raise DataError(f"--data {data}: no such directory; give a shards directory (with {MANIFEST_NAME}), "
-                        f"a URL or pipe: command, or an ImageFolder tree")
+        raise DataError(
+            f"--data {data}: no such directory; give a shards directory (with {MANIFEST_NAME}), "
+            f"a URL or pipe: command, or an ImageFolder tree"
+        )
     splits = sorted(name for name in {*DEFAULT_SPLITS, *([split] if split else [])} if (src / name).is_dir())
     whole = not splits
     if whole and split:
@@ -151,8 +170,11 @@ def _save(folder: Path, name: str, record: dict, confusion: list[list[int]], ima
     record["files"] = {ext: str(path) for ext, path in paths.items()}
     png = io.BytesIO()
     Image.fromarray(image).save(png, format="PNG")
-    contents = {"csv": confusion_csv(confusion, [entry["class"] for entry in record["per_class"]]).encode(),
-                "png": png.getvalue(), "json": json.dumps(record, indent=1, ensure_ascii=False).encode()}
+    contents = {
+        "csv": confusion_csv(confusion, [entry["class"] for entry in record["per_class"]]).encode(),
+        "png": png.getvalue(),
+        "json": json.dumps(record, indent=1, ensure_ascii=False).encode(),
+    }
     try:
         folder.mkdir(parents=True, exist_ok=True)
         for ext, path in paths.items():
@@ -160,6 +182,7 @@ def _save(folder: Path, name: str, record: dict, confusion: list[list[int]], ima
             tmp.write_bytes(contents[ext])
             os.replace(tmp, path)
     except OSError as err:
-        raise RunError(f"cannot write the evaluation to {folder}: {err.strerror or err}; copy the checkpoint "
-                       "directory somewhere you can write and evaluate the copy") from None
-
+        raise RunError(
+            f"cannot write the evaluation to {folder}: {err.strerror or err}; copy the checkpoint "
+            "directory somewhere you can write and evaluate the copy"
+        ) from None

@@ -39,9 +39,11 @@ def _check_run_dir(config: Config) -> list[str]:
     if before != after:
         refused.append(f"global batch (batch_size x ranks x grad_accum): {before} -> {after}")
     if refused and not config.trainer.allow_config_change:
-        raise RunError(f"{run_dir} holds a run whose checkpoints this config changes: {'; '.join(refused)}. Undo the "
-                       "changes (for fewer ranks raise trainer.grad_accum to keep the global batch), use a new "
-                       "--run-dir, or pass trainer.allow_config_change=true")
+        raise RunError(
+            f"{run_dir} holds a run whose checkpoints this config changes: {'; '.join(refused)}. Undo the "
+            "changes (for fewer ranks raise trainer.grad_accum to keep the global batch), use a new "
+            "--run-dir, or pass trainer.allow_config_change=true"
+        )
     return meaningful_changes(old, new, harmless=())
 
 
@@ -52,8 +54,10 @@ def _check_no_job_active(run_dir: Path) -> None:
     jobs = ledger.jobs() if ledger.exists() else []
     if jobs and in_queue(jobs[-1]["job_id"]):
         job_id = jobs[-1]["job_id"]
-        raise RunError(f"job {job_id} of {run_dir} is still queued or running: cancel it with `scancel {job_id}` "
-                       f"first, or pass --force to submit a second job to this run anyway")
+        raise RunError(
+            f"job {job_id} of {run_dir} is still queued or running: cancel it with `scancel {job_id}` "
+            f"first, or pass --force to submit a second job to this run anyway"
+        )
 
 
 def submit(config: Config, *, reason: str = "launch", exclude: tuple[str, ...] = (), force: bool = False):
@@ -85,8 +89,10 @@ def submit(config: Config, *, reason: str = "launch", exclude: tuple[str, ...] =
         if cluster.executor != "slurm":
             raise
         message = str(err).strip().splitlines()
-        raise ClusterError(f"Slurm refused the job: {message[-1] if message else err}. "
-                           f"Check the profile {cluster.name!r} (partition, account, qos, time) against `sinfo`") from None
+        raise ClusterError(
+            f"Slurm refused the job: {message[-1] if message else err}. "
+            f"Check the profile {cluster.name!r} (partition, account, qos, time) against `sinfo`"
+        ) from None
     ledger = Ledger(run_dir, writer="launch")
     ledger.add_job(str(job.job_id), cluster.name, reason, exclude)
     if changes:  # config.yaml now holds the new values; the ledger keeps what they replaced
@@ -102,13 +108,19 @@ def start_coordinator(run_dir: Path) -> int:
     log_path = run_dir / "logs" / "coordinator.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "a") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "slurmvision", "coordinate", str(run_dir)], stdin=subprocess.DEVNULL,
-                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "slurmvision", "coordinate", str(run_dir)],
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     return proc.pid
 
 
-def launch(config: Config, *, dry_run: bool = False, wait: bool = False, coordinate: Optional[str] = None,
-           force: bool = False) -> Optional[dict]:
+def launch(
+    config: Config, *, dry_run: bool = False, wait: bool = False, coordinate: Optional[str] = None, force: bool = False
+) -> Optional[dict]:
     """Submit the run; `coordinate` (watcher, daemon, none; default: the profile's cluster.coordinate)
     says who resubmits what Slurm does not bring back."""
     from slurmvision.launch import watcher
@@ -122,7 +134,10 @@ def launch(config: Config, *, dry_run: bool = False, wait: bool = False, coordin
                 print("# then the watcher job (it runs the script in its last argument):")
                 print(shlex.join(watcher.sbatch_args(config, *watcher.next_look(config, "JOB_ID"))))
         else:
-            print(f"# cluster {config.cluster.name!r} runs {config.cluster.tasks_per_node} local processes (no sbatch script)")
+            print(
+                f"# cluster {config.cluster.name!r} runs {config.cluster.tasks_per_node} local processes "
+                "(no sbatch script)"
+            )
         print("# resolved config")
         print(to_yaml(config), end="")
         return None
@@ -134,8 +149,10 @@ def launch(config: Config, *, dry_run: bool = False, wait: bool = False, coordin
         if mode == "watcher":
             after, begin_in_s = watcher.next_look(config, str(job.job_id))
             watcher_id = watcher.submit_watcher(config, after=after, begin_in_s=begin_in_s, tries=3)
-            print(f"  watcher:     job {watcher_id} (coordinates the run inside Slurm; `slurmvision cancel {run_dir}` "
-                  "stops both)")
+            print(
+                f"  watcher:     job {watcher_id} (coordinates the run inside Slurm; `slurmvision cancel {run_dir}` "
+                "stops both)"
+            )
         elif mode == "daemon":
             print(f"  coordinator: pid {start_coordinator(run_dir)}, log {run_dir / 'logs' / 'coordinator.log'}")
         else:
@@ -171,4 +188,6 @@ def wait_for(job) -> dict:
         user_error = next((line for line in reversed(lines) if "slurmvision.errors." in line), None)
         if user_error:
             raise RunError(user_error.split(": ", 1)[-1]) from None
-        raise RunError(f"job {job.job_id} failed: {lines[-1] if lines else err}; its logs: {job.paths.stderr}") from None
+        raise RunError(
+            f"job {job.job_id} failed: {lines[-1] if lines else err}; its logs: {job.paths.stderr}"
+        ) from None

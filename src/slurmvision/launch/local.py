@@ -23,12 +23,13 @@ def _rank_main(target: Callable, args: tuple, rank: int, nproc: int, port: int, 
         with _stdout_to_stderr():
             from slurmvision.trainer.distributed import DistEnv
 
-            result = target(DistEnv(rank=rank, local_rank=rank, world_size=nproc, master_port=port, source="local"),
-                            *args)
+            result = target(
+                DistEnv(rank=rank, local_rank=rank, world_size=nproc, master_port=port, source="local"), *args
+            )
         queue.put((rank, "ok", result))
     except SlurmVisionError as err:
         queue.put((rank, "user", f"{type(err).__name__}:{err}"))
-        raise SystemExit(2)
+        raise SystemExit(2) from None
     except BaseException:
         queue.put((rank, "bug", traceback.format_exc()))
         raise
@@ -120,5 +121,7 @@ def _result(outcomes: dict, procs) -> dict:
             raise RuntimeError(f"rank {rank} failed:\n{payload}")
     if len(outcomes) < len(procs):
         codes = {r: p.exitcode for r, p in enumerate(procs) if r not in outcomes}
-        raise RunError(f"rank(s) {sorted(codes)} died without a result (exit codes {codes}); see the run's logs/ directory")
+        raise RunError(
+            f"rank(s) {sorted(codes)} died without a result (exit codes {codes}); see the run's logs/ directory"
+        )
     return outcomes[0][1]

@@ -61,8 +61,10 @@ def find_attempt(run_dir: Path, which: Optional[str]) -> Optional[dict]:
     k = int(which) if re.fullmatch(r"-?[1-9]\d*", which) else 0
     if 1 <= k <= len(attempts) or -len(attempts) <= k <= -1:
         return attempts[k - 1 if k > 0 else k]
-    raise RunError(f"no attempt {which!r} in {run_dir}: give 1 to {len(attempts)} (-1 the newest) or one of "
-                   f"{', '.join(names)} (`slurmvision status {run_dir}` lists them)")
+    raise RunError(
+        f"no attempt {which!r} in {run_dir}: give 1 to {len(attempts)} (-1 the newest) or one of "
+        f"{', '.join(names)} (`slurmvision status {run_dir}` lists them)"
+    )
 
 
 def _stamp(line: str) -> Optional[float]:
@@ -105,8 +107,10 @@ def log_part(run_dir: Path, *, rank: int = 0, attempt: Optional[dict] = None, st
     candidates = {"stderr": [err, rank_log], "stdout": [out], "rank-log": [rank_log]}[stream]
     path = next((p for p in candidates if p.is_file()), None)
     if path is None:
-        raise RunError(f"no log of {name} in {run_dir}: {' or '.join(map(str, candidates))} does not exist (yet?); "
-                       "ranks are numbered from 0, and a job's files appear when it starts")
+        raise RunError(
+            f"no log of {name} in {run_dir}: {' or '.join(map(str, candidates))} does not exist (yet?); "
+            "ranks are numbered from 0, and a job's files appear when it starts"
+        )
     return LogPart(path, since, until, f"==> {path} ({name}) <==")
 
 

@@ -22,8 +22,12 @@ def _latest_checkpoint(run_dir: Path) -> Optional[dict]:
     not the trainer's full check. Broken ones are passed over."""
     found = checkpoints.latest(checkpoints.checkpoints_of(run_dir), hashes=False, warn=False)
     try:
-        return found and {"path": str(found.path), "step": int(found.meta["step"]), "epoch": int(found.meta["epoch"]),
-                          "world_size": int(found.meta["world_size"])}
+        return found and {
+            "path": str(found.path),
+            "step": int(found.meta["step"]),
+            "epoch": int(found.meta["epoch"]),
+            "world_size": int(found.meta["world_size"]),
+        }
     except (KeyError, TypeError, ValueError):  # a meta record without them
         return None
 
@@ -62,8 +66,11 @@ def run_status(run: Optional[str]) -> dict:
     if finished:
         state = "finished"
     elif jobs:
-        state, position = (_live_state(jobs[-1]["job_id"]) if config.cluster.executor == "slurm"
-                           else ("running" if attempts and not attempts[-1]["outcome"] else "submitted", None))
+        state, position = (
+            _live_state(jobs[-1]["job_id"])
+            if config.cluster.executor == "slurm"
+            else ("running" if attempts and not attempts[-1]["outcome"] else "submitted", None)
+        )
     watcher = None
     if config.cluster.executor == "slurm" and ledger.exists():
         from slurmvision.launch.watcher import watcher_state
@@ -72,15 +79,24 @@ def run_status(run: Optional[str]) -> dict:
     step_time = next((a["step_time"] for a in reversed(attempts) if a["step_time"]), None)
     eta_s = (config.trainer.max_steps - step) * step_time if step_time and not finished else None
     return {
-        "run": str(run_dir), "name": config.run.name, "cluster": config.cluster.name, "state": state,
-        "queue_position": position, "step": step, "max_steps": config.trainer.max_steps, "eta_s": eta_s,
+        "run": str(run_dir),
+        "name": config.run.name,
+        "cluster": config.cluster.name,
+        "state": state,
+        "queue_position": position,
+        "step": step,
+        "max_steps": config.trainer.max_steps,
+        "eta_s": eta_s,
         "last_checkpoint": checkpoint,
         "eval": {k: last_eval[k] for k in ("step", "top1", "top5", "f1_macro")} if last_eval else None,
-        "jobs": jobs, "attempts": attempts, "watcher": watcher,
+        "jobs": jobs,
+        "attempts": attempts,
+        "watcher": watcher,
         "lost_steps": sum(a["lost_steps"] or 0 for a in attempts),
         "events": ledger.events(5) if ledger.exists() else [],
-        "ledger": None if ledger.exists() or not jobs_expected else
-        f"no ledger records in {ledger.dir}: attempts unknown, progress from the checkpoints",
+        "ledger": None
+        if ledger.exists() or not jobs_expected
+        else f"no ledger records in {ledger.dir}: attempts unknown, progress from the checkpoints",
         "tensorboard": str(run_dir / "tb"),
     }
 
@@ -100,14 +116,18 @@ def format_status(status: dict) -> str:
         lines.append(f"  checkpoint: {status['last_checkpoint']['path']}")
     if status["eval"]:
         e = status["eval"]
-        lines.append(f"  eval:       top-1 {e['top1']:.4f} top-5 {e['top5']:.4f} F1 {e['f1_macro']:.4f} at step {e['step']}")
+        lines.append(
+            f"  eval:       top-1 {e['top1']:.4f} top-5 {e['top5']:.4f} F1 {e['f1_macro']:.4f} at step {e['step']}"
+        )
     watcher = status["watcher"]
     if watcher and watcher["queued"]:
         waits = f", waiting for job {watcher['after']} to end" if watcher["after"] else ""
         lines.append(f"  watcher:    job {watcher['job_id']} {watcher['state'].lower()}{waits}")
     elif watcher and status["state"] != "finished":
-        lines.append(f"  watcher:    job {watcher['job_id']} ended ({watcher['state']}) without a successor: the run is "
-                     f"unwatched; `slurmvision coordinate {status['run']} --once` starts a new watcher")
+        lines.append(
+            f"  watcher:    job {watcher['job_id']} ended ({watcher['state']}) without a successor: the run is "
+            f"unwatched; `slurmvision coordinate {status['run']} --once` starts a new watcher"
+        )
     if status["ledger"]:
         lines.append(f"  ledger:     {status['ledger']}")
     if status["attempts"]:

@@ -50,8 +50,10 @@ def combinations(overrides: list[str]) -> list[dict[str, str]]:
         values = split_values(text)
         if len(values) > 1:
             if key.startswith("cluster."):
-                raise ConfigError(f"{item}: a sweep's runs share one job array, so one cluster setting; sweep other "
-                                  "keys, or launch a sweep per cluster setting")
+                raise ConfigError(
+                    f"{item}: a sweep's runs share one job array, so one cluster setting; sweep other "
+                    "keys, or launch a sweep per cluster setting"
+                )
             axes.append([(key, value) for value in values])
     if not axes:
         raise ConfigError("nothing to sweep: give at least one key with several values, e.g. optim.lr=1e-3,5e-4")
@@ -67,8 +69,10 @@ def run_name(index: int, choice: dict[str, str]) -> str:
 def plan(recipe: str, overrides: list[str], cluster: Optional[str], sweep_dir: Path) -> list[tuple[str, Config]]:
     """The runs of the sweep, every config validated before anything is submitted."""
     if (sweep_dir / SWEEP_FILE).exists():
-        raise RunError(f"{sweep_dir} holds a sweep already: go on with each of its runs with `slurmvision resume "
-                       f"{sweep_dir}/RUN`, or give another sweep directory")
+        raise RunError(
+            f"{sweep_dir} holds a sweep already: go on with each of its runs with `slurmvision resume "
+            f"{sweep_dir}/RUN`, or give another sweep directory"
+        )
     fixed = [item for item in overrides if len(split_values(item.partition("=")[2])) == 1]
     runs = []
     for index, choice in enumerate(combinations(overrides)):
@@ -124,8 +128,13 @@ def _submit_array(configs: list[Config], sweep_dir: Path) -> list[str]:
     for config in configs:
         fetch_pretrained(config.model)
         save_config(config, config.run.dir)
-    executor = make_executor(cluster, sweep_dir.resolve() / "slurm", f"sv-sweep-{sweep_dir.resolve().name}",
-                             f"slurmvision sweep {sweep_dir.resolve().name}", also_check=tuple(run_dirs))
+    executor = make_executor(
+        cluster,
+        sweep_dir.resolve() / "slurm",
+        f"sv-sweep-{sweep_dir.resolve().name}",
+        f"slurmvision sweep {sweep_dir.resolve().name}",
+        also_check=tuple(run_dirs),
+    )
     with executor.batch():
         jobs = [executor.submit(TrainJob(str(run_dir))) for run_dir in run_dirs]
     for run_dir, job in zip(run_dirs, jobs):
@@ -143,8 +152,15 @@ def sweep_rows(sweep_dir: Path) -> list[dict]:
     for run in record["runs"]:
         status = run_status(str(sweep_dir / run["name"]))
         top1 = status["eval"]["top1"] if status["eval"] else None
-        rows.append({"run": run["name"], "state": status["state"], "step": status["step"],
-                     "max_steps": status["max_steps"], "top1": top1})
+        rows.append(
+            {
+                "run": run["name"],
+                "state": status["state"],
+                "step": status["step"],
+                "max_steps": status["max_steps"],
+                "top1": top1,
+            }
+        )
     return sorted(rows, key=lambda r: (r["top1"] is None, -(r["top1"] or 0.0)))
 
 
@@ -153,6 +169,7 @@ def format_sweep(rows: list[dict]) -> str:
     lines = [f"{'run':<{width}}  {'state':<14}  {'step':>11}  {'top-1':>7}"]
     for r in rows:
         top1 = f"{r['top1']:.4f}" if r["top1"] is not None else "-"
-        lines.append(f"{r['run']:<{width}}  {r['state']:<14}  {str(r['step']) + '/' + str(r['max_steps']):>11}  "
-                     f"{top1:>7}")
+        lines.append(
+            f"{r['run']:<{width}}  {r['state']:<14}  {str(r['step']) + '/' + str(r['max_steps']):>11}  {top1:>7}"
+        )
     return "\n".join(lines)

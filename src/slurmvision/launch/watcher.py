@@ -41,18 +41,33 @@ ACCOUNTING_LAG_S = 15
 def watcher_script(config: Config) -> str:
     """The watcher's batch script: the profile's setup lines, then one look at the run."""
     run_dir = Path(config.run.dir).resolve()
-    command = shlex.join([config.cluster.python or sys.executable, "-P", "-m", "slurmvision", "coordinate", str(run_dir), "--once"])
+    command = shlex.join(
+        [config.cluster.python or sys.executable, "-P", "-m", "slurmvision", "coordinate", str(run_dir), "--once"]
+    )
     return "\n".join(["#!/bin/bash", "set -e", *config.cluster.setup, f"exec {command}", ""])
 
 
 def sbatch_args(config: Config, after: Optional[str], begin_in_s: float) -> list[str]:
     cluster = config.cluster
     run_dir = Path(config.run.dir).resolve()
-    args = ["sbatch", "--parsable", f"--job-name=sv-watch-{run_dir.name}", "--ntasks=1", "--cpus-per-task=1",
-            "--mem=1G", f"--time={cluster.watcher_time_min}", f"--output={run_dir / 'logs' / 'watcher-%j.log'}",
-            "--open-mode=append", "--kill-on-invalid-dep=yes", f"--comment=slurmvision watcher {run_dir.name}"]
-    for option, value in (("partition", cluster.watcher_partition or cluster.partition), ("account", cluster.account),
-                          ("qos", cluster.watcher_qos or cluster.qos)):
+    args = [
+        "sbatch",
+        "--parsable",
+        f"--job-name=sv-watch-{run_dir.name}",
+        "--ntasks=1",
+        "--cpus-per-task=1",
+        "--mem=1G",
+        f"--time={cluster.watcher_time_min}",
+        f"--output={run_dir / 'logs' / 'watcher-%j.log'}",
+        "--open-mode=append",
+        "--kill-on-invalid-dep=yes",
+        f"--comment=slurmvision watcher {run_dir.name}",
+    ]
+    for option, value in (
+        ("partition", cluster.watcher_partition or cluster.partition),
+        ("account", cluster.account),
+        ("qos", cluster.watcher_qos or cluster.qos),
+    ):
         if value:
             args.append(f"--{option}={value}")
     if after:
@@ -118,8 +133,11 @@ def watch(run_dir: str | Path) -> "Decision":
     try:
         submit_watcher(coordinator.config, after=after, begin_in_s=begin_in_s, tries=4)
     except ClusterError as err:
-        coordinator.ledger.event("watcher", f"{err}: the run is unwatched; run `slurmvision coordinate "
-                                            f"{Path(run_dir).resolve()} --once` when Slurm answers again")
+        coordinator.ledger.event(
+            "watcher",
+            f"{err}: the run is unwatched; run `slurmvision coordinate "
+            f"{Path(run_dir).resolve()} --once` when Slurm answers again",
+        )
         raise
     return decision
 

@@ -9,8 +9,8 @@ import torch
 from slurmvision.checkpoints import evaluated_weights, open_checkpoint
 from slurmvision.configs.schema import DistillConfig, ModelConfig
 from slurmvision.errors import CheckpointError, ConfigError
-from slurmvision.pretrained import timm_kwargs as pretrained_timm_kwargs
 from slurmvision.models import sgformer  # noqa: F401  registers the SG-Former variants with timm
+from slurmvision.pretrained import timm_kwargs as pretrained_timm_kwargs
 
 log = logging.getLogger(__name__)
 
@@ -22,7 +22,9 @@ def _create(key: str, name: str, kwargs_key: str, **kwargs) -> torch.nn.Module:
         import difflib
 
         close = difflib.get_close_matches(name, timm.list_models(), n=3)
-        raise ConfigError(f"{key}={name!r} is not a timm model" + (f"; did you mean {', '.join(close)}?" if close else ""))
+        raise ConfigError(
+            f"{key}={name!r} is not a timm model" + (f"; did you mean {', '.join(close)}?" if close else "")
+        )
     try:
         return timm.create_model(name, **kwargs)
     except TypeError as err:
@@ -30,8 +32,15 @@ def _create(key: str, name: str, kwargs_key: str, **kwargs) -> torch.nn.Module:
 
 
 def build_model(config: ModelConfig, num_classes: int) -> torch.nn.Module:
-    model = _create("model.name", config.name, "model.kwargs", **pretrained_timm_kwargs(config), num_classes=num_classes,
-                    drop_path_rate=config.drop_path, **config.kwargs)
+    model = _create(
+        "model.name",
+        config.name,
+        "model.kwargs",
+        **pretrained_timm_kwargs(config),
+        num_classes=num_classes,
+        drop_path_rate=config.drop_path,
+        **config.kwargs,
+    )
     if config.finetune_from:
         load_finetune_weights(model, config.finetune_from)
     if config.grad_checkpointing:
@@ -47,18 +56,30 @@ def build_model(config: ModelConfig, num_classes: int) -> torch.nn.Module:
 
 def build_teacher(config: DistillConfig, num_classes: int) -> torch.nn.Module:
     """The frozen teacher of distillation, with its trained weights (all of them must fit)."""
-    teacher = _create("model.distill.teacher", config.teacher, "model.distill.teacher_kwargs",
-                      num_classes=num_classes, **config.teacher_kwargs)
+    teacher = _create(
+        "model.distill.teacher",
+        config.teacher,
+        "model.distill.teacher_kwargs",
+        num_classes=num_classes,
+        **config.teacher_kwargs,
+    )
     state = load_weights(config.teacher_weights, "model.distill.teacher_weights")
     try:
         teacher.load_state_dict(state)
     except RuntimeError as err:
         first = next((line.strip() for line in str(err).splitlines()[1:] if line.strip()), str(err))
-        raise CheckpointError(f"model.distill.teacher_weights={config.teacher_weights} do not fit the teacher "
-                              f"{config.teacher} with {num_classes} classes ({first}); set model.distill.teacher and "
-                              f"model.distill.teacher_kwargs as the teacher was trained") from None
-    log.info("distilling from %s (%s), temperature %g, weight %g", config.teacher, config.teacher_weights,
-             config.temperature, config.weight)
+        raise CheckpointError(
+            f"model.distill.teacher_weights={config.teacher_weights} do not fit the teacher "
+            f"{config.teacher} with {num_classes} classes ({first}); set model.distill.teacher and "
+            f"model.distill.teacher_kwargs as the teacher was trained"
+        ) from None
+    log.info(
+        "distilling from %s (%s), temperature %g, weight %g",
+        config.teacher,
+        config.teacher_weights,
+        config.temperature,
+        config.weight,
+    )
     return teacher.eval().requires_grad_(False)
 
 
@@ -83,4 +104,6 @@ def load_finetune_weights(model: torch.nn.Module, path: str) -> None:
     usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
     skipped = sorted(set(own) - set(usable))
     model.load_state_dict(usable, strict=False)
-    log.info("fine-tuning from %s: %d tensors loaded, re-initialised: %s", path, len(usable), ", ".join(skipped) or "none")
+    log.info(
+        "fine-tuning from %s: %d tensors loaded, re-initialised: %s", path, len(usable), ", ".join(skipped) or "none"
+    )

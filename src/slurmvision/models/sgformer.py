@@ -233,8 +233,16 @@ class ConvMlp(nn.Module):
 class Block(nn.Module):
     """Pre-norm attention and MLP; passes on the significance map its attention returns (hybrid-scale only)."""
 
-    def __init__(self, dim: int, num_heads: int, sr_ratio: int, attention: type[_Attention], mlp_ratio: float,
-                 qkv_bias: bool, drop_path: float) -> None:
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        sr_ratio: int,
+        attention: type[_Attention],
+        mlp_ratio: float,
+        qkv_bias: bool,
+        drop_path: float,
+    ) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
         self.attn = attention(dim, num_heads, sr_ratio, qkv_bias)
@@ -262,8 +270,9 @@ class Stem(nn.Module):
 
     def __init__(self, in_chans: int, dim: int) -> None:
         super().__init__()
-        self.conv = nn.Sequential(ConvNorm(in_chans, dim, 3, 2), nn.GELU(), ConvNorm(dim, dim, 3), nn.GELU(),
-                                  ConvNorm(dim, dim, 3, 2))
+        self.conv = nn.Sequential(
+            ConvNorm(in_chans, dim, 3, 2), nn.GELU(), ConvNorm(dim, dim, 3), nn.GELU(), ConvNorm(dim, dim, 3, 2)
+        )
         self.norm = nn.LayerNorm(dim)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Size]:
@@ -299,18 +308,30 @@ class SGFormer(nn.Module):
     `img_size` sets the grid the position embedding is learned on; any other input size resamples it.
     """
 
-    def __init__(self, img_size: int | Size = 224, in_chans: int = 3, num_classes: int = 1000,
-                 global_pool: str = "avg", embed_dims: tuple[int, ...] = (64, 128, 256, 512),
-                 num_heads: tuple[int, ...] = (2, 4, 8, 16), depths: tuple[int, ...] = (2, 4, 16, 1),
-                 sr_ratios: tuple[int, ...] = (8, 4, 2, 1), mlp_ratio: float = 4.0, qkv_bias: bool = True,
-                 drop_rate: float = 0.0, drop_path_rate: float = 0.0) -> None:
+    def __init__(
+        self,
+        img_size: int | Size = 224,
+        in_chans: int = 3,
+        num_classes: int = 1000,
+        global_pool: str = "avg",
+        embed_dims: tuple[int, ...] = (64, 128, 256, 512),
+        num_heads: tuple[int, ...] = (2, 4, 8, 16),
+        depths: tuple[int, ...] = (2, 4, 16, 1),
+        sr_ratios: tuple[int, ...] = (8, 4, 2, 1),
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        drop_rate: float = 0.0,
+        drop_path_rate: float = 0.0,
+    ) -> None:
         super().__init__()
         if not len(embed_dims) == len(num_heads) == len(depths) == len(sr_ratios) == 4:
             raise ValueError("give four stages of embed_dims, num_heads, depths and sr_ratios")
         for dim, heads, depth, sr in zip(embed_dims, num_heads, depths, sr_ratios):
             if dim % heads or sr > 1 and (depth % 2 or heads % 2 or dim % (2 * heads)):
-                raise ValueError(f"a stage of dim {dim}, {heads} heads, depth {depth} and sr {sr} does not fit: "
-                                 "heads must divide dim, and stages with sr > 1 need even depths and head counts")
+                raise ValueError(
+                    f"a stage of dim {dim}, {heads} heads, depth {depth} and sr {sr} does not fit: "
+                    "heads must divide dim, and stages with sr > 1 need even depths and head counts"
+                )
         self.num_classes, self.global_pool = num_classes, _pool(global_pool)
         self.num_features = self.head_hidden_size = embed_dims[-1]
         self.grad_checkpointing = False
@@ -324,10 +345,14 @@ class SGFormer(nn.Module):
             if i > 1:
                 setattr(self, f"patch_embed{i}", PatchMerging(embed_dims[i - 2], dim))
             kinds = [Attention] if sr == 1 else [HybridScaleAttention, SignificanceGuidedAttention]
-            setattr(self, f"block{i}", nn.ModuleList(
-                Block(dim, heads, sr, kinds[j % len(kinds)], mlp_ratio, qkv_bias, rates[sum(depths[:i - 1]) + j])
-                for j in range(depth)
-            ))
+            setattr(
+                self,
+                f"block{i}",
+                nn.ModuleList(
+                    Block(dim, heads, sr, kinds[j % len(kinds)], mlp_ratio, qkv_bias, rates[sum(depths[: i - 1]) + j])
+                    for j in range(depth)
+                ),
+            )
             setattr(self, f"norm{i}", nn.LayerNorm(dim, eps=1e-6))
         self.head_drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(embed_dims[-1], num_classes) if num_classes > 0 else nn.Identity()
@@ -404,18 +429,28 @@ class SGFormer(nn.Module):
 
 def _cfg(**kwargs: Any) -> dict[str, Any]:
     return {
-        "url": "", "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": (7, 7), "crop_pct": 0.9,
-        "interpolation": "bicubic", "mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD,
-        "first_conv": "patch_embed1.conv.0.c", "classifier": "head", **kwargs,
+        "url": "",
+        "num_classes": 1000,
+        "input_size": (3, 224, 224),
+        "pool_size": (7, 7),
+        "crop_pct": 0.9,
+        "interpolation": "bicubic",
+        "mean": IMAGENET_DEFAULT_MEAN,
+        "std": IMAGENET_DEFAULT_STD,
+        "first_conv": "patch_embed1.conv.0.c",
+        "classifier": "head",
+        **kwargs,
     }
 
 
-default_cfgs = generate_default_cfgs({
-    "sgformer_pico": _cfg(input_size=(3, 32, 32), pool_size=(1, 1), crop_pct=1.0),
-    "sgformer_s": _cfg(),
-    "sgformer_m": _cfg(),
-    "sgformer_b": _cfg(),
-})
+default_cfgs = generate_default_cfgs(
+    {
+        "sgformer_pico": _cfg(input_size=(3, 32, 32), pool_size=(1, 1), crop_pct=1.0),
+        "sgformer_s": _cfg(),
+        "sgformer_m": _cfg(),
+        "sgformer_b": _cfg(),
+    }
+)
 
 
 def _create(variant: str, pretrained: bool, **kwargs: Any) -> SGFormer:

@@ -58,8 +58,10 @@ class Manifest:
     def shards_for(self, split: str) -> list[ShardInfo]:
         found = sorted((s for s in self.shards if s.split == split), key=lambda s: s.name)
         if not found:
-            raise DataError(f"the shards have no {split!r} split (they have: {', '.join(sorted(self.splits)) or 'none'}); "
-                            f"set data.train_split / data.val_split, or rebuild with a {split}/ folder")
+            raise DataError(
+                f"the shards have no {split!r} split (they have: {', '.join(sorted(self.splits)) or 'none'}); "
+                f"set data.train_split / data.val_split, or rebuild with a {split}/ folder"
+            )
         return found
 
     def to_json(self) -> dict:
@@ -76,8 +78,10 @@ class Manifest:
         classes = sorted(data["classes"], key=lambda name: data["classes"][name])
         if [data["classes"][name] for name in classes] != list(range(len(classes))):
             raise ValueError("class indices are not 0..N-1")
-        shards = [ShardInfo(str(s["name"]), str(s["split"]), int(s["count"]), int(s["bytes"]), str(s["sha256"]))
-                  for s in data["shards"]]
+        shards = [
+            ShardInfo(str(s["name"]), str(s["split"]), int(s["count"]), int(s["bytes"]), str(s["sha256"]))
+            for s in data["shards"]
+        ]
         return cls(classes, shards, int(data["format_version"]))
 
     def save(self, directory: str | Path) -> Path:
@@ -101,8 +105,10 @@ class Manifest:
             if path.name != MANIFEST_NAME and (path.is_dir() or not path.exists()):
                 path = path / MANIFEST_NAME
             if not path.is_file():
-                raise DataError(f"no {MANIFEST_NAME} in {path.parent}: build shards with "
-                                f"`slurmvision shards build SRC {path.parent}`")
+                raise DataError(
+                    f"no {MANIFEST_NAME} in {path.parent}: build shards with "
+                    f"`slurmvision shards build SRC {path.parent}`"
+                )
             text = None
         try:
             data = json.loads(text if text is not None else path.read_text(encoding="utf-8"))
@@ -111,18 +117,24 @@ class Manifest:
         # The version decides the layout, so check it before reading anything else.
         version = data.get("format_version") if isinstance(data, dict) else None
         if version != FORMAT_VERSION:
-            raise DataError(f"{path} has format version {version}; this slurmvision reads {FORMAT_VERSION}: "
-                            f"rebuild the shards with this version")
+            raise DataError(
+                f"{path} has format version {version}; this slurmvision reads {FORMAT_VERSION}: "
+                f"rebuild the shards with this version"
+            )
         try:
             manifest = cls.from_json(data)
         except (KeyError, TypeError, ValueError) as err:
-            raise DataError(f"{path} is not a valid manifest ({type(err).__name__}: {err}): rebuild the shards") from None
+            raise DataError(
+                f"{path} is not a valid manifest ({type(err).__name__}: {err}): rebuild the shards"
+            ) from None
         # Names become paths and shell words (`shard_url`): one that leaves the directory could
         # read, or with `shards build --overwrite` delete, files elsewhere.
         for i, shard in enumerate(manifest.shards):
             if not _plain_name(shard.name):
-                raise DataError(f"{path}: shard {i} is named {shard.name!r}, not a plain file name in the shards "
-                                f"directory (no '/', '..', control characters or empty names): rebuild the shards")
+                raise DataError(
+                    f"{path}: shard {i} is named {shard.name!r}, not a plain file name in the shards "
+                    f"directory (no '/', '..', control characters or empty names): rebuild the shards"
+                )
         return manifest
 
 
@@ -143,8 +155,10 @@ def shard_url(root: str, name: str) -> str:
     spaces, quotes or `;` stays one file name and cannot add a command."""
     if root.startswith("pipe:"):
         if "{}" not in root:
-            raise DataError(f"data.root={root!r} is a pipe: command without {{}}: put {{}} where the file name goes, "
-                            f"e.g. 'pipe:cat /shards/{{}}'")
+            raise DataError(
+                f"data.root={root!r} is a pipe: command without {{}}: put {{}} where the file name goes, "
+                f"e.g. 'pipe:cat /shards/{{}}'"
+            )
         return root.replace("{}", shlex.quote(name))
     if is_remote(root):
         name = urllib.parse.quote(name)

@@ -66,12 +66,14 @@ def epoch_order(counts: Sequence[int], seed: int, epoch: int) -> np.ndarray:
     return np.concatenate(parts) if parts else np.zeros(0, np.int64)
 
 
-def rank_stream(pool: np.ndarray, world: int, rank: int, *, seed: int, epoch: int, segment: int, window: int) -> np.ndarray:
+def rank_stream(
+    pool: np.ndarray, world: int, rank: int, *, seed: int, epoch: int, segment: int, window: int
+) -> np.ndarray:
     """Rank's equal contiguous slice of `pool`, shuffled within windows."""
     per_rank = len(pool) // world
-    stream = pool[rank * per_rank:(rank + 1) * per_rank].copy()
+    stream = pool[rank * per_rank : (rank + 1) * per_rank].copy()
     for start in range(0, per_rank, window):
-        rng(seed, epoch, segment, rank, start, _WINDOW).shuffle(stream[start:start + window])
+        rng(seed, epoch, segment, rank, start, _WINDOW).shuffle(stream[start : start + window])
     return stream
 
 

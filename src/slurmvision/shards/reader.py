@@ -111,11 +111,11 @@ class ShardStream(IterableDataset):
     def _located(self, j: int) -> tuple[np.ndarray, np.ndarray]:
         """(shard, position in it) of each sample of batch j."""
         start, size, _ = self.plan.batches[j]
-        return locate(self.plan.stream[start:start + size], self.counts)
+        return locate(self.plan.stream[start : start + size], self.counts)
 
     def _batch(self, j: int, files: dict[int, ShardFile | StreamedShard], wanted: dict[int, set[int]]) -> Batch:
         start, size, resolution = self.plan.batches[j]
-        ids = self.plan.stream[start:start + size]
+        ids = self.plan.stream[start : start + size]
         shards, positions = self._located(j)
         images, targets, keys, bad = [], [], [], []
         # Seeded per sample so the augmentation does not depend on which worker ran it;
@@ -147,8 +147,15 @@ class ShardStream(IterableDataset):
         random.setstate(py_state)
         np.random.set_state(np_state)
         stacked = torch.stack(images) if images else torch.zeros(0, 3, resolution, resolution, dtype=torch.uint8)
-        return Batch(stacked, torch.tensor(targets, dtype=torch.int64), keys, bad,
-                     self.epoch, self.plan.first_batch + j, resolution)
+        return Batch(
+            stacked,
+            torch.tensor(targets, dtype=torch.int64),
+            keys,
+            bad,
+            self.epoch,
+            self.plan.first_batch + j,
+            resolution,
+        )
 
 
 @dataclass
@@ -184,8 +191,12 @@ class ShardSet:
     def load(cls, root: str, split: str) -> "ShardSet":
         manifest = Manifest.load(root)
         shards = manifest.shards_for(split)
-        return cls([shard_url(str(root), s.name) for s in shards], [s.count for s in shards],
-                   [s.name for s in shards], len(manifest.classes))
+        return cls(
+            [shard_url(str(root), s.name) for s in shards],
+            [s.count for s in shards],
+            [s.name for s in shards],
+            len(manifest.classes),
+        )
 
     @property
     def samples(self) -> int:
@@ -219,9 +230,15 @@ def _worker_init(rank_pid: int, _worker_id: int) -> None:
 def make_loader(stream: ShardStream, workers: int, pin_memory: bool = False) -> DataLoader:
     # Its own generator: a DataLoader otherwise draws its workers' base seed from the global
     # torch RNG, and a resumed run (which creates one at another point) would diverge.
-    return DataLoader(stream, batch_size=None, num_workers=min(workers, len(stream)), collate_fn=_collate_single,
-                      pin_memory=pin_memory, generator=torch.Generator().manual_seed(stream.seed),
-                      worker_init_fn=functools.partial(_worker_init, os.getpid()))
+    return DataLoader(
+        stream,
+        batch_size=None,
+        num_workers=min(workers, len(stream)),
+        collate_fn=_collate_single,
+        pin_memory=pin_memory,
+        generator=torch.Generator().manual_seed(stream.seed),
+        worker_init_fn=functools.partial(_worker_init, os.getpid()),
+    )
 
 
 def start_loader(stream: ShardStream, workers: int, pin_memory: bool = False) -> Iterator[Batch]:
@@ -234,16 +251,25 @@ def start_loader(stream: ShardStream, workers: int, pin_memory: bool = False) ->
         signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
 
 
-def eval_batches(data: DataConfig, split: str, *, rank: int, world_size: int, resolution: Optional[int] = None,
-                 pin_memory: bool = False) -> Iterator[Batch]:
+def eval_batches(
+    data: DataConfig,
+    split: str,
+    *,
+    rank: int,
+    world_size: int,
+    resolution: Optional[int] = None,
+    pin_memory: bool = False,
+) -> Iterator[Batch]:
     """Every sample of `split` once over all ranks (rank r takes samples r, r+W, ...), in order."""
     from slurmvision.shards.transforms import eval_transform
 
     shards = ShardSet.load(data.root, split)
     resolution = resolution or data.img_size
     stream = np.arange(rank, shards.samples, world_size, dtype=np.int64)
-    batches = [(start, min(data.batch_size, len(stream) - start), resolution)
-               for start in range(0, len(stream), data.batch_size)]
+    batches = [
+        (start, min(data.batch_size, len(stream) - start), resolution)
+        for start in range(0, len(stream), data.batch_size)
+    ]
     plan = RankPlan(stream=stream, batches=batches, first_batch=0, segment=0)
     dataset = ShardStream(shards, plan, transforms={resolution: eval_transform(data, resolution)}, seed=0, epoch=0)
     if len(dataset):
@@ -253,22 +279,36 @@ def eval_batches(data: DataConfig, split: str, *, rank: int, world_size: int, re
 class TrainReader:
     """Epoch after epoch of batches for one rank, with a state that resumes exactly."""
 
-    def __init__(self, data: DataConfig, *, seed: int, rank: int, world_size: int,
-                 state: Optional[LoaderState] = None, pin_memory: bool = False):
+    def __init__(
+        self,
+        data: DataConfig,
+        *,
+        seed: int,
+        rank: int,
+        world_size: int,
+        state: Optional[LoaderState] = None,
+        pin_memory: bool = False,
+    ):
         from slurmvision.shards.transforms import train_transform
 
         self.data, self.seed, self.rank, self.world_size = data, seed, rank, world_size
         self.shards = ShardSet.load(data.root, data.train_split)
         if self.shards.samples < world_size:
-            raise DataError(f"split {data.train_split!r} has {self.shards.samples} samples, fewer than the {world_size} ranks")
+            raise DataError(
+                f"split {data.train_split!r} has {self.shards.samples} samples, fewer than the {world_size} ranks"
+            )
         sizes = data.scale_batch_sizes or [data.batch_size] * len(data.resolutions)
         self.schedule = BatchSchedule(tuple(data.resolutions), tuple(sizes), seed)
         self.transforms = {r: train_transform(data, r) for r in data.resolutions}
         self.pin_memory = pin_memory
         self.state = state or LoaderState(0, [[world_size, 0]])
         if self.state.segments[-1][0] != world_size:
-            log.warning("resuming epoch %d on %d ranks (was %d): planning the rest of the epoch over the new ranks",
-                        self.state.epoch, world_size, self.state.segments[-1][0])
+            log.warning(
+                "resuming epoch %d on %d ranks (was %d): planning the rest of the epoch over the new ranks",
+                self.state.epoch,
+                world_size,
+                self.state.segments[-1][0],
+            )
             self.state.segments.append([world_size, 0])
         self.samples_per_epoch = self.shards.samples
         # Bad-sample budget per rank and epoch: a fraction of the rank's share, or a count.
@@ -276,9 +316,15 @@ class TrainReader:
         self.bad_budget = int(budget * self.samples_per_epoch / world_size) if budget < 1 else int(budget)
 
     def _stream(self) -> ShardStream:
-        plan = plan_rank(self.shards.counts, seed=self.seed, epoch=self.state.epoch, rank=self.rank,
-                         segments=[tuple(s) for s in self.state.segments], window=self.data.shuffle_buffer,
-                         schedule=self.schedule)
+        plan = plan_rank(
+            self.shards.counts,
+            seed=self.seed,
+            epoch=self.state.epoch,
+            rank=self.rank,
+            segments=[tuple(s) for s in self.state.segments],
+            window=self.data.shuffle_buffer,
+            schedule=self.schedule,
+        )
         return ShardStream(self.shards, plan, transforms=self.transforms, seed=self.seed, epoch=self.state.epoch)
 
     def batches_in_epoch(self) -> int:
@@ -304,7 +350,8 @@ class TrainReader:
         if self.state.bad_in_epoch > self.bad_budget:
             shard, key, problem = batch.bad[-1]
             raise DataError(
-                f"{self.state.bad_in_epoch} bad samples in epoch {self.state.epoch} on rank {self.rank}, over the budget "
+                f"{self.state.bad_in_epoch} bad samples in epoch {self.state.epoch} on rank {self.rank}, "
+                "over the budget "
                 f"of {self.bad_budget} (data.bad_sample_budget={self.data.bad_sample_budget}); last: {key} in {shard}: "
                 f"{problem}. Run `slurmvision shards verify {self.data.root}` and rebuild the bad shards"
             )

@@ -29,8 +29,10 @@ def shard_stats(directory: str | Path) -> dict:
             try:
                 index = shard.index()
                 if index.error:
-                    raise DataError(f"shard {directory / info.name}: {index.error}; run `slurmvision shards verify "
-                                    f"{directory}` and rebuild the damaged shards")
+                    raise DataError(
+                        f"shard {directory / info.name}: {index.error}; run `slurmvision shards verify "
+                        f"{directory}` and rebuild the damaged shards"
+                    )
                 for members in index.members:
                     # The label (cls) is what training uses, so classes are counted from it.
                     if "cls" in members:
@@ -43,13 +45,17 @@ def shard_stats(directory: str | Path) -> dict:
                             heights.append(meta["height"])
                     formats.update(ext for ext in members if ext in IMAGE_EXTS)
             except (ValueError, OSError) as err:  # ValueError covers bad cls text and bad json
-                raise DataError(f"shard {directory / info.name} has an unreadable sample ({err}); run "
-                                f"`slurmvision shards verify {directory}`") from None
+                raise DataError(
+                    f"shard {directory / info.name} has an unreadable sample ({err}); run "
+                    f"`slurmvision shards verify {directory}`"
+                ) from None
             finally:
                 shard.close()
         result["splits"][split] = {
             **totals,
             "per_class": {name: per_class.pop(name, 0) for name in manifest.classes} | dict(per_class),
-            "width": _spread(widths), "height": _spread(heights), "formats": dict(sorted(formats.items())),
+            "width": _spread(widths),
+            "height": _spread(heights),
+            "formats": dict(sorted(formats.items())),
         }
     return result

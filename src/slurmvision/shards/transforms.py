@@ -29,7 +29,6 @@ from torchvision.transforms.v2.functional import resize
 
 from slurmvision.configs.schema import DataConfig
 
-
 TENSOR_RESIZE = (InterpolationMode.BILINEAR, InterpolationMode.BICUBIC)
 
 
@@ -77,8 +76,12 @@ class DraftRandomResizedCrop:
             box = (left * sx, top * sy, (left + width) * sx, (top + height) * sy)
             return _rgb(image).resize((out_width, out_height), pil_modes_mapping[interpolation], box=box)
         pixels = torch.from_numpy(np.array(_rgb(image))).permute(2, 0, 1)
-        resized = resize(pixels[:, top:top + height, left:left + width], [out_height, out_width],
-                         interpolation=interpolation, antialias=True)
+        resized = resize(
+            pixels[:, top : top + height, left : left + width],
+            [out_height, out_width],
+            interpolation=interpolation,
+            antialias=True,
+        )
         return resized if self.tensor_rest else Image.fromarray(resized.permute(1, 2, 0).numpy())
 
 
@@ -111,8 +114,13 @@ def jitter_on_device(data: DataConfig) -> bool:
 
 def train_transform(data: DataConfig, resolution: int) -> EncodedTransform:
     pipeline = create_transform(
-        resolution, is_training=True, use_prefetcher=True, hflip=data.hflip, scale=tuple(data.crop_scale),
-        color_jitter=None if jitter_on_device(data) else data.color_jitter or None, auto_augment=data.auto_augment,
+        resolution,
+        is_training=True,
+        use_prefetcher=True,
+        hflip=data.hflip,
+        scale=tuple(data.crop_scale),
+        color_jitter=None if jitter_on_device(data) else data.color_jitter or None,
+        auto_augment=data.auto_augment,
         interpolation=data.interpolation,
     )
     first, *rest = pipeline.transforms
@@ -124,8 +132,9 @@ def train_transform(data: DataConfig, resolution: int) -> EncodedTransform:
 
 def eval_transform(data: DataConfig, resolution: int) -> EncodedTransform:
     interpolation = "bicubic" if data.interpolation == "random" else data.interpolation
-    pipeline = create_transform(resolution, is_training=False, use_prefetcher=True,
-                                crop_pct=data.eval_resize_ratio, interpolation=interpolation)
+    pipeline = create_transform(
+        resolution, is_training=False, use_prefetcher=True, crop_pct=data.eval_resize_ratio, interpolation=interpolation
+    )
     return EncodedTransform(DraftDecode(math.floor(resolution / data.eval_resize_ratio)), pipeline)
 
 
@@ -156,8 +165,11 @@ class BatchColorJitter:
             factor = factors.gather(1, adjustment[:, None]).view(-1, 1, 1, 1)
             gray = _grayscale(images)
             # brightness blends with black, contrast with the mean grey level, saturation with the grey image
-            target = torch.where(adjustment.view(-1, 1, 1, 1) == 0, torch.zeros_like(gray),
-                                 torch.where(adjustment.view(-1, 1, 1, 1) == 1, gray.mean(dim=(1, 2, 3), keepdim=True), gray))
+            target = torch.where(
+                adjustment.view(-1, 1, 1, 1) == 0,
+                torch.zeros_like(gray),
+                torch.where(adjustment.view(-1, 1, 1, 1) == 1, gray.mean(dim=(1, 2, 3), keepdim=True), gray),
+            )
             images = (factor * images + (1 - factor) * target).clamp_(0, 255)
         return images
 
@@ -179,8 +191,12 @@ class DeviceAugment:
         self.erase = RandomErasing(data.reprob, mode="pixel", device=str(device)) if data.reprob > 0 else None
         self.mixup: Optional[Mixup] = None
         if data.mixup > 0 or data.cutmix > 0:
-            self.mixup = Mixup(mixup_alpha=data.mixup, cutmix_alpha=data.cutmix, label_smoothing=data.label_smoothing,
-                               num_classes=num_classes)
+            self.mixup = Mixup(
+                mixup_alpha=data.mixup,
+                cutmix_alpha=data.cutmix,
+                label_smoothing=data.label_smoothing,
+                num_classes=num_classes,
+            )
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         images = images.to(self.device, non_blocking=True).float()

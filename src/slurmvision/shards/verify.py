@@ -24,8 +24,12 @@ class VerifyReport:
     bad: list[dict] = field(default_factory=list)
 
     def to_json(self) -> dict:
-        return {"ok": self.ok, "shards": self.shards, "samples": self.samples,
-                "bad": [{"shard": b["shard"], "key": b["key"], "problem": b["problem"]} for b in self.bad]}
+        return {
+            "ok": self.ok,
+            "shards": self.shards,
+            "samples": self.samples,
+            "bad": [{"shard": b["shard"], "key": b["key"], "problem": b["problem"]} for b in self.bad],
+        }
 
 
 def check_sample(fields: dict[str, bytes], num_classes: int) -> Optional[str]:

@@ -25,8 +25,17 @@ from typing import Iterable, Optional
 from slurmvision.errors import DataError
 from slurmvision.shards.manifest import MANIFEST_NAME, Manifest, ShardInfo, file_sha256
 
-IMAGE_SUFFIXES = {".jpg": "jpg", ".jpeg": "jpg", ".png": "png", ".webp": "webp", ".bmp": "bmp", ".gif": "gif",
-                  ".tif": "tif", ".tiff": "tif", ".ppm": "ppm"}
+IMAGE_SUFFIXES = {
+    ".jpg": "jpg",
+    ".jpeg": "jpg",
+    ".png": "png",
+    ".webp": "webp",
+    ".bmp": "bmp",
+    ".gif": "gif",
+    ".tif": "tif",
+    ".tiff": "tif",
+    ".ppm": "ppm",
+}
 DEFAULT_SPLITS = ("train", "val", "test")
 DEFAULT_SAMPLES_PER_SHARD = 1000
 LOSSY_QUALITY = 95  # re-encoding happens once, so keep it close to the source
@@ -40,16 +49,23 @@ def _visible_dirs(folder: Path) -> list[Path]:
 
 
 def _images(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
-                  and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+    return sorted(
+        p
+        for p in folder.rglob("*")
+        if p.is_file()
+        and p.suffix.lower() in IMAGE_SUFFIXES
+        and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+    )
 
 
 def _resolve_splits(src: Path, splits: Optional[Iterable[str]]) -> list[str]:
     if splits is None:
         found = [s for s in DEFAULT_SPLITS if (src / s).is_dir()]
         if not found:
-            raise DataError(f"{src} has none of the split folders {', '.join(DEFAULT_SPLITS)}: lay it out as "
-                            f"{src}/train/<class>/<image>")
+            raise DataError(
+                f"{src} has none of the split folders {', '.join(DEFAULT_SPLITS)}: lay it out as "
+                f"{src}/train/<class>/<image>"
+            )
         return found
     splits = [splits] if isinstance(splits, str) else list(splits)
     for split in splits:
@@ -57,7 +73,9 @@ def _resolve_splits(src: Path, splits: Optional[Iterable[str]]) -> list[str]:
         if not re.fullmatch(r"[\w-]+", split):
             raise DataError(f"split name {split!r} must be letters, digits, '_' or '-' (no dots or slashes)")
         if not (src / split).is_dir():
-            raise DataError(f"split folder {src / split} does not exist: create it or leave {split!r} out of the splits")
+            raise DataError(
+                f"split folder {src / split} does not exist: create it or leave {split!r} out of the splits"
+            )
     if not splits or len(set(splits)) != len(splits):
         raise DataError(f"give each split once (got {splits}): e.g. train val test")
     return splits
@@ -74,8 +92,10 @@ def scan(src: Path, splits: Optional[Iterable[str]] = None) -> tuple[list[str], 
         for split in splits:
             missing = sorted({d.name for d in class_dirs[split]} - set(classes))
             if missing:
-                raise DataError(f"class {missing[0]!r} in {split}/ is not in train/: every class needs train "
-                                f"images (classes: {', '.join(classes)})")
+                raise DataError(
+                    f"class {missing[0]!r} in {split}/ is not in train/: every class needs train "
+                    f"images (classes: {', '.join(classes)})"
+                )
     else:
         classes = sorted({d.name for dirs in class_dirs.values() for d in dirs})
     if not classes:
@@ -86,13 +106,16 @@ def scan(src: Path, splits: Optional[Iterable[str]] = None) -> tuple[list[str], 
     for split in splits:
         found = [(d.name, p.relative_to(src).as_posix(), p) for d in class_dirs[split] for p in _images(d)]
         if not found:
-            raise DataError(f"{src / split} holds no images ({', '.join(sorted(set(IMAGE_SUFFIXES.values())))}): "
-                            f"add them or remove the folder")
+            raise DataError(
+                f"{src / split} holds no images ({', '.join(sorted(set(IMAGE_SUFFIXES.values())))}): "
+                f"add them or remove the folder"
+            )
         found.sort(key=lambda item: (item[0], item[1]))
         # A fixed seed per split: deterministic, and each shard gets a mix of classes.
         random.Random(f"slurmvision:{split}").shuffle(found)
-        samples[split] = [(f"{split}-{i:08d}", path, relative, index[name])
-                          for i, (name, relative, path) in enumerate(found)]
+        samples[split] = [
+            (f"{split}-{i:08d}", path, relative, index[name]) for i, (name, relative, path) in enumerate(found)
+        ]
     return classes, samples
 
 
@@ -126,8 +149,9 @@ def _encoded(path: Path, max_side: Optional[int]) -> tuple[bytes, str, int, int]
         out = io.BytesIO()
         small.save(out, format=fmt, **({"quality": LOSSY_QUALITY} if ext in ("jpg", "webp") else {}))
     except Exception as err:
-        raise DataError(f"cannot shrink image {path} to max_side {max_side}: {err}; fix or remove it, "
-                        f"or build without max_side") from None
+        raise DataError(
+            f"cannot shrink image {path} to max_side {max_side}: {err}; fix or remove it, or build without max_side"
+        ) from None
     return out.getvalue(), ext, *size
 
 
@@ -140,16 +164,20 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
-def _write_shard(out: Path, name: str, split: str, samples: list[Sample], classes: list[str],
-                 max_side: Optional[int]) -> ShardInfo:
+def _write_shard(
+    out: Path, name: str, split: str, samples: list[Sample], classes: list[str], max_side: Optional[int]
+) -> ShardInfo:
     final, tmp = out / name, out / f"{name}.tmp"
     try:
         with open(tmp, "wb") as f:
             with tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tar:
                 for key, path, relative, label in samples:
                     data, ext, width, height = _encoded(path, max_side)
-                    members = {ext: data, "cls": str(label).encode(),
-                               "json": _meta(relative, classes[label], width, height)}
+                    members = {
+                        ext: data,
+                        "cls": str(label).encode(),
+                        "json": _meta(relative, classes[label], width, height),
+                    }
                     for suffix in sorted(members):
                         _add(tar, f"{key}.{suffix}", members[suffix])
             f.flush()
@@ -178,8 +206,7 @@ def _sample_bytes(sample: Sample, classes: list[str]) -> int:
     return 3 * tarfile.BLOCKSIZE + _padded(path.stat().st_size) + _padded(len(str(label))) + _padded(len(meta))
 
 
-def _chunks(samples: list[Sample], classes: list[str], per: Optional[int],
-            limit: Optional[int]) -> list[list[Sample]]:
+def _chunks(samples: list[Sample], classes: list[str], per: Optional[int], limit: Optional[int]) -> list[list[Sample]]:
     """Cut a split into shards at `per` samples and/or before `limit` bytes (both apply when given)."""
     chunks: list[list[Sample]] = []
     current: list[Sample] = []
@@ -199,8 +226,10 @@ def _replaced_shards(out: Path, overwrite: bool) -> list[str]:
     if not (out / MANIFEST_NAME).exists():
         return []
     if not overwrite:
-        raise DataError(f"{out} already holds shards ({MANIFEST_NAME}): choose another directory or pass "
-                        f"--overwrite (overwrite=True) to replace them")
+        raise DataError(
+            f"{out} already holds shards ({MANIFEST_NAME}): choose another directory or pass "
+            f"--overwrite (overwrite=True) to replace them"
+        )
     try:
         return [shard.name for shard in Manifest.load(out).shards]
     except DataError:
@@ -216,8 +245,9 @@ def _staging(out: Path) -> Path:
             shutil.rmtree(stale)
         staging.mkdir()
     except OSError as err:
-        raise DataError(f"cannot write the shards to {out}: {err.strerror or err}; choose a directory you can "
-                        f"write to") from None
+        raise DataError(
+            f"cannot write the shards to {out}: {err.strerror or err}; choose a directory you can write to"
+        ) from None
     return staging
 
 
@@ -233,9 +263,18 @@ def _move_in(staging: Path, out: Path, old: list[str], new: list[str]) -> None:
     staging.rmdir()
 
 
-def build_shards(src: str | Path, out: str | Path, *, samples_per_shard: Optional[int] = None,
-                 shard_size_mb: Optional[float] = None, workers: int = 1, max_side: Optional[int] = None,
-                 splits: Optional[Iterable[str]] = None, overwrite: bool = False, progress: bool = True) -> Manifest:
+def build_shards(
+    src: str | Path,
+    out: str | Path,
+    *,
+    samples_per_shard: Optional[int] = None,
+    shard_size_mb: Optional[float] = None,
+    workers: int = 1,
+    max_side: Optional[int] = None,
+    splits: Optional[Iterable[str]] = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> Manifest:
     """Write `src/<split>/<class>/<image>` as `out/<split>-NNNNNN.tar` shards and `out/manifest.json`.
 
     A shard ends at `samples_per_shard` samples (1000 if neither limit is given) and/or before
@@ -244,8 +283,11 @@ def build_shards(src: str | Path, out: str | Path, *, samples_per_shard: Optiona
     directory's other files stay.
     """
     src, out = Path(src), Path(out)
-    for option, value in (("samples_per_shard", samples_per_shard), ("shard_size_mb", shard_size_mb),
-                          ("max_side", max_side)):
+    for option, value in (
+        ("samples_per_shard", samples_per_shard),
+        ("shard_size_mb", shard_size_mb),
+        ("max_side", max_side),
+    ):
         if value is not None and not value > 0:
             raise DataError(f"{option} must be positive (got {value}): give a positive number or leave it out")
     if workers < 1:
@@ -259,18 +301,24 @@ def build_shards(src: str | Path, out: str | Path, *, samples_per_shard: Optiona
     staging = _staging(out)
     per = samples_per_shard or (None if shard_size_mb else DEFAULT_SAMPLES_PER_SHARD)
     limit = int(shard_size_mb * 2**20) if shard_size_mb else None
-    jobs = [(f"{split}-{i:06d}.tar", split, chunk) for split, split_samples in samples.items()
-            for i, chunk in enumerate(_chunks(split_samples, classes, per, limit))]
+    jobs = [
+        (f"{split}-{i:06d}.tar", split, chunk)
+        for split, split_samples in samples.items()
+        for i, chunk in enumerate(_chunks(split_samples, classes, per, limit))
+    ]
     from tqdm import tqdm
 
     infos: list[Optional[ShardInfo]] = [None] * len(jobs)
-    bar = tqdm(total=sum(len(chunk) for *_, chunk in jobs), unit="img", desc="shards",
-               disable=None if progress else True)  # None: only on a terminal
+    bar = tqdm(
+        total=sum(len(chunk) for *_, chunk in jobs), unit="img", desc="shards", disable=None if progress else True
+    )  # None: only on a terminal
     try:
         if workers > 1 and len(jobs) > 1:
             with ProcessPoolExecutor(min(workers, len(jobs))) as pool:
-                futures = {pool.submit(_write_shard, staging, name, split, chunk, classes, max_side): i
-                           for i, (name, split, chunk) in enumerate(jobs)}
+                futures = {
+                    pool.submit(_write_shard, staging, name, split, chunk, classes, max_side): i
+                    for i, (name, split, chunk) in enumerate(jobs)
+                }
                 try:
                     for future in as_completed(futures):
                         i = futures[future]

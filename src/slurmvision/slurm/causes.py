@@ -45,8 +45,21 @@ class Cause(StrEnum):
 
 
 # sacct states of an attempt that is still queued or running.
-ACTIVE_STATES = {"PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "COMPLETING", "CONFIGURING",
-                 "SUSPENDED", "RESIZING", "STAGE_OUT", "SIGNALING", "RESV_DEL_HOLD", "SPECIAL_EXIT"}
+ACTIVE_STATES = {
+    "PENDING",
+    "RUNNING",
+    "REQUEUED",
+    "REQUEUE_HOLD",
+    "REQUEUE_FED",
+    "COMPLETING",
+    "CONFIGURING",
+    "SUSPENDED",
+    "RESIZING",
+    "STAGE_OUT",
+    "SIGNALING",
+    "RESV_DEL_HOLD",
+    "SPECIAL_EXIT",
+}
 OOM_MARKS = ("CUDA out of memory", "OutOfMemoryError", "out of memory", "oom-kill", "oom_kill")
 # Stops that mean "save and come back": the time-limit warning (`--signal`), or the trainer's own.
 WARNING_SIGNALS = (StopReason.SIGUSR1, StopReason.SIGUSR2, StopReason.LIMIT_AHEAD)

@@ -27,24 +27,31 @@ def run_slurm_command(args: list[str], timeout: float = 30, env: Optional[dict] 
     try:
         result = subprocess.run(args, capture_output=True, text=True, timeout=timeout, env=env)
     except FileNotFoundError:
-        raise ClusterError(f"`{args[0]}` not found: run this on a Slurm login node, or start the local test cluster "
-                           "with `make slurm-up`") from None
+        raise ClusterError(
+            f"`{args[0]}` not found: run this on a Slurm login node, or start the local test cluster "
+            "with `make slurm-up`"
+        ) from None
     except subprocess.TimeoutExpired:
-        raise ClusterError(f"`{' '.join(args)}` did not answer in {timeout:.0f}s: is slurmctld up? (`make slurm-up` "
-                           "for the local cluster)") from None
+        raise ClusterError(
+            f"`{' '.join(args)}` did not answer in {timeout:.0f}s: is slurmctld up? (`make slurm-up` "
+            "for the local cluster)"
+        ) from None
     except OSError as err:
         raise ClusterError(f"`{args[0]}` could not run: {err}") from None
     if result.returncode != 0:
         message = (result.stderr or result.stdout).strip().splitlines()
-        raise ClusterError(f"`{' '.join(args)}` failed: {message[-1] if message else 'exit ' + str(result.returncode)}"
-                           " (for the local cluster: `make slurm-up`, then the `export SLURM_CONF=...` line it prints)")
+        raise ClusterError(
+            f"`{' '.join(args)}` failed: {message[-1] if message else 'exit ' + str(result.returncode)}"
+            " (for the local cluster: `make slurm-up`, then the `export SLURM_CONF=...` line it prints)"
+        )
     return result.stdout
 
 
 def sacct_attempts(job_id: str, timeout: float = 60) -> list[SlurmAttempt]:
     """Every attempt of a job, oldest first (`sacct -D` lists the requeued ones too)."""
-    out = run_slurm_command(["sacct", "-n", "-X", "-D", "-P", "-j", job_id, "--format=State,NodeList,ExitCode"],
-                            timeout=timeout)
+    out = run_slurm_command(
+        ["sacct", "-n", "-X", "-D", "-P", "-j", job_id, "--format=State,NodeList,ExitCode"], timeout=timeout
+    )
     return [SlurmAttempt.parse(line) for line in out.splitlines() if line.strip()]
 
 
@@ -78,8 +85,11 @@ def pending_order(timeout: float = 10) -> list[str]:
 
 def job_end_time(job_id: str) -> str:
     """When the job's time limit ends, in epoch seconds as squeue prints them ('' if it does not know)."""
-    out = run_slurm_command(["squeue", "-h", "-j", job_id, "-o", "%e"], timeout=SLURM_TIMEOUT_S,
-                            env={**os.environ, "SLURM_TIME_FORMAT": "%s"})  # whatever the user's format
+    out = run_slurm_command(
+        ["squeue", "-h", "-j", job_id, "-o", "%e"],
+        timeout=SLURM_TIMEOUT_S,
+        env={**os.environ, "SLURM_TIME_FORMAT": "%s"},
+    )  # whatever the user's format
     return out.splitlines()[0] if out else ""
 
 

@@ -72,22 +72,32 @@ def validate_cluster(cluster: ClusterConfig) -> None:
     if cluster.partition is None:
         partition = next((p for p in available.values() if p.default), None)
         if partition is None:
-            raise ClusterError(f"the cluster has no default partition: set cluster.partition to one of {', '.join(available)}")
+            raise ClusterError(
+                f"the cluster has no default partition: set cluster.partition to one of {', '.join(available)}"
+            )
     elif cluster.partition not in available:
-        raise ClusterError(f"partition {cluster.partition!r} does not exist on this cluster: set cluster.partition to one of "
-                           f"{', '.join(sorted(available))}")
+        raise ClusterError(
+            f"partition {cluster.partition!r} does not exist on this cluster: set cluster.partition to one of "
+            f"{', '.join(sorted(available))}"
+        )
     else:
         partition = available[cluster.partition]
     if partition.time_limit_min is not None and cluster.time_min > partition.time_limit_min:
-        raise ClusterError(f"cluster.time_min={cluster.time_min} exceeds partition {partition.name!r}'s limit of "
-                           f"{partition.time_limit_min} min: lower it (checkpoints make long runs span several jobs)")
+        raise ClusterError(
+            f"cluster.time_min={cluster.time_min} exceeds partition {partition.name!r}'s limit of "
+            f"{partition.time_limit_min} min: lower it (checkpoints make long runs span several jobs)"
+        )
     # The shortest time Slurm leaves after a SIGTERM: scancel, requeue and the time limit give
     # KillWait; preemption gives the partition's GraceTime first, then KillWait.
     kill_wait = parse_kill_wait(client.cluster_config())
     if kill_wait is not None and cluster.sigterm_grace_s > kill_wait:
-        raise ClusterError(f"cluster.sigterm_grace_s={cluster.sigterm_grace_s} but this cluster kills a job {kill_wait}s "
-                           f"after its SIGTERM (KillWait): set cluster.sigterm_grace_s={kill_wait}, or a step planned "
-                           "to finish in that time would be killed mid-save")
+        raise ClusterError(
+            f"cluster.sigterm_grace_s={cluster.sigterm_grace_s} but this cluster kills a job {kill_wait}s "
+            f"after its SIGTERM (KillWait): set cluster.sigterm_grace_s={kill_wait}, or a step planned "
+            "to finish in that time would be killed mid-save"
+        )
     if cluster.gpus_per_node > partition.gpus_per_node:
-        raise ClusterError(f"cluster.gpus_per_node={cluster.gpus_per_node} but nodes of partition {partition.name!r} have "
-                           f"{partition.gpus_per_node} GPUs: lower it or choose another partition")
+        raise ClusterError(
+            f"cluster.gpus_per_node={cluster.gpus_per_node} but nodes of partition {partition.name!r} have "
+            f"{partition.gpus_per_node} GPUs: lower it or choose another partition"
+        )

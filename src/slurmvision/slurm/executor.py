@@ -51,15 +51,19 @@ def task_command(cluster: ClusterConfig, run_dirs: Iterable[Path]) -> tuple[str,
     mounts = _mounts(cluster, run_dirs)
     python = f"{shlex.quote(container.python)} -P"
     if container.runtime == "pyxis":
-        return python, [f"--container-image={container.image}", f"--container-mounts={','.join(mounts)}",
-                        *container.args]
+        return python, [
+            f"--container-image={container.image}",
+            f"--container-mounts={','.join(mounts)}",
+            *container.args,
+        ]
     gpus = ["--nv"] if cluster.gpus_per_node else []
     runtime = [container.runtime, "exec", *gpus, "--bind", ",".join(mounts), *container.args, container.image]
     return f"{shlex.join(runtime)} {python}", []
 
 
-def slurm_parameters(cluster: ClusterConfig, run_dir: Path, job_name: str, comment: str,
-                     also_check: tuple[Path, ...] = ()) -> dict[str, Any]:
+def slurm_parameters(
+    cluster: ClusterConfig, run_dir: Path, job_name: str, comment: str, also_check: tuple[Path, ...] = ()
+) -> dict[str, Any]:
     """submitit SlurmExecutor parameters: one task per GPU, requeue allowed, signal before the limit.
     `also_check`: run directories each attempt checks besides `run_dir` (a sweep's runs, in one job array)."""
     params: dict[str, Any] = {
@@ -118,5 +122,6 @@ def sbatch_script(cluster: ClusterConfig, folder: Path, job_name: str, comment: 
 
     python = task_command(cluster, (folder.parent,))[0]
     command = " ".join([python, "-u", "-m", "submitit.core._submit", shlex.quote(str(folder))])
-    return _make_sbatch_string(command=command, folder=str(folder),
-                               **slurm_parameters(cluster, folder.parent, job_name, comment))
+    return _make_sbatch_string(
+        command=command, folder=str(folder), **slurm_parameters(cluster, folder.parent, job_name, comment)
+    )

@@ -31,8 +31,24 @@ from slurmvision.slurm.causes import Outcome, StopReason
 
 log = logging.getLogger(__name__)
 LEDGER_DIR = "ledger"
-ATTEMPT_FIELDS = ("job_id", "restart", "nodes", "world_size", "started", "ended", "step_start", "step_reached",
-                  "step_saved", "step_time", "checkpoint", "outcome", "signal", "error", "cause", "lost_steps")
+ATTEMPT_FIELDS = (
+    "job_id",
+    "restart",
+    "nodes",
+    "world_size",
+    "started",
+    "ended",
+    "step_start",
+    "step_reached",
+    "step_saved",
+    "step_time",
+    "checkpoint",
+    "outcome",
+    "signal",
+    "error",
+    "cause",
+    "lost_steps",
+)
 _warned: set[tuple[str, int]] = set()  # corrupt lines already reported by this process
 
 
@@ -68,17 +84,34 @@ class Ledger:
     def mark_handled(self, job_id: str) -> None:
         self._append("handled", job_id=job_id)
 
-    def attempt_started(self, job_id: str, restart: int, *, nodes: str, world_size: int, step: int,
-                        checkpoint: Optional[str]) -> None:
-        self._append("started", job_id=job_id, restart=restart, nodes=nodes, world_size=world_size, step=step,
-                     checkpoint=checkpoint)
+    def attempt_started(
+        self, job_id: str, restart: int, *, nodes: str, world_size: int, step: int, checkpoint: Optional[str]
+    ) -> None:
+        self._append(
+            "started",
+            job_id=job_id,
+            restart=restart,
+            nodes=nodes,
+            world_size=world_size,
+            step=step,
+            checkpoint=checkpoint,
+        )
 
-    def attempt_progress(self, job_id: str, restart: int, *, step: int, saved: Optional[int] = None,
-                         step_time: Optional[float] = None) -> None:
+    def attempt_progress(
+        self, job_id: str, restart: int, *, step: int, saved: Optional[int] = None, step_time: Optional[float] = None
+    ) -> None:
         self._append("progress", job_id=job_id, restart=restart, step=step, saved=saved, step_time=step_time)
 
-    def attempt_ended(self, job_id: str, restart: int, *, outcome: Outcome, step: int,
-                      signal: Optional[StopReason] = None, error: Optional[str] = None) -> None:
+    def attempt_ended(
+        self,
+        job_id: str,
+        restart: int,
+        *,
+        outcome: Outcome,
+        step: int,
+        signal: Optional[StopReason] = None,
+        error: Optional[str] = None,
+    ) -> None:
         self._append("ended", job_id=job_id, restart=restart, outcome=outcome, step=step, signal=signal, error=error)
 
     def set_cause(self, job_id: str, restart: int, cause: str) -> None:
@@ -162,8 +195,16 @@ class _Tables:
 
     def _job(self, r: dict) -> None:
         self._newest_job[r["job_id"]] = len(self.jobs)
-        self.jobs.append({"job_id": r["job_id"], "submitted": r["t"], "cluster": r["cluster"], "reason": r["reason"],
-                          "exclude": r["exclude"], "handled": 0})
+        self.jobs.append(
+            {
+                "job_id": r["job_id"],
+                "submitted": r["t"],
+                "cluster": r["cluster"],
+                "reason": r["reason"],
+                "exclude": r["exclude"],
+                "handled": 0,
+            }
+        )
 
     def _handled(self, r: dict) -> None:
         if r["job_id"] in self._newest_job:
@@ -183,8 +224,17 @@ class _Tables:
         previous = max((a for a in started if a is not attempt), key=lambda a: a["started"], default=None)
         if previous is not None and previous["lost_steps"] is None:
             previous["lost_steps"] = max(0, (previous["step_reached"] or 0) - r["step"])
-        attempt.update(nodes=r["nodes"], world_size=r["world_size"], started=r["t"], ended=None, outcome=None,
-                       step_start=r["step"], step_reached=r["step"], step_saved=r["step"], checkpoint=r["checkpoint"])
+        attempt.update(
+            nodes=r["nodes"],
+            world_size=r["world_size"],
+            started=r["t"],
+            ended=None,
+            outcome=None,
+            step_start=r["step"],
+            step_reached=r["step"],
+            step_saved=r["step"],
+            checkpoint=r["checkpoint"],
+        )
 
     def _progress(self, r: dict) -> None:
         attempt = self._attempt(r)
@@ -196,8 +246,13 @@ class _Tables:
 
     def _ended(self, r: dict) -> None:
         attempt = self._attempt(r)
-        attempt.update(ended=r["t"], outcome=r["outcome"], signal=r["signal"], error=r["error"],
-                       step_reached=max(attempt["step_reached"] or 0, r["step"]))
+        attempt.update(
+            ended=r["t"],
+            outcome=r["outcome"],
+            signal=r["signal"],
+            error=r["error"],
+            step_reached=max(attempt["step_reached"] or 0, r["step"]),
+        )
         if r["outcome"] == Outcome.FINISHED:
             attempt["lost_steps"] = 0
 
@@ -216,8 +271,9 @@ class AttemptRecorder:
     `every_s` seconds, and at each checkpoint), and how it ended. A ledger that cannot be
     written (a full or read-only disk) costs a warning, never the training."""
 
-    def __init__(self, run_dir: str | Path, job_id: Optional[str], restart: int, every_s: float = 5.0,
-                 enabled: bool = True):
+    def __init__(
+        self, run_dir: str | Path, job_id: Optional[str], restart: int, every_s: float = 5.0, enabled: bool = True
+    ):
         self.job_id = job_id or f"local-{int(time.time() * 1000)}"
         # Only rank 0 records; the other ranks hold a recorder that writes nothing.
         self.ledger = Ledger(run_dir, writer=f"attempt-{self.job_id}.{restart}") if enabled else None
@@ -234,8 +290,15 @@ class AttemptRecorder:
             log.warning("could not write the ledger in %s: %s", self.ledger.dir, err)
 
     def started(self, *, world_size: int, step: int, checkpoint: Optional[str]) -> None:
-        self._write("attempt_started", self.job_id, self.restart, nodes=self.nodes, world_size=world_size, step=step,
-                    checkpoint=checkpoint)
+        self._write(
+            "attempt_started",
+            self.job_id,
+            self.restart,
+            nodes=self.nodes,
+            world_size=world_size,
+            step=step,
+            checkpoint=checkpoint,
+        )
 
     def progress(self, step: int, step_time: Optional[float] = None, saved: Optional[int] = None) -> None:
         now = time.monotonic()
@@ -243,8 +306,9 @@ class AttemptRecorder:
             self._last = now
             self._write("attempt_progress", self.job_id, self.restart, step=step, saved=saved, step_time=step_time)
 
-    def ended(self, outcome: Outcome, step: int, signal: Optional[StopReason] = None,
-              error: Optional[str] = None) -> None:
+    def ended(
+        self, outcome: Outcome, step: int, signal: Optional[StopReason] = None, error: Optional[str] = None
+    ) -> None:
         self._write("attempt_ended", self.job_id, self.restart, outcome=outcome, step=step, signal=signal, error=error)
 
     def note(self, message: str) -> None:

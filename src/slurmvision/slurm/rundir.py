@@ -59,8 +59,10 @@ def problem(path: Path, root: Path) -> str | None:
             return f"{path} is a symlink to {target}, outside the run directory: remove it (rm {path})"
         return None
     if info.st_uid != os.getuid():
-        return (f"{path} belongs to uid {info.st_uid}, not to you: a run directory must be yours alone; "
-                f"start the run again in a directory you own (--run-dir)")
+        return (
+            f"{path} belongs to uid {info.st_uid}, not to you: a run directory must be yours alone; "
+            f"start the run again in a directory you own (--run-dir)"
+        )
     if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
         return f"{path} is writable by group or others: chmod -R go-w {path}"
     return None
@@ -75,8 +77,10 @@ def check_run_dir(run_dir: str | Path) -> None:
     for path in _guarded_paths(root):
         reason = problem(path, root)
         if reason:
-            raise UnsafeRunDir(f"unsafe run directory, nothing was started: {reason} (anyone who can write there "
-                               f"could run code as you through this run)")
+            raise UnsafeRunDir(
+                f"unsafe run directory, nothing was started: {reason} (anyone who can write there "
+                f"could run code as you through this run)"
+            )
 
 
 def main(argv: list[str]) -> int:

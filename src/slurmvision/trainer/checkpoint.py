@@ -20,10 +20,26 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from slurmvision.checkpoints import (LATEST, MANIFEST, META, STATE, Checkpoint, check_format, checkpoint_dirs,
-                                     latest, leftovers, manifest_text, meta_text, rank_file, step_dir, verify)
+from slurmvision.checkpoints import (
+    LATEST,
+    MANIFEST,
+    META,
+    STATE,
+    Checkpoint,
+    check_format,
+    checkpoint_dirs,
+    latest,
+    leftovers,
+    manifest_text,
+    meta_text,
+    rank_file,
+    step_dir,
+    verify,
+)
 from slurmvision.errors import CheckpointError
 from slurmvision.trainer.distributed import DistEnv, all_reduce_sum, barrier, broadcast_object
+
+CPU = torch.device("cpu")
 
 
 def params_sha256(model_state: dict[str, torch.Tensor]) -> str:
@@ -63,9 +79,11 @@ def rng_state() -> dict:
     """Every RNG of this process as tensors and plain values (loadable with weights_only)."""
     kind, keys, pos, has_gauss, cached = np.random.get_state()
     state = {
-        "python": list(random.getstate()[1]), "python_version": random.getstate()[0],
+        "python": list(random.getstate()[1]),
+        "python_version": random.getstate()[0],
         "python_gauss": random.getstate()[2],
-        "numpy": torch.from_numpy(keys.astype(np.int64)), "numpy_pos": int(pos),
+        "numpy": torch.from_numpy(keys.astype(np.int64)),
+        "numpy_pos": int(pos),
         "numpy_gauss": [int(has_gauss), float(cached)],
         "torch": torch.get_rng_state(),
     }
@@ -77,7 +95,9 @@ def rng_state() -> dict:
 def set_rng_state(state: dict) -> None:
     random.setstate((state["python_version"], tuple(state["python"]), state["python_gauss"]))
     has_gauss, cached = state["numpy_gauss"]
-    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), state["numpy_pos"], int(has_gauss), cached))
+    np.random.set_state(
+        ("MT19937", state["numpy"].numpy().astype(np.uint32), state["numpy_pos"], int(has_gauss), cached)
+    )
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -91,7 +111,7 @@ class Resumed:
 
 
 class CheckpointManager:
-    def __init__(self, directory: str | Path, env: DistEnv, keep: int, device: torch.device = torch.device("cpu")):
+    def __init__(self, directory: str | Path, env: DistEnv, keep: int, device: torch.device = CPU):
         self.dir = Path(directory)
         self.env, self.keep, self.device = env, keep, device
 
@@ -121,12 +141,14 @@ class CheckpointManager:
             own = checkpoint.load_rank(self.env.rank) if meta["world_size"] == self.env.world_size else None
         except (OSError, RuntimeError) as err:  # torch.load raises RuntimeError on a file cut short
             error = err
-        failed, = all_reduce_sum([float(error is not None)], self.device)
+        (failed,) = all_reduce_sum([float(error is not None)], self.device)
         if failed:
             reason = f"{error} on this rank" if error else f"it failed on {int(failed)} other rank(s)"
-            raise CheckpointError(f"cannot resume from {checkpoint.path}, the newest valid checkpoint rank 0 sees: "
-                                  f"{reason}. Every node must see the run directory alike: put it on a file system "
-                                  f"they share, not on node-local disks")
+            raise CheckpointError(
+                f"cannot resume from {checkpoint.path}, the newest valid checkpoint rank 0 sees: "
+                f"{reason}. Every node must see the run directory alike: put it on a file system "
+                f"they share, not on node-local disks"
+            )
         return Resumed(checkpoint, shared, own)
 
     def save(self, step: int, shared: dict, per_rank: dict, meta: dict) -> Path:
@@ -145,15 +167,17 @@ class CheckpointManager:
             error = err
         # Every rank learns of any rank's failure: none may wait in a barrier for a save that
         # will not come, and none may commit a checkpoint that misses a rank's file.
-        failed, = all_reduce_sum([float(error is not None)], self.device)
+        (failed,) = all_reduce_sum([float(error is not None)], self.device)
         if failed:
             if self.env.is_main:
                 shutil.rmtree(tmp, ignore_errors=True)
             kept = self.candidates()
             reason = f"{error.strerror or error} on this rank" if error else f"it failed on {int(failed)} other rank(s)"
-            raise CheckpointError(f"could not write checkpoint {final.name}: {reason}. Nothing was replaced: "
-                                  f"{kept[0].name if kept else 'no earlier checkpoint'} is still the newest. "
-                                  f"Free space in {self.dir} (or lower trainer.keep_checkpoints), then resume")
+            raise CheckpointError(
+                f"could not write checkpoint {final.name}: {reason}. Nothing was replaced: "
+                f"{kept[0].name if kept else 'no earlier checkpoint'} is still the newest. "
+                f"Free space in {self.dir} (or lower trainer.keep_checkpoints), then resume"
+            )
         barrier()
         if self.env.is_main:
             self._commit(tmp, final, meta)
@@ -183,9 +207,9 @@ class CheckpointManager:
         what killed saves left. Newer ones (which the resume found broken) are left to be replaced
         when the run saves their step again; counted, they could push out the last valid one."""
         found = self.candidates()
-        newer, older = found[:found.index(committed)], found[found.index(committed):]
+        newer, older = found[: found.index(committed)], found[found.index(committed) :]
         # Sizes, not hashes: hashing every kept checkpoint on each save would cost minutes on
         # large models. Loading still verifies hashes.
-        kept = set(newer + [path for path in older if verify(path, hashes=False) is None][:self.keep])
+        kept = set(newer + [path for path in older if verify(path, hashes=False) is None][: self.keep])
         for path in leftovers(self.dir, kept):
             shutil.rmtree(path, ignore_errors=True)

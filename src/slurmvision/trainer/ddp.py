@@ -28,7 +28,8 @@ class DDPEngine:
         self.model = model
         if dist.is_initialized() and dist.get_world_size() > 1:
             self.model = DistributedDataParallel(
-                model, device_ids=[device.index] if device.type == "cuda" else None,
+                model,
+                device_ids=[device.index] if device.type == "cuda" else None,
                 # A static graph saves work per step but cannot be combined with no_sync
                 # accumulation, frozen parameters or re-entrant checkpointing.
                 static_graph=grad_accum == 1 and not config.model.freeze and not config.model.grad_checkpointing,
@@ -36,8 +37,9 @@ class DDPEngine:
         if config.model.compile:
             self.model = torch.compile(self.model)
         self.optimizer = build_optimizer(model, config)
-        self.scaler = torch.amp.GradScaler(device.type, init_scale=2.0**config.trainer.initial_scale_power,
-                                           enabled=self.dtype is torch.float16)
+        self.scaler = torch.amp.GradScaler(
+            device.type, init_scale=2.0**config.trainer.initial_scale_power, enabled=self.dtype is torch.float16
+        )
 
     @contextlib.contextmanager
     def forward_context(self, sync: bool):
@@ -73,8 +75,11 @@ class DDPEngine:
         return self.module
 
     def state_dict(self) -> dict:
-        return {"model": self.module.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "scaler": self.scaler.state_dict()}
+        return {
+            "model": self.module.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self.module.load_state_dict(state["model"])

@@ -82,7 +82,9 @@ class TimeLimit:
         try:
             return parse_end_time(job_end_time(self.job_id))
         except ClusterError as err:
-            log.warning("cannot read the job's end time (%s): stopping before the time limit relies on its warning", err)
+            log.warning(
+                "cannot read the job's end time (%s): stopping before the time limit relies on its warning", err
+            )
             return None
 
     def too_close(self, times: StepTimes, evaluates: bool) -> bool:

@@ -52,8 +52,12 @@ def _process_group(device: torch.device) -> None:
     if not dist.is_initialized():
         from slurmvision.trainer.distributed import free_port
 
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                                init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+        dist.init_process_group(
+            "nccl" if device.type == "cuda" else "gloo",
+            init_method=f"tcp://127.0.0.1:{free_port()}",
+            rank=0,
+            world_size=1,
+        )
 
 
 class DynamicLossScale:
@@ -92,8 +96,14 @@ class DynamicLossScale:
 class DeepSpeedEngine:
     GATHER_CHUNK = 1 << 24  # elements per rank and gather when a checkpoint collects the partitions
 
-    def __init__(self, model: torch.nn.Module, config: Config, device: torch.device, local_rank: int = 0,
-                 grad_accum: Optional[int] = None):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        config: Config,
+        device: torch.device,
+        local_rank: int = 0,
+        grad_accum: Optional[int] = None,
+    ):
         trainer = config.trainer
         if device.type == "cpu":
             os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -113,8 +123,9 @@ class DeepSpeedEngine:
         # DeepSpeed reads the rank from the environment that its own launcher would set.
         os.environ.update(RANK=str(dist.get_rank()), WORLD_SIZE=str(dist.get_world_size()), LOCAL_RANK=str(local_rank))
         deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
-        self.model, _, _, _ = deepspeed.initialize(model=model, optimizer=self.optimizer,
-                                                   config=deepspeed_config(config, grad_accum), dist_init_required=False)
+        self.model, _, _, _ = deepspeed.initialize(
+            model=model, optimizer=self.optimizer, config=deepspeed_config(config, grad_accum), dist_init_required=False
+        )
         self.module = self.model.module
         if config.model.compile:
             self.model.compile()
@@ -211,8 +222,10 @@ class DeepSpeedEngine:
             partition.data.copy_(own_slice(params, [state["model"][names[id(p)]] for p in params], partition))
             keys = state["optimizer_state"][names[id(params[0])]].keys()
             if keys:  # saved before the first step, the optimizer had no state yet
-                slot = {k: own_slice(params, [state["optimizer_state"][names[id(p)]][k] for p in params], partition)
-                        for k in keys}
+                slot = {
+                    k: own_slice(params, [state["optimizer_state"][names[id(p)]][k] for p in params], partition)
+                    for k in keys
+                }
                 # Every group steps together: a checkpoint from another stage may group differently.
                 self.zero.optimizer.state[partition] = {**slot, "step": steps[min(i, len(steps) - 1)].clone()}
 
@@ -224,9 +237,9 @@ class DeepSpeedEngine:
         slices = [torch.empty(partition.numel(), dtype=partition.dtype) for _ in range(world)] if main else []
         flat = partition.contiguous().view(-1)
         for start in range(0, flat.numel(), chunk):
-            piece = flat[start:start + chunk]
+            piece = flat[start : start + chunk]
             received = [torch.empty_like(piece) for _ in range(world)] if main else None
             dist.gather(piece, received, dst=0)
             for whole, part in zip(slices, received or []):
-                whole[start:start + piece.numel()].copy_(part)
+                whole[start : start + piece.numel()].copy_(part)
         return slices

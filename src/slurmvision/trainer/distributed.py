@@ -70,20 +70,36 @@ def from_environment() -> DistEnv:
         # The job's first host serves the rendezvous (submitit expands the node list).
         master = env.get("MASTER_ADDR") or (job.hostnames[0] if job.hostnames else "127.0.0.1")
         port = int(env.get("MASTER_PORT") or port_for_job(str(job.job_id)))
-        return DistEnv(job.global_rank, job.local_rank, job.num_tasks, master, port, str(job.job_id), restart, "submitit")
+        return DistEnv(
+            job.global_rank, job.local_rank, job.num_tasks, master, port, str(job.job_id), restart, "submitit"
+        )
     # torchrun before Slurm: `srun torchrun ...` gives each of torchrun's processes the Slurm
     # variables of the one task that started them, and torchrun's own say who they are.
     if "RANK" in env and "WORLD_SIZE" in env:
-        return DistEnv(int(env["RANK"]), int(env.get("LOCAL_RANK", 0)), int(env["WORLD_SIZE"]),
-                       env.get("MASTER_ADDR", "127.0.0.1"), int(env.get("MASTER_PORT", 29500)),
-                       env.get("SLURM_JOB_ID"), restart, "torchrun")
+        return DistEnv(
+            int(env["RANK"]),
+            int(env.get("LOCAL_RANK", 0)),
+            int(env["WORLD_SIZE"]),
+            env.get("MASTER_ADDR", "127.0.0.1"),
+            int(env.get("MASTER_PORT", 29500)),
+            env.get("SLURM_JOB_ID"),
+            restart,
+            "torchrun",
+        )
     if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
         job_id = env.get("SLURM_JOB_ID", "0")
         # A step may run fewer tasks than its job has.
         world_size = int(env.get("SLURM_STEP_NUM_TASKS") or env["SLURM_NTASKS"])
-        return DistEnv(int(env["SLURM_PROCID"]), int(env.get("SLURM_LOCALID", 0)), world_size,
-                       env.get("MASTER_ADDR") or hostlist.expand(env.get("SLURM_JOB_NODELIST") or "127.0.0.1")[0],
-                       int(env.get("MASTER_PORT") or port_for_job(job_id)), job_id, restart, "slurm")
+        return DistEnv(
+            int(env["SLURM_PROCID"]),
+            int(env.get("SLURM_LOCALID", 0)),
+            world_size,
+            env.get("MASTER_ADDR") or hostlist.expand(env.get("SLURM_JOB_NODELIST") or "127.0.0.1")[0],
+            int(env.get("MASTER_PORT") or port_for_job(job_id)),
+            job_id,
+            restart,
+            "slurm",
+        )
     return DistEnv()
 
 
@@ -96,10 +112,12 @@ def init(env: DistEnv, gpus_per_node: int = 0) -> torch.device:
     """
     if gpus_per_node and not torch.cuda.is_available():
         visible = os.environ.get("CUDA_VISIBLE_DEVICES", "unset")
-        raise RunError(f"cluster.gpus_per_node={gpus_per_node} but this task sees no CUDA device on {socket.gethostname()} "
-                       f"(torch {torch.__version__}, built for CUDA {torch.version.cuda or 'none'}; CUDA_VISIBLE_DEVICES="
-                       f"{visible}): stopped instead of training on the CPU. Check that cluster.partition has GPUs and "
-                       f"that its NVIDIA driver supports this CUDA (nvidia-smi), or set cluster.gpus_per_node=0")
+        raise RunError(
+            f"cluster.gpus_per_node={gpus_per_node} but this task sees no CUDA device on {socket.gethostname()} "
+            f"(torch {torch.__version__}, built for CUDA {torch.version.cuda or 'none'}; CUDA_VISIBLE_DEVICES="
+            f"{visible}): stopped instead of training on the CPU. Check that cluster.partition has GPUs and "
+            f"that its NVIDIA driver supports this CUDA (nvidia-smi), or set cluster.gpus_per_node=0"
+        )
     if torch.cuda.is_available():
         torch.cuda.set_device(env.local_rank)
         device, backend = torch.device("cuda", env.local_rank), "nccl"
@@ -109,10 +127,19 @@ def init(env: DistEnv, gpus_per_node: int = 0) -> torch.device:
         cpus = int(os.environ.get("SLURM_CPUS_PER_TASK", 0)) or max(1, (os.cpu_count() or 1) // env.world_size)
         torch.set_num_threads(cpus)
     if env.world_size > 1 and not dist.is_initialized():
-        dist.init_process_group(backend, init_method=f"tcp://{env.master_addr}:{env.master_port}",
-                                rank=env.rank, world_size=env.world_size)
-        log.info("rank %d of %d on %s (%s): %s, rendezvous at %s:%d", env.rank, env.world_size, socket.gethostname(),
-                 env.source, backend, env.master_addr, env.master_port)
+        dist.init_process_group(
+            backend, init_method=f"tcp://{env.master_addr}:{env.master_port}", rank=env.rank, world_size=env.world_size
+        )
+        log.info(
+            "rank %d of %d on %s (%s): %s, rendezvous at %s:%d",
+            env.rank,
+            env.world_size,
+            socket.gethostname(),
+            env.source,
+            backend,
+            env.master_addr,
+            env.master_port,
+        )
     return device
 
 

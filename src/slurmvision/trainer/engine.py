@@ -43,8 +43,9 @@ class Engine(Protocol):
     def load_state_dict(self, state: dict) -> None: ...
 
 
-def build_engine(model: torch.nn.Module, config: Config, device: torch.device, local_rank: int = 0,
-                 grad_accum: Optional[int] = None) -> Engine:
+def build_engine(
+    model: torch.nn.Module, config: Config, device: torch.device, local_rank: int = 0, grad_accum: Optional[int] = None
+) -> Engine:
     """The run's engine; `grad_accum` is this attempt's accumulation (Config.grad_accum_at), if not the config's."""
     if config.trainer.engine == "deepspeed":
         from slurmvision.extras import require_engine

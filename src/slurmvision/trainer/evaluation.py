@@ -19,9 +19,17 @@ from slurmvision.trainer.distributed import DistEnv
 log = logging.getLogger(__name__)
 
 
-def evaluate(model: torch.nn.Module, config: Config, env: DistEnv, device: torch.device, num_classes: int,
-             split: str | None = None, tta: str = "none", scales: Optional[Sequence[int]] = None,
-             classes: Optional[Sequence[str]] = None) -> dict:
+def evaluate(
+    model: torch.nn.Module,
+    config: Config,
+    env: DistEnv,
+    device: torch.device,
+    num_classes: int,
+    split: str | None = None,
+    tta: str = "none",
+    scales: Optional[Sequence[int]] = None,
+    classes: Optional[Sequence[str]] = None,
+) -> dict:
     """Metrics of `model` on `split` of config.data.root, read at each of `scales` (default: data.img_size;
     several for the multiscale TTA modes). `classes` are the model's class names (default: the data's);
     the data's labels are mapped to them by name, so any shards holding some of them can be evaluated.
@@ -37,8 +45,17 @@ def evaluate(model: torch.nn.Module, config: Config, env: DistEnv, device: torch
     was_training = model.training
     model.eval()
     # One pass per scale over the same samples in the same order: their batches line up.
-    passes = [eval_batches(config.data, split, rank=env.rank, world_size=env.world_size, resolution=size,
-                           pin_memory=device.type == "cuda") for size in scales]
+    passes = [
+        eval_batches(
+            config.data,
+            split,
+            rank=env.rank,
+            world_size=env.world_size,
+            resolution=size,
+            pin_memory=device.type == "cuda",
+        )
+        for size in scales
+    ]
     try:
         for batches in zip(*passes):
             first = batches[0]
@@ -47,8 +64,10 @@ def evaluate(model: torch.nn.Module, config: Config, env: DistEnv, device: torch
             if any(batch.keys != first.keys for batch in batches):
                 keys = [set(batch.keys) for batch in batches]
                 odd = set.union(*keys) - set.intersection(*keys)
-                raise DataError(f"samples {', '.join(sorted(odd)[:3])} decode at some of the sizes {scales} only: "
-                                f"run `slurmvision shards verify {config.data.root}`")
+                raise DataError(
+                    f"samples {', '.join(sorted(odd)[:3])} decode at some of the sizes {scales} only: "
+                    f"run `slurmvision shards verify {config.data.root}`"
+                )
             if len(first.keys):
                 views = [augment.normalize(batch.images) for batch in batches]
                 metrics.update(predict(model, views, tta), labels[first.targets.to(device)])
@@ -73,6 +92,8 @@ def label_map(data_classes: Sequence[str], model_classes: Sequence[str], root: s
     if unknown:
         shown = ", ".join(map(repr, unknown[:5])) + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else "")
         known = ", ".join(map(repr, model_classes[:10])) + (", ..." if len(model_classes) > 10 else "")
-        raise DataError(f"{root} has classes the model was not trained on: {shown}; name the class folders as the "
-                        f"model's classes ({known})")
+        raise DataError(
+            f"{root} has classes the model was not trained on: {shown}; name the class folders as the "
+            f"model's classes ({known})"
+        )
     return torch.tensor([index[name] for name in data_classes], dtype=torch.int64)

@@ -75,13 +75,21 @@ class Trainer:
         self.times = StepTimes(save_s=restored.save_s, eval_s=restored.eval_s)
         self.audit = Audit(self.run_dir, env.rank, config.data.audit)
         self.audit.trim(restored.step)  # what an attempt killed after the checkpoint recorded is redone
-        self.reader = TrainReader(config.data, seed=trainer.seed, rank=env.rank, world_size=env.world_size,
-                                  state=restored.loader, pin_memory=self.device.type == "cuda")
-        self.schedule_at = build_schedule(self.engine.optimizer, config, self.global_batch,
-                                          self.reader.samples_per_epoch)
+        self.reader = TrainReader(
+            config.data,
+            seed=trainer.seed,
+            rank=env.rank,
+            world_size=env.world_size,
+            state=restored.loader,
+            pin_memory=self.device.type == "cuda",
+        )
+        self.schedule_at = build_schedule(
+            self.engine.optimizer, config, self.global_batch, self.reader.samples_per_epoch
+        )
         self.augment = DeviceAugment(config.data, self.num_classes, self.device, trainer.seed, env.rank)
-        self.monitor = Monitor(self.run_dir, env, restored.step, trainer.max_steps, to_dict(config),
-                               config.run.share_with_group)
+        self.monitor = Monitor(
+            self.run_dir, env, restored.step, trainer.max_steps, to_dict(config), config.run.share_with_group
+        )
         stop_before_limit = env.is_main and config.cluster.executor == "slurm" and config.cluster.stop_before_limit
         self.time_limit = TimeLimit(env.job_id if stop_before_limit else None, self.signals)
         # Buffers a forward pass changes (BatchNorm statistics): a step cut short puts them back.
@@ -91,8 +99,13 @@ class Trainer:
         self.record.started(world_size=env.world_size, step=restored.step, checkpoint=restored.checkpoint)
         if env.world_size != config.cluster.world_size and config.cluster.elastic:
             resized = f"{env.world_size} of {config.cluster.world_size} planned ranks"
-            log.warning("training on %s: %d micro-batches per step instead of %d keep the global batch of %d", resized,
-                        self.grad_accum, trainer.grad_accum, self.global_batch)
+            log.warning(
+                "training on %s: %d micro-batches per step instead of %d keep the global batch of %d",
+                resized,
+                self.grad_accum,
+                trainer.grad_accum,
+                self.global_batch,
+            )
             self.record.note(f"{resized}, gradient accumulation {self.grad_accum} (global batch {self.global_batch})")
         self.saved_at = time.monotonic()  # trainer.checkpoint_every_minutes count from here
 
@@ -147,9 +160,17 @@ class Trainer:
         self.times.steps.append(elapsed)
         self.record.progress(self.step, elapsed)
         if self.step % self.config.trainer.log_every == 0 or self.step == self.config.trainer.max_steps:
-            self._log_step(totals, elapsed, {"train/lr": lr, "train/weight_decay": weight_decay,
-                                             "train/data_wait_s": data_wait, "train/grad_norm": grad_norm,
-                                             "train/resolution": step_batches[-1].resolution})
+            self._log_step(
+                totals,
+                elapsed,
+                {
+                    "train/lr": lr,
+                    "train/weight_decay": weight_decay,
+                    "train/data_wait_s": data_wait,
+                    "train/grad_norm": grad_norm,
+                    "train/resolution": step_batches[-1].resolution,
+                },
+            )
         return StepResult(applied=True, save_due=bool(boundary.save_due), stop_pending=bool(totals.stop_pending))
 
     def maybe_save(self, due: bool) -> None:
@@ -177,8 +198,11 @@ class Trainer:
         Every rank reports the same reason: a time-limit warning if any rank got one.
         """
         if stop.reason == StopReason.LIMIT_AHEAD:
-            log.warning("the time limit is near: one more step and a save (about %.0fs) would not fit; stopping at "
-                        "step %d", self.times.next_step_and_save(self._evaluates_next()), self.step)
+            log.warning(
+                "the time limit is near: one more step and a save (about %.0fs) would not fit; stopping at step %d",
+                self.times.next_step_and_save(self._evaluates_next()),
+                self.step,
+            )
         started = time.monotonic()
         on_disk = self.saved_step == self.step  # saved by the last boundary, or resumed from: the same state
         if not on_disk:
@@ -188,13 +212,23 @@ class Trainer:
         cluster = self.config.cluster
         warning = stop.reason in WARNING_SIGNALS
         lead = lead_time(cluster, warning)
-        log.warning("stopped by %s (this rank: %s) at step %d: checkpoint saved %.1fs after the signal%s", stop.reason,
-                    self.signals.name, self.step, took, " (it was on disk already)" if on_disk else "")
+        log.warning(
+            "stopped by %s (this rank: %s) at step %d: checkpoint saved %.1fs after the signal%s",
+            stop.reason,
+            self.signals.name,
+            self.step,
+            took,
+            " (it was on disk already)" if on_disk else "",
+        )
         if stop.reason != StopReason.LIMIT_AHEAD and cluster.executor == "slurm" and took > 0.8 * lead:
-            advice = ("raise cluster.signal_delay_s" if warning else
-                      "Slurm's KillWait is tight for this run: save more often (trainer.checkpoint_every_minutes)")
-            log.warning("saving took %.0f%% of the %ds Slurm leaves after %s: %s", 100 * took / lead, lead,
-                        stop.reason, advice)
+            advice = (
+                "raise cluster.signal_delay_s"
+                if warning
+                else "Slurm's KillWait is tight for this run: save more often (trainer.checkpoint_every_minutes)"
+            )
+            log.warning(
+                "saving took %.0f%% of the %ds Slurm leaves after %s: %s", 100 * took / lead, lead, stop.reason, advice
+            )
         self.monitor.close()
         self.record.ended(Outcome.STOPPED, self.step, signal=stop.reason)
         return {"interrupted": True, "signal": stop.reason, "step": self.step}
@@ -207,9 +241,15 @@ class Trainer:
         """Every rank's data error, timed save and stop signals, summed; a data error on any rank stops all."""
         minutes = self.config.trainer.checkpoint_every_minutes
         save_due = bool(minutes) and time.monotonic() - self.saved_at > minutes * 60 and self.env.is_main
-        boundary = agree(Boundary, self.device, data_errors=error is not None, save_due=save_due,
-                         warnings=self.signals.is_warning, terms=self.signals.requested and not self.signals.is_warning,
-                         limit_ahead=self.time_limit.too_close(self.times, self._evaluates_next()))
+        boundary = agree(
+            Boundary,
+            self.device,
+            data_errors=error is not None,
+            save_due=save_due,
+            warnings=self.signals.is_warning,
+            terms=self.signals.requested and not self.signals.is_warning,
+            limit_ahead=self.time_limit.too_close(self.times, self._evaluates_next()),
+        )
         if boundary.data_errors:
             raise error or DataError("another rank stopped on bad data; see its log for the samples")
         return boundary
@@ -229,13 +269,24 @@ class Trainer:
             if reason is not None:
                 for buffer, saved in zip(self.persistent_buffers, start_buffers):
                     buffer.copy_(saved)
-                log.warning("step %d cannot finish before the %s deadline: saving the state from its start instead "
-                            "(the %d micro-batch(es) done are redone after the restart)", self.step + 1, reason, i + 1)
+                log.warning(
+                    "step %d cannot finish before the %s deadline: saving the state from its start instead "
+                    "(the %d micro-batch(es) done are redone after the restart)",
+                    self.step + 1,
+                    reason,
+                    i + 1,
+                )
                 return Stop(reason, position, start_rng)
         self.audit.write(self.step, step_batches)
-        return agree(StepTotals, self.device, loss=loss_sum, nonfinite=not math.isfinite(loss_sum),
-                     images=sum(len(b.keys) for b in step_batches), bad_samples=sum(len(b.bad) for b in step_batches),
-                     stop_pending=self.signals.requested)
+        return agree(
+            StepTotals,
+            self.device,
+            loss=loss_sum,
+            nonfinite=not math.isfinite(loss_sum),
+            images=sum(len(b.keys) for b in step_batches),
+            bad_samples=sum(len(b.bad) for b in step_batches),
+            stop_pending=self.signals.requested,
+        )
 
     def _cut_short(self, micro_left: int) -> Optional[StopReason]:
         """Between micro-steps: the agreed reason to stop if some rank would miss its deadline by finishing the step."""
@@ -248,19 +299,29 @@ class Trainer:
         self.engine.skip()
         self.saved_step = None  # its batches are consumed: the data position on disk is behind
         self.bad_steps += 1
-        log.warning("non-finite loss at step %d on %d rank(s): step skipped (%d in a row)", self.step, ranks,
-                    self.bad_steps)
+        log.warning(
+            "non-finite loss at step %d on %d rank(s): step skipped (%d in a row)", self.step, ranks, self.bad_steps
+        )
         if self.bad_steps >= self.config.trainer.nonfinite_budget:
-            raise RunError(f"{self.bad_steps} non-finite steps in a row at step {self.step}: stopped; the last good "
-                           f"checkpoint is kept. Lower optim.lr, set optim.clip_grad, or use trainer.precision=bf16")
+            raise RunError(
+                f"{self.bad_steps} non-finite steps in a row at step {self.step}: stopped; the last good "
+                f"checkpoint is kept. Lower optim.lr, set optim.clip_grad, or use trainer.precision=bf16"
+            )
 
     def _log_step(self, totals: StepTotals, elapsed: float, scalars: dict) -> None:
         loss = totals.loss / self.env.world_size / self.grad_accum
-        self.monitor.scalars(self.step, {
-            "train/loss": loss, **scalars, "train/images_per_s": totals.images / elapsed, "train/step_time_s": elapsed,
-            "train/loss_scale": self.engine.loss_scale, "train/bad_samples": totals.bad_samples,
-            "train/gpu_mem_gib": self.monitor.memory(self.device),
-        })
+        self.monitor.scalars(
+            self.step,
+            {
+                "train/loss": loss,
+                **scalars,
+                "train/images_per_s": totals.images / elapsed,
+                "train/step_time_s": elapsed,
+                "train/loss_scale": self.engine.loss_scale,
+                "train/bad_samples": totals.bad_samples,
+                "train/gpu_mem_gib": self.monitor.memory(self.device),
+            },
+        )
         self.monitor.progress(self.step, loss, totals.images / elapsed)
 
     def _micro_step(self, batch, micro: int, sync: bool) -> float:
@@ -288,16 +349,29 @@ class Trainer:
     def save(self, position: Optional[dict] = None, rng: Optional[dict] = None) -> None:
         """Collective checkpoint; `position` and `rng` are the data position and RNG states if not the current ones."""
         started = time.monotonic()
-        shared = {"engine": self.engine.state_dict(), "step": self.step, "samples_seen": self.samples_seen,
-                  "loader": position or self.reader.state.to_dict(),
-                  "global_batch": self.global_batch, "config": json.dumps(to_dict(self.config))}
+        shared = {
+            "engine": self.engine.state_dict(),
+            "step": self.step,
+            "samples_seen": self.samples_seen,
+            "loader": position or self.reader.state.to_dict(),
+            "global_batch": self.global_batch,
+            "config": json.dumps(to_dict(self.config)),
+        }
         if self.ema is not None:
             shared["ema"] = self.ema.module.state_dict()
-        meta = {"step": self.step, "epoch": shared["loader"]["epoch"], "samples_seen": self.samples_seen,
-                "world_size": self.env.world_size, "engine": self.config.trainer.engine,
-                "config_hash": config_hash(self.config), "params_sha256": params_sha256(shared["engine"]["model"]),
-                "time": time.time(), "last_save_s": self.times.save_s,
-                "last_eval_s": self.times.eval_s, "classes": self.classes}
+        meta = {
+            "step": self.step,
+            "epoch": shared["loader"]["epoch"],
+            "samples_seen": self.samples_seen,
+            "world_size": self.env.world_size,
+            "engine": self.config.trainer.engine,
+            "config_hash": config_hash(self.config),
+            "params_sha256": params_sha256(shared["engine"]["model"]),
+            "time": time.time(),
+            "last_save_s": self.times.save_s,
+            "last_eval_s": self.times.eval_s,
+            "classes": self.classes,
+        }
         path = self.checkpoints.save(self.step, shared, {"rng": rng or rng_state()}, meta)
         self.saved_step, self.saved_at = self.step, time.monotonic()
         self.record.progress(self.step, saved=self.step)
@@ -319,8 +393,13 @@ class Trainer:
             out = self.run_dir / "eval"
             out.mkdir(parents=True, exist_ok=True)
             (out / f"step-{self.step:08d}.json").write_text(json.dumps(results, indent=1))
-            log.info("eval at step %d: top-1 %.4f top-5 %.4f F1 %.4f", self.step, results["top1"], results["top5"],
-                     results["f1_macro"])
+            log.info(
+                "eval at step %d: top-1 %.4f top-5 %.4f F1 %.4f",
+                self.step,
+                results["top1"],
+                results["top5"],
+                results["f1_macro"],
+            )
         return results
 
     def _log_gradcam(self, model: torch.nn.Module) -> None:
@@ -338,7 +417,7 @@ class Trainer:
                 return
             batches = eval_batches(self.config.data, self.config.data.val_split, rank=0, world_size=1)
             try:
-                self._gradcam_images = next(batches).images[:self.config.trainer.gradcam_images]
+                self._gradcam_images = next(batches).images[: self.config.trainer.gradcam_images]
             finally:
                 batches.close()
         if not len(self._gradcam_images):
@@ -349,8 +428,9 @@ class Trainer:
     def _empty_copy(self) -> torch.nn.Module:
         """The model's architecture, without downloading or loading weights or drawing from the run's RNG."""
         with torch.random.fork_rng(devices=[]):
-            return build_model(dataclasses.replace(self.config.model, pretrained=False, finetune_from=None),
-                               self.num_classes)
+            return build_model(
+                dataclasses.replace(self.config.model, pretrained=False, finetune_from=None), self.num_classes
+            )
 
 
 def train(config: Config, env: Optional[DistEnv] = None) -> dict:

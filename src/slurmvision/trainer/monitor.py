@@ -31,8 +31,15 @@ def setup_logging(env: DistEnv, log_file: Optional[Path] = None) -> None:
 class Monitor:
     """TensorBoard writer continued across resumes (`purge_step`), plus a progress line."""
 
-    def __init__(self, run_dir: Path, env: DistEnv, start_step: int, max_steps: int, hparams: dict,
-                 share_with_group: bool = False):
+    def __init__(
+        self,
+        run_dir: Path,
+        env: DistEnv,
+        start_step: int,
+        max_steps: int,
+        hparams: dict,
+        share_with_group: bool = False,
+    ):
         self.env, self.max_steps = env, max_steps
         self.run_dir, self.share_with_group = run_dir, share_with_group
         self.hparams = hparams
@@ -62,7 +69,14 @@ class Monitor:
         elapsed = time.monotonic() - self.started
         eta = elapsed / done * (self.max_steps - step) if done else 0.0
         logging.getLogger("slurmvision.progress").info(
-            "step %d/%d  loss %.4f  %.0f img/s  ETA %dm%02ds", step, self.max_steps, loss, images_per_s, eta // 60, eta % 60)
+            "step %d/%d  loss %.4f  %.0f img/s  ETA %dm%02ds",
+            step,
+            self.max_steps,
+            loss,
+            images_per_s,
+            eta // 60,
+            eta % 60,
+        )
 
     def eval(self, step: int, results: dict, image=None) -> None:
         if self.writer is None:
@@ -89,8 +103,10 @@ class Monitor:
             return
         from torch.utils.tensorboard.summary import hparams
 
-        values = {key: value if value is None or isinstance(value, (bool, int, float, str)) else json.dumps(value)
-                  for key, value in flatten(self.hparams).items()}
+        values = {
+            key: value if value is None or isinstance(value, (bool, int, float, str)) else json.dumps(value)
+            for key, value in flatten(self.hparams).items()
+        }
         for summary in hparams(values, {f"eval/{key}": results[key] for key in EVAL_METRICS}):
             self.writer.file_writer.add_summary(summary, step)
 
@@ -106,8 +122,10 @@ class Monitor:
             return
         self.run_dir.chmod(self.run_dir.stat().st_mode | stat.S_IXGRP)
         for folder, _, files in os.walk(self.run_dir / "tb"):
-            for path, bits in ((folder, stat.S_IRGRP | stat.S_IXGRP), *((os.path.join(folder, f), stat.S_IRGRP)
-                                                                       for f in files)):
+            for path, bits in (
+                (folder, stat.S_IRGRP | stat.S_IXGRP),
+                *((os.path.join(folder, f), stat.S_IRGRP) for f in files),
+            ):
                 os.chmod(path, (os.stat(path).st_mode | bits) & ~(stat.S_IWGRP | stat.S_IWOTH))
 
     def close(self) -> None:

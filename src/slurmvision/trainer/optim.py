@@ -17,8 +17,15 @@ def build_optimizer(model: torch.nn.Module, config: Config) -> torch.optim.Optim
 
     optim = config.optim
     extra = {"betas": tuple(optim.betas), "eps": optim.eps} if optim.name == "adamw" else {"momentum": 0.9}
-    return create_optimizer_v2(model, opt=optim.name, lr=optim.lr, weight_decay=optim.weight_decay,
-                               filter_bias_and_bn=True, layer_decay=optim.layer_decay, **extra)
+    return create_optimizer_v2(
+        model,
+        opt=optim.name,
+        lr=optim.lr,
+        weight_decay=optim.weight_decay,
+        filter_bias_and_bn=True,
+        layer_decay=optim.layer_decay,
+        **extra,
+    )
 
 
 def check_loss_scale(scale: float) -> None:
@@ -26,5 +33,7 @@ def check_loss_scale(scale: float) -> None:
     torch's GradScaler would halve on towards 0 and train on zeroed gradients; DeepSpeed's own
     scaler raises at its minimum (DeepSpeed issue 5426). Both engines stop here, with advice."""
     if scale < MIN_LOSS_SCALE:
-        raise RunError(f"the fp16 loss scale fell below {MIN_LOSS_SCALE:g}: the gradients overflow at any scale. "
-                       "Stopped; the last good checkpoint is kept. Use trainer.precision=bf16, or lower optim.lr")
+        raise RunError(
+            f"the fp16 loss scale fell below {MIN_LOSS_SCALE:g}: the gradients overflow at any scale. "
+            "Stopped; the last good checkpoint is kept. Use trainer.precision=bf16, or lower optim.lr"
+        )

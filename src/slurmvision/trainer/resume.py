@@ -42,8 +42,14 @@ class Restored:
     eval_s: float = 0.0
 
 
-def resume(checkpoints: CheckpointManager, engine: Engine, ema: Optional[torch.nn.Module], config: Config,
-           rank: int, global_batch: int) -> Restored:
+def resume(
+    checkpoints: CheckpointManager,
+    engine: Engine,
+    ema: Optional[torch.nn.Module],
+    config: Config,
+    rank: int,
+    global_batch: int,
+) -> Restored:
     """Collective: restore the newest valid checkpoint, or seed this rank's RNGs for a fresh start.
 
     `global_batch` is this attempt's (Config.grad_accum_at): a checkpoint trained with another is refused.
@@ -53,8 +59,9 @@ def resume(checkpoints: CheckpointManager, engine: Engine, ema: Optional[torch.n
         seed_everything(config.trainer.seed, 1, rank)
         return Restored()
     checkpoint, shared = resumed.checkpoint, resumed.shared
-    check_config(config, json.loads(shared["config"]), int(shared.get("global_batch", 0)), global_batch,
-                 checkpoint.path)
+    check_config(
+        config, json.loads(shared["config"]), int(shared.get("global_batch", 0)), global_batch, checkpoint.path
+    )
     engine.load_state_dict(shared["engine"])
     if ema is not None and "ema" in shared:
         ema.module.load_state_dict(shared["ema"])
@@ -64,9 +71,14 @@ def resume(checkpoints: CheckpointManager, engine: Engine, ema: Optional[torch.n
     else:  # a new world size: ranks draw fresh, still reproducible, random streams
         seed_everything(config.trainer.seed, 2, step, rank)
     log.info("resumed from %s (step %d)", checkpoint.path, step)
-    return Restored(step=step, samples_seen=int(shared["samples_seen"]), loader=LoaderState.from_dict(shared["loader"]),
-                    checkpoint=str(checkpoint.path), save_s=float(checkpoint.meta.get("last_save_s", 0.0)),
-                    eval_s=float(checkpoint.meta.get("last_eval_s", 0.0)))
+    return Restored(
+        step=step,
+        samples_seen=int(shared["samples_seen"]),
+        loader=LoaderState.from_dict(shared["loader"]),
+        checkpoint=str(checkpoint.path),
+        save_s=float(checkpoint.meta.get("last_save_s", 0.0)),
+        eval_s=float(checkpoint.meta.get("last_eval_s", 0.0)),
+    )
 
 
 def check_config(config: Config, saved: dict, saved_global_batch: int, global_batch: int, path: Path) -> None:
@@ -78,6 +90,8 @@ def check_config(config: Config, saved: dict, saved_global_batch: int, global_ba
     if config.trainer.allow_config_change:
         log.warning("resuming %s with config changes (allowed): %s", path, "; ".join(changes))
         return
-    raise CheckpointError(f"the config differs from the one {path} was trained with: {'; '.join(changes)}. "
-                          "Undo the changes (for fewer ranks raise trainer.grad_accum to keep the global batch), "
-                          "use a new --run-dir, or pass trainer.allow_config_change=true")
+    raise CheckpointError(
+        f"the config differs from the one {path} was trained with: {'; '.join(changes)}. "
+        "Undo the changes (for fewer ranks raise trainer.grad_accum to keep the global batch), "
+        "use a new --run-dir, or pass trainer.allow_config_change=true"
+    )

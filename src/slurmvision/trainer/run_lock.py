@@ -56,8 +56,9 @@ def _take(path: Path, env: DistEnv) -> tuple[Optional[IO], bool]:
         return None, True
     except OSError as err:
         f.close()
-        log.warning("cannot lock %s (%s): training without the guard against a second job in this run directory",
-                    path, err)
+        log.warning(
+            "cannot lock %s (%s): training without the guard against a second job in this run directory", path, err
+        )
         return None, False
     f.truncate(0)  # "a+": the write below lands at the new end, the start
     since = time.strftime("%Y-%m-%d %H:%M:%S")
@@ -74,8 +75,10 @@ def run_lock(run_dir: Path, env: DistEnv, device: torch.device) -> Iterator[None
     held, taken_by_another = _take(path, env) if env.is_main else (None, False)
     try:
         if all_reduce_sum([float(taken_by_another)], device)[0]:
-            raise RunError(f"another job is training {run_dir} ({holder(path)}): two jobs would overwrite each other's "
-                           f"checkpoints. Wait for it to end or cancel it, then start this one again")
+            raise RunError(
+                f"another job is training {run_dir} ({holder(path)}): two jobs would overwrite each other's "
+                f"checkpoints. Wait for it to end or cancel it, then start this one again"
+            )
         yield
     finally:
         if held is not None:

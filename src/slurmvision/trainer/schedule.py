@@ -18,8 +18,9 @@ from slurmvision.configs import Config
 log = logging.getLogger(__name__)
 
 
-def build_schedule(optimizer: torch.optim.Optimizer, config: Config, global_batch: int,
-                   samples_per_epoch: int) -> Callable[[int], tuple[float, float]]:
+def build_schedule(
+    optimizer: torch.optim.Optimizer, config: Config, global_batch: int, samples_per_epoch: int
+) -> Callable[[int], tuple[float, float]]:
     """`at(step)`: sets the optimizer's learning rates and weight decays for `step`, and returns
     the base LR (before any layer-wise scale) and the weight decay.
 
@@ -43,8 +44,14 @@ def build_schedule(optimizer: torch.optim.Optimizer, config: Config, global_batc
     decayed = [group for group in optimizer.param_groups if group["weight_decay"] > 0]
     wd_start = optim.weight_decay
     wd_end = wd_start if optim.weight_decay_end is None else optim.weight_decay_end
-    log.info("peak lr %.3g at global batch %d, %d warm-up steps; weight decay %.3g to %.3g",
-             peak, global_batch, warmup, wd_start, wd_end)
+    log.info(
+        "peak lr %.3g at global batch %d, %d warm-up steps; weight decay %.3g to %.3g",
+        peak,
+        global_batch,
+        warmup,
+        wd_start,
+        wd_end,
+    )
 
     def at(step: int) -> tuple[float, float]:
         scheduler.step_update(step)

@@ -21,9 +21,15 @@ def loss_fn(logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float)
 
 def distill_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
     """Hinton's soft-target KL(teacher || student) at a temperature, scaled by T² to keep its gradients' size."""
-    return F.kl_div(F.log_softmax(student.float() / temperature, dim=-1),
-                    F.log_softmax(teacher.float() / temperature, dim=-1),
-                    reduction="batchmean", log_target=True) * temperature ** 2
+    return (
+        F.kl_div(
+            F.log_softmax(student.float() / temperature, dim=-1),
+            F.log_softmax(teacher.float() / temperature, dim=-1),
+            reduction="batchmean",
+            log_target=True,
+        )
+        * temperature**2
+    )
 
 
 @dataclass(frozen=True)

@@ -27,9 +27,11 @@ def check_version(version: str) -> None:
 
     low, high = TESTED_DEEPSPEED
     if not Version(low) <= Version(version) < Version(high):
-        raise RunError(f"DeepSpeed {version} is not a version slurmvision was tested with (>={low},<{high}): "
-                       f"its ZeRO checkpoints read DeepSpeed's private partition layout. Install "
-                       f"'deepspeed>={low},<{high}', or use trainer.engine=ddp")
+        raise RunError(
+            f"DeepSpeed {version} is not a version slurmvision was tested with (>={low},<{high}): "
+            f"its ZeRO checkpoints read DeepSpeed's private partition layout. Install "
+            f"'deepspeed>={low},<{high}', or use trainer.engine=ddp"
+        )
 
 
 def _pad(flat: torch.Tensor, size: int) -> torch.Tensor:
@@ -52,16 +54,17 @@ class FlatPartitions:
         """Every parameter's full tensor from all ranks' flat partitions, in the group's order."""
         flat, offset, fulls = torch.cat(slices), 0, []
         for param in params:
-            fulls.append(flat[offset:offset + param.numel()].view_as(param))
+            fulls.append(flat[offset : offset + param.numel()].view_as(param))
             offset += param.numel()
         return fulls
 
-    def own_slice(self, params: list[torch.nn.Parameter], fulls: list[torch.Tensor],
-                  partition: torch.Tensor) -> torch.Tensor:
+    def own_slice(
+        self, params: list[torch.nn.Parameter], fulls: list[torch.Tensor], partition: torch.Tensor
+    ) -> torch.Tensor:
         """This rank's flat partition of the given full tensors (the inverse of `split`)."""
         rank, world, size = dist.get_rank(), dist.get_world_size(), partition.numel()
         flat = _pad(torch.cat([t.reshape(-1).float() for t in fulls]), size * world)
-        return flat[rank * size:(rank + 1) * size].to(partition.device)
+        return flat[rank * size : (rank + 1) * size].to(partition.device)
 
     def model_state(self, module: torch.nn.Module, everywhere: bool = True) -> dict:
         return module.state_dict()
@@ -82,8 +85,9 @@ class FlatPartitions:
     def load_weights(self, module: torch.nn.Module, model: dict) -> None:
         module.load_state_dict(model)
 
-    def eval_module(self, module: torch.nn.Module, build: Callable[[], torch.nn.Module],
-                    device: torch.device) -> torch.nn.Module:
+    def eval_module(
+        self, module: torch.nn.Module, build: Callable[[], torch.nn.Module], device: torch.device
+    ) -> torch.nn.Module:
         return module
 
 
@@ -101,17 +105,18 @@ class ParameterPartitions:
         fulls, offset = [], 0
         for param in params:
             size = param.ds_tensor.numel()
-            fulls.append(torch.cat([s[offset:offset + size] for s in slices])[:param.ds_numel].view(param.ds_shape))
+            fulls.append(torch.cat([s[offset : offset + size] for s in slices])[: param.ds_numel].view(param.ds_shape))
             offset += size
         return fulls
 
-    def own_slice(self, params: list[torch.nn.Parameter], fulls: list[torch.Tensor],
-                  partition: torch.Tensor) -> torch.Tensor:
+    def own_slice(
+        self, params: list[torch.nn.Parameter], fulls: list[torch.Tensor], partition: torch.Tensor
+    ) -> torch.Tensor:
         rank, world = dist.get_rank(), dist.get_world_size()
         pieces = []
         for param, full in zip(params, fulls):
             size = param.ds_tensor.numel()
-            pieces.append(_pad(full.reshape(-1).float(), size * world)[rank * size:(rank + 1) * size])
+            pieces.append(_pad(full.reshape(-1).float(), size * world)[rank * size : (rank + 1) * size])
         return _pad(torch.cat(pieces), partition.numel()).to(partition.device)
 
     def model_state(self, module: torch.nn.Module, everywhere: bool = True) -> dict:
@@ -145,8 +150,9 @@ class ParameterPartitions:
                 param.data.copy_(model[name])
         module.load_state_dict({n: t for n, t in model.items() if n not in params}, strict=False)
 
-    def eval_module(self, module: torch.nn.Module, build: Callable[[], torch.nn.Module],
-                    device: torch.device) -> torch.nn.Module:
+    def eval_module(
+        self, module: torch.nn.Module, build: Callable[[], torch.nn.Module], device: torch.device
+    ) -> torch.nn.Module:
         """Ranks evaluate different numbers of batches, which ZeRO-3's per-layer gathers cannot:
         a full copy built with `build()`."""
         copy = build()
