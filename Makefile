@@ -11,7 +11,7 @@ SLURM_CONF_FILE := $(CURDIR)/.devslurm/etc/slurm.conf
 # network namespaces). The test suite needs two for its multi-node tests.
 NODES ?= 1
 
-.PHONY: venv demo demo-slurm test lint fmt test-unit test-integration test-slurm slurm-up slurm-down bench chaos clean-venv
+.PHONY: venv demo demo-slurm test test-all lint fmt test-unit test-integration test-slurm slurm-up slurm-down bench chaos clean-venv
 
 venv: $(STAMP)
 
@@ -35,6 +35,10 @@ demo-slurm: venv slurm-up
 # the other worker trains meanwhile. Tests that share Slurm nodes form one xdist group (localhost,
 # two-hosts) and run one after another on one worker; everything else is spread over both.
 test: venv lint
+	bash $(DEVSLURM) up --nodes 2
+	SLURM_CONF=$(SLURM_CONF_FILE) $(PY) -m pytest tests -m "not slow" -n 2 --dist loadgroup
+
+test-all: venv lint
 	bash $(DEVSLURM) up --nodes 2
 	SLURM_CONF=$(SLURM_CONF_FILE) $(PY) -m pytest tests -n 2 --dist loadgroup
 

@@ -28,7 +28,8 @@ def losses(run_dir):
     ]
 
 
-@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+# fp16 learning is also shown by the fp16 stop-and-resume runs below; slow: `make test-all`.
+@pytest.mark.parametrize("precision", ["bf16", pytest.param("fp16", marks=pytest.mark.slow)])
 def test_zero1_learns_in_mixed_precision(tiny_shards, tmp_path, precision):
     run = tmp_path / "run"
     done = train_cli(
@@ -67,7 +68,8 @@ def scalars(run_dir, tag: str) -> dict[int, float]:
 # fp32 state round-trips bit for bit in the world-size tests below. fp16 runs use the BatchNorm
 # ResNet: CPU autocast computes F.normalize's norm in fp16, where its eps underflows, so Swin V2's
 # cosine attention gives NaN for padded windows (CUDA autocast takes the norm in fp32).
-@pytest.mark.parametrize("stage,precision", [(3, "fp32"), (0, "fp16"), (2, "fp16")])
+# Stage 0 keeps only the weights flat, as stages 1/2 do with more: slow, `make test-all`.
+@pytest.mark.parametrize("stage,precision", [(3, "fp32"), pytest.param(0, "fp16", marks=pytest.mark.slow), (2, "fp16")])
 def test_zero_stop_and_resume_is_exact(tiny_shards, tmp_path, stage, precision):
     # A scale that overflows at first: the scale a resume starts from decides which steps are skipped.
     settings = [

@@ -23,6 +23,14 @@ def slurm_cluster():
         pytest.skip(message)
 
 
+@pytest.fixture(autouse=True)
+def in_its_group(request, worker_id):
+    """Tests that share Slurm nodes must run one after another (`make test`: --dist loadgroup). pytest-xdist
+    groups them by renaming node ids, which some pytest versions ignore: then say so instead of racing."""
+    if worker_id != "master" and request.config.getvalue("dist") == "loadgroup" and "@" not in request.node.nodeid:
+        pytest.fail("pytest-xdist did not group this Slurm test (xdist_group); use the pinned pytest (<9)")
+
+
 @pytest.fixture(scope="session")
 def straight_sha(tiny_shards, tmp_path_factory, worker_id):  # noqa: F811
     """params_sha256 of an uninterrupted 2-rank run with the LONGER settings, trained once for the
