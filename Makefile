@@ -67,8 +67,16 @@ slurm-up:
 slurm-down:
 	bash $(DEVSLURM) down
 
+# Every CPU benchmark of benchmarks/, one after another: each writes its section of benchmarks/RESULTS.md
+# and its keys of benchmarks/results.json. A script this checkout lacks is skipped with a note. The GPU
+# benchmark runs on a GPU machine: benchmarks/gpu.sh OUT_DIR (its CPU check, --smoke, is in make test).
+BENCHMARKS := data_pipeline grad_checkpointing trainer_vs_bare checkpoint_io login_commands
 bench: venv
-	$(PY) benchmarks/data_pipeline.py
+	@set -e; for name in $(BENCHMARKS); do \
+		script=benchmarks/$$name.py; \
+		if [ -f $$script ]; then echo "== $$script"; $(PY) $$script; \
+		else echo "== $$script: not in this checkout, skipped"; fi; \
+	done
 
 # Ten faults drawn from SEED on the local cluster, the cluster-wide ones too (slurmctld restarted,
 # slurmdbd stopped a minute): run it alone. Its table goes to benchmarks/RESULTS.md.

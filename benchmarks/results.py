@@ -12,3 +12,33 @@ def write_section(path: Path, text: str) -> None:
     head, _, rest = old.partition(heading)
     tail = rest[rest.find("\n## ") :] if "\n## " in rest else ""
     path.write_text(head.rstrip() + "\n\n" + text.rstrip() + "\n" + tail)
+
+
+def write_figures(path: Path, key: str, figures: dict) -> None:
+    """Put `figures` under `key` of the JSON file at `path`, keeping the other benchmarks' keys; keys
+    sorted and one value a line, so that a change in speed shows in a diff. Written as tmp + rename."""
+    import json
+    import os
+
+    data = json.loads(path.read_text()) if path.exists() else {}
+    data[key] = figures
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def machine() -> dict:
+    """Where and when a benchmark ran: CPU cores, load, torch version, date."""
+    import os
+    import platform
+    import time
+
+    import torch
+
+    return {
+        "machine": platform.machine(),
+        "cpu_cores": os.cpu_count(),
+        "load_average_1m": round(os.getloadavg()[0], 2),
+        "torch": torch.__version__,
+        "date": time.strftime("%Y-%m-%d"),
+    }

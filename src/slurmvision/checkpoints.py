@@ -5,7 +5,9 @@ Layout of `<run>/checkpoints/step-00000100/`: `state.pt` (model, optimizer, scal
 replicated, from rank 0), `rank-00000.pt`... (each rank's RNG and data position), `meta.json`, and
 `MANIFEST.json` with every file's size and sha256, written last. A save builds `step-N.tmp/` and renames
 it into place, then points `latest` at it (`trainer.checkpoint.CheckpointManager`, which writes them from
-all ranks together). A checkpoint counts only if its manifest verifies.
+all ranks together, at once or in the background: the same files either way). A checkpoint counts only
+if its manifest verifies. The files are torch.save zips written without the zip's CRC32 where torch
+allows it: the manifest's sha256 covers them.
 
 Free of torch at import: `status` and `checkpoint inspect` read checkpoints on the login node. Loading a
 checkpoint's tensors imports torch then.
@@ -64,9 +66,16 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def manifest_text(directory: Path) -> str:
-    """The manifest of a checkpoint being built: every file in it with its size and sha256."""
-    files = {p.name: {"bytes": p.stat().st_size, "sha256": sha256_file(p)} for p in sorted(directory.iterdir())}
+def manifest_text(directory: Path, known: Optional[dict[str, tuple[int, str]]] = None) -> str:
+    """The manifest of a checkpoint being built: every file in it with its size and sha256.
+
+    `known` holds the (size, sha256) of files hashed as they were written: those are not read
+    again unless their size on disk differs."""
+    files = {}
+    for path in sorted(directory.iterdir()):
+        size = path.stat().st_size
+        digest = (known or {}).get(path.name)
+        files[path.name] = {"bytes": size, "sha256": digest[1] if digest and digest[0] == size else sha256_file(path)}
     return json.dumps({"files": files}, indent=1)
 
 

@@ -106,7 +106,11 @@ def cmd_train(args) -> int:
     _print(
         results,
         args.json,
-        lambda r: f"top-1 {r['top1']:.4f}  top-5 {r['top5']:.4f}  F1 {r['f1_macro']:.4f}  (step {r['step']})",
+        lambda r: (
+            f"top-1 {r['top1']:.4f}  top-5 {r['top5']:.4f}  F1 {r['f1_macro']:.4f}  (step {r['step']})"
+            if r.get("evaluated", True)
+            else f"finished at step {r['step']} (not evaluated: data.synthetic)"
+        ),
     )
     return 0
 

@@ -99,3 +99,65 @@ def test_every_rank_resumes_from_what_rank_0_chose_whatever_it_sees_itself(tmp_p
     assert "step-00000002, the newest valid checkpoint rank 0 sees: it failed on 1 other rank(s)" in results[0][1]
     assert "No such file or directory" in results[1][1] and "on this rank" in results[1][1]
     assert all("put it on a file system they share" in message for message in (results[0][1], results[1][1]))
+
+
+def _background_rank(rank: int, port: int, directory: str, outcomes) -> None:
+    """Background saves on 2 ranks: rank 1 writes slowly, then its disk fills up."""
+    import time
+
+    from slurmvision.errors import CheckpointError
+    from slurmvision.trainer import checkpoint as module
+    from slurmvision.trainer.checkpoint import CheckpointManager
+    from slurmvision.trainer.distributed import DistEnv
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    manager = CheckpointManager(directory, DistEnv(rank=rank, world_size=2), keep=2)
+    real_save = module._save
+
+    def slow(obj, path):
+        time.sleep(1.0)
+        return real_save(obj, path)
+
+    def full_disk(obj, path):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    def save(step: int) -> None:
+        manager.save_async(step, {"w": torch.full((3,), float(step))}, {"rank": rank}, {"step": step, "epoch": 0})
+
+    module._save = slow if rank == 1 else real_save
+    save(1)
+    boundaries, settled = 1, manager.settle()
+    while settled is None:  # the loop's step boundaries, while rank 1 still writes
+        boundaries, settled = boundaries + 1, manager.settle()
+    files = sorted(p.name for p in settled.path.iterdir())
+    module._save = full_disk if rank == 1 else real_save
+    save(2)
+    failed = manager.settle(wait=True).error
+    save(3)
+    try:
+        manager.settle(wait=True)
+        stopped = None
+    except CheckpointError as err:
+        stopped = str(err)
+    outcomes.put((rank, {"boundaries": boundaries, "files": files, "failed": failed, "stopped": stopped}))
+    dist.destroy_process_group()
+
+
+def test_a_background_save_commits_once_every_rank_wrote_and_a_failure_is_reported_on_every_rank(tmp_path):
+    context = mp.get_context("spawn")
+    outcomes = context.Queue()
+    port = free_port()
+    procs = [context.Process(target=_background_rank, args=(r, port, str(tmp_path), outcomes)) for r in range(2)]
+    for p in procs:
+        p.start()
+    results = dict(outcomes.get(timeout=120) for _ in procs)
+    for p in procs:
+        p.join(timeout=30)
+    assert results[0]["boundaries"] == results[1]["boundaries"] > 1  # the ranks agreed, step by step
+    assert results[0]["files"] == ["MANIFEST.json", "meta.json", "rank-00000.pt", "rank-00001.pt", "state.pt"]
+    assert "No space left on device on this rank" in results[1]["failed"]
+    assert "failed on 1 other rank" in results[0]["failed"]
+    for outcome in results.values():
+        assert "step-00000001 is still the newest" in outcome["failed"] and "training goes on" in outcome["failed"]
+        assert "2 background checkpoints failed in a row" in outcome["stopped"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step-00000001"]

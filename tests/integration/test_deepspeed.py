@@ -265,3 +265,27 @@ def test_fp16_overflow_is_skipped_on_every_rank_and_a_scale_below_one_stops(tiny
     # Halving down to 1 is allowed; the overflow that takes it below stops the run with advice.
     assert report["last_scale"] == 0.5 and report["overflows"] == math.log2(report["scale_after"]) + 1
     assert "fp16 loss scale fell below 1" in report["error"] and "trainer.precision=bf16" in report["error"]
+
+
+def test_zero2_background_checkpoints_resume_exactly(tiny_shards, tmp_path):
+    """trainer.async_checkpoint with ZeRO: the gather to rank 0 holds training up, the write does not."""
+    import shutil
+
+    settings = [*DEEPSPEED, "trainer.zero_stage=2", "trainer.async_checkpoint=true", *RESUME_SETTINGS]
+    straight = tmp_path / "straight"
+    done = train_cli(straight, tiny_config(tiny_shards, straight, *settings), nproc=2)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "checkpoint step-00000003 saved in" in (straight / "logs" / "rank-00000.log").read_text()
+
+    split = tmp_path / "split"
+    config = tiny_config(tiny_shards, split, *settings)
+    stopped = train_cli(split, config, nproc=2, stop_after_step=3)
+    assert stopped.returncode == 3, stopped.stderr[-3000:]
+    for later in (split / "checkpoints").glob("step-*"):  # resume from step 3's, written in the background
+        if later.name != "step-00000003":
+            shutil.rmtree(later)
+    resumed = train_cli(split, config, nproc=2)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "step-00000003 (step 3)" in (split / "logs" / "rank-00000.log").read_text()
+    assert inspect_checkpoint(split)["params_sha256"] == inspect_checkpoint(straight)["params_sha256"]
+    assert audit(split) == audit(straight)

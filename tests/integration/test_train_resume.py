@@ -281,3 +281,53 @@ def test_the_loader_workers_of_a_rank_killed_by_sigkill_do_not_outlive_it(tiny_s
     while any(Path(f"/proc/{pid}").exists() for pid in workers) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not any(Path(f"/proc/{pid}").exists() for pid in workers)
+
+
+def _rank_writing_slowly_stopped_after_step_3s_save(target, args, rank, nproc, port, queue):
+    """A rank of `train --nproc` whose checkpoint files take a second to write, and whose rank 1 gets
+    SIGUSR2 as soon as step 3's background save has started."""
+    from slurmvision.trainer import checkpoint
+    from slurmvision.trainer.loop import Trainer
+
+    real_save, save = checkpoint._save, Trainer.save
+
+    def slow(obj, path):
+        time.sleep(1.0)
+        return real_save(obj, path)
+
+    def saved_then_stopped(self, *args, **kwargs):
+        save(self, *args, **kwargs)
+        if rank == 1 and self.step == 3:
+            os.kill(os.getpid(), signal.SIGUSR2)
+
+    checkpoint._save, Trainer.save = slow, saved_then_stopped
+    local._rank_main(target, args, rank, nproc, port, queue)
+
+
+def test_background_checkpoints_resume_exactly_and_a_stop_waits_for_the_pending_one(tiny_shards, tmp_path, monkeypatch):
+    settings = [*RESUME_SETTINGS, "trainer.async_checkpoint=true"]
+    straight = tmp_path / "straight"
+    done = train_cli(straight, tiny_config(tiny_shards, straight, *settings), nproc=2)
+    assert done.returncode == 0, done.stderr[-3000:]
+    log = (straight / "logs" / "rank-00000.log").read_text()
+    for step in (3, 6):  # written in the background, committed at a later step; the last one before the end
+        assert f"checkpoint step-0000000{step} saved in" in log and f"checkpoint of step {step} copied in" in log
+    assert [inspect_checkpoint(straight / "checkpoints" / f"step-0000000{s}")["valid"] for s in (3, 6, 8)] == [True] * 3
+
+    split = tmp_path / "split"
+    config = tiny_config(tiny_shards, split, *settings)
+    monkeypatch.setattr(local, "_rank_main", _rank_writing_slowly_stopped_after_step_3s_save)
+    assert train_here(config, nproc=2) == {"interrupted": True, "signal": "SIGUSR2", "step": 3}
+    log = (split / "logs" / "rank-00000.log").read_text()
+    assert "waiting for the background save of step 3" in log and "(it was on disk already)" in log
+    monkeypatch.undo()
+    resumed = train_cli(split, config, nproc=2)  # from the checkpoint written in the background
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert (
+        f"resumed from {split / 'checkpoints' / 'step-00000003'} (step 3)"
+        in (split / "logs" / "rank-00000.log").read_text()
+    )
+
+    assert inspect_checkpoint(split)["params_sha256"] == inspect_checkpoint(straight)["params_sha256"]
+    assert audit(split) == audit(straight)
+    assert json.loads(resumed.stdout)["top1"] == json.loads(done.stdout)["top1"]

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 import traceback
 
@@ -233,3 +234,137 @@ def test_a_checkpoint_of_a_newer_format_is_refused_with_a_clear_error_and_an_old
     rewrite_meta(path, **{VERSION_KEY: None}, world_size=1)  # saved before the meta record had a version
     assert open_checkpoint(tmp_path).step == 1 and manager.resume().checkpoint.step == 1
     assert inspect_checkpoint(path)["valid"]
+
+
+def _held(monkeypatch, release: threading.Event) -> None:
+    """Background writes wait for `release`."""
+    from slurmvision.trainer import checkpoint as module
+
+    real_save = module._save
+
+    def held(obj, path):
+        assert release.wait(timeout=60)
+        return real_save(obj, path)
+
+    monkeypatch.setattr(module, "_save", held)
+
+
+def test_a_background_save_holds_the_state_at_its_call_and_counts_once_committed(tmp_path, monkeypatch):
+    manager = CheckpointManager(tmp_path, DistEnv(), keep=2)
+    save(manager, 1, 1.0)
+    release = threading.Event()
+    _held(monkeypatch, release)
+    weights = torch.full((4,), 2.0)
+    manager.save_async(2, {"weights": weights, "step": 2}, {"rng": rng_state()}, {"step": 2, "epoch": 0})
+    weights.add_(1.0)  # training goes on at once
+    assert manager.settle() is None and manager.pending == 2  # still writing: nothing committed
+    assert manager.latest_valid().step == 1 and (tmp_path / "latest").read_text().strip() == "step-00000001"
+    with pytest.raises(RuntimeError, match="pending"):
+        save(manager, 3)
+    release.set()
+    settled = manager.settle(wait=True)
+    assert settled.path == tmp_path / "step-00000002" and settled.error is None and manager.pending is None
+    latest = manager.latest_valid()  # verifies every file's sha256, hashed while it was written
+    assert latest.step == 2 and torch.equal(latest.load_state()["weights"], torch.full((4,), 2.0))
+    assert (tmp_path / "latest").read_text().strip() == "step-00000002"
+    assert sorted(json.loads((latest.path / "MANIFEST.json").read_text())["files"]) == [
+        "meta.json",
+        "rank-00000.pt",
+        "state.pt",
+    ]
+    assert manager.settle() is None  # nothing pending: no collective either
+
+
+def test_a_failed_background_save_is_reported_keeps_the_previous_checkpoint_and_a_second_stops(
+    tmp_path, monkeypatch, caplog
+):
+    import errno
+
+    from slurmvision.trainer import checkpoint as module
+
+    manager = CheckpointManager(tmp_path, DistEnv(), keep=2)
+    save(manager, 1, 1.0)
+    real_save = module._save
+
+    def full_disk(obj, path):
+        if path.name == "state.pt":
+            path.write_bytes(b"partial")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(obj, path)
+
+    def save_async(step):
+        manager.save_async(step, {"weights": torch.full((4,), float(step))}, {"rng": rng_state()}, {"step": step})
+
+    monkeypatch.setattr(module, "_save", full_disk)
+    save_async(2)
+    settled = manager.settle(wait=True)
+    assert settled.path is None and manager.pending is None
+    assert "No space left on device on this rank" in settled.error
+    assert "step-00000001 is still the newest" in settled.error and "training goes on" in settled.error
+    assert "could not write checkpoint step-00000002" in caplog.text
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith("step-")] == ["step-00000001"]
+    assert (tmp_path / "latest").read_text().strip() == "step-00000001" and manager.latest_valid().step == 1
+
+    def broken(obj, path):
+        raise RuntimeError("cannot pickle this")
+
+    monkeypatch.setattr(module, "_save", broken)  # a bug in the background, too, fails the save
+    save_async(3)
+    with pytest.raises(CheckpointError, match="RuntimeError: cannot pickle this.*2 background checkpoints failed"):
+        manager.settle(wait=True)
+    assert manager.latest_valid().step == 1
+
+    monkeypatch.setattr(module, "_save", real_save)
+    save_async(4)
+    assert manager.settle(wait=True).path.name == "step-00000004" and manager.failures == 0
+
+
+def test_a_sigkill_at_any_point_of_a_background_save_leaves_a_valid_checkpoint(tmp_path):
+    weights = {1.0: torch.full((1000,), 1.0), 2.0: torch.full((1000,), 2.0)}
+
+    def background_save(manager, step, value):
+        meta = {"step": step, "epoch": 0, "value": value}
+        manager.save_async(step, {"weights": weights[value]}, {"rng": rng_state()}, meta)
+        while manager.settle() is None:  # the loop's step boundaries
+            time.sleep(0.001)
+
+    for change in itertools.count(1):
+        directory = tmp_path / str(change)
+        manager = CheckpointManager(directory, DistEnv(), keep=1)
+        manager.save(1, {"weights": weights[1.0]}, {"rng": rng_state()}, {"step": 1, "epoch": 0, "value": 1.0})
+        died = killed_at(change, lambda: background_save(manager, 2, 2.0))  # noqa: B023  called at once
+        latest = manager.latest_valid()
+        assert latest is not None, f"no valid checkpoint after a SIGKILL at file-system change {change}"
+        assert torch.equal(latest.load_state()["weights"], weights[latest.meta["value"]])
+        background_save(manager, 3, 1.0)  # the next save clears what the killed one left
+        assert sorted(p.name for p in directory.iterdir()) == ["latest", "step-00000003"]
+        if not died:
+            assert change > 10 and latest.meta["value"] == 2.0
+            break
+
+
+def test_the_copy_to_host_memory_keeps_tied_tensors_tied_and_rebuilds_containers():
+    from slurmvision.trainer.checkpoint import host_copy
+
+    weight = torch.arange(6.0).reshape(2, 3)
+    state = {"model": {"a": weight, "b": weight}, "groups": [{"lr": 0.1, "params": [0, 1]}], "step": 3}
+    copied = host_copy(state)
+    weight.zero_()
+    state["groups"][0]["lr"] = 0.2
+    assert torch.equal(copied["model"]["a"], torch.arange(6.0).reshape(2, 3))
+    assert copied["model"]["a"] is copied["model"]["b"] and copied["groups"][0]["lr"] == 0.1
+    model_state = torch.nn.BatchNorm1d(3).state_dict()
+    assert host_copy(model_state)._metadata == model_state._metadata  # the versions loading reads
+
+
+def test_a_checkpoint_handed_to_the_disk_while_it_is_written_verifies_and_loads(tmp_path, monkeypatch):
+    from slurmvision.trainer import checkpoint as module
+
+    monkeypatch.setattr(module, "WRITEBACK_BYTES", 4096)  # many hand-overs, each of a few pages
+    manager = CheckpointManager(tmp_path, DistEnv(), keep=1)
+    weights = torch.randn(100_000)
+    manager.save(1, {"weights": weights}, {"rng": rng_state()}, {"step": 1, "epoch": 0})
+    latest = manager.latest_valid()  # the sha256 of every file checked against the one hashed on the way
+    assert latest.step == 1 and torch.equal(latest.load_state()["weights"], weights)
+    if hasattr(torch.serialization, "get_crc32_options"):  # written without the zip's CRC32, and only it
+        assert torch.serialization.get_crc32_options()

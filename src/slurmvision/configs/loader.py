@@ -279,7 +279,9 @@ def _resolve(
 def to_config(node) -> Config:
     """Run the value checks (`__post_init__`) on a merged config."""
     if OmegaConf.is_missing(node.data, "root"):
-        raise ConfigError("data.root is not set: point it at a shards directory, e.g. data.root=/path/to/shards")
+        if not node.data.synthetic:
+            raise ConfigError("data.root is not set: point it at a shards directory, e.g. data.root=/path/to/shards")
+        node.data.root = ""  # synthetic batches, no shards: labels from data.synthetic_classes
     try:
         if OmegaConf.is_missing(node.run, "dir"):
             node.run.dir = str(Path("runs") / node.run.name)

@@ -58,6 +58,13 @@ class DataConfig:
     bad_sample_budget: float = 0.001
     audit: bool = False  # record the key of every consumed sample per rank and step
     eval_resize_ratio: float = 0.875
+    # CUDA: the next batch's copy to the GPU (pinned memory, non_blocking) is issued before this step's compute.
+    prefetch_to_device: bool = True
+    # Random batches held in memory instead of the shard reader (timm's benchmark does the same): the loop's
+    # own speed, apart from the data pipeline's. No evaluation; labels from the manifest's classes, or from
+    # synthetic_classes where data.root is not set.
+    synthetic: bool = False
+    synthetic_classes: int = 1000
 
     def __post_init__(self) -> None:
         for key in ("batch_size", "img_size", "shuffle_buffer"):
@@ -92,6 +99,13 @@ class DataConfig:
                 "must be in [0, 1]",
             )
         _check(self.bad_sample_budget >= 0, "data.bad_sample_budget", self.bad_sample_budget, "must be >= 0")
+        _check(self.synthetic_classes >= 2, "data.synthetic_classes", self.synthetic_classes, "must be >= 2")
+        _check(
+            self.synthetic or bool(self.root),
+            "data.root",
+            self.root,
+            "point it at a shards directory (only data.synthetic=true trains without one)",
+        )
 
     @property
     def resolutions(self) -> list[int]:
@@ -165,9 +179,13 @@ class OptimConfig:
     warmup_lr: float = 1e-6
     min_lr: float = 1e-5
     clip_grad: Optional[float] = None
+    # torch's implementation: fused (one kernel), foreach (multi-tensor), off (a loop over the parameters);
+    # auto: fused for DDP on CUDA, foreach elsewhere (see slurmvision.trainer.optim.implementation).
+    fused: str = "auto"
 
     def __post_init__(self) -> None:
         _choice("optim.name", self.name, ("adamw", "sgd"))
+        _choice("optim.fused", self.fused, ("auto", "fused", "foreach", "off"))
         _choice("optim.schedule", self.schedule, ("cosine", "constant"))
         _check(self.lr > 0, "optim.lr", self.lr, "must be > 0")
         _check(self.weight_decay >= 0, "optim.weight_decay", self.weight_decay, "must be >= 0")
@@ -215,12 +233,19 @@ class TrainerConfig:
     checkpoint_every: int = 500  # steps between periodic checkpoints
     checkpoint_every_minutes: float = 0.0  # 0 disables time-based checkpoints
     keep_checkpoints: int = 3
+    # Training waits only for the state's copy to host memory; each rank writes its files in a background
+    # thread, and rank 0 commits the checkpoint at a later step boundary (trainer.checkpoint).
+    async_checkpoint: bool = False
     log_every: int = 10
     eval_every: int = 0  # 0: evaluate only at the end
     gradcam_images: int = 4  # Grad-CAM overlays of this many val images in TensorBoard at each evaluation; 0: none
     seed: int = 0
     nonfinite_budget: int = 5  # consecutive non-finite steps before the run stops
     allow_config_change: bool = False  # resume even if the model, data or optimisation changed
+    # The GPU fast path (slurmvision.trainer.fastpath); each does nothing without CUDA.
+    tf32: bool = True  # TF32 matmuls and convolutions where autocast leaves fp32 (Ampere and newer)
+    cudnn_benchmark: bool = True  # cuDNN times the convolution algorithms once per input shape
+    gradient_as_bucket_view: bool = True  # DDP: gradients are views into the all-reduce buckets (no copy)
 
     def __post_init__(self) -> None:
         _choice("trainer.engine", self.engine, ("ddp", "deepspeed"))
@@ -443,6 +468,8 @@ class Config:
             )
         if self.cluster.elastic:
             self._check_elastic_batch()
+        if self.data.synthetic and not self.data.root and self.optim.warmup_epochs:
+            raise ConfigError("optim.warmup_epochs needs the shards' size: give optim.warmup_steps with synthetic data")
         if self.cluster.container.runtime:
             self._check_container_paths()
 

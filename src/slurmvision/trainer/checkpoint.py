@@ -5,17 +5,30 @@ The directory is built as `step-N.tmp/` and renamed into place; `latest` is then
 atomically. Files hold tensors and plain containers only, and are loaded with
 `weights_only=True`. Rank 0 alone chooses the checkpoint a run resumes from
 (`CheckpointManager.resume`).
+
+`CheckpointManager.save` writes and commits before it returns. `save_async` (trainer.async_checkpoint)
+copies the state to host memory and returns; a background thread of each rank writes that rank's
+files, and `settle`, called by every rank at the same step boundaries, commits the checkpoint once
+every rank's write is done: the same files, manifest and renames as `save`, so the same atomicity.
+The ranks agree on it by an all-reduce of "written / still writing / failed" at a step boundary,
+where every collective of the loop happens: no collective runs in a background thread, and a rank
+that dies stops the others at the next boundary as it would without a background write.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import logging
 import os
 import random
 import shutil
+import threading
+import time
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
@@ -37,9 +50,12 @@ from slurmvision.checkpoints import (
     verify,
 )
 from slurmvision.errors import CheckpointError
-from slurmvision.trainer.distributed import DistEnv, all_reduce_sum, barrier, broadcast_object
+from slurmvision.trainer.distributed import DistEnv, agree, all_reduce_sum, barrier, broadcast_object
 
+log = logging.getLogger(__name__)
 CPU = torch.device("cpu")
+WRITEBACK_BYTES = 64 << 20  # _Hashing
+Digests = dict[str, tuple[int, str]]  # file name -> (bytes, sha256), computed as the file was written
 
 
 def params_sha256(model_state: dict[str, torch.Tensor]) -> str:
@@ -49,8 +65,13 @@ def params_sha256(model_state: dict[str, torch.Tensor]) -> str:
     digest = hashlib.sha256()
     for name, param in sorted(model_state.items()):
         digest.update(name.encode())
-        digest.update(param.detach().float().cpu().contiguous().numpy().tobytes())
+        digest.update(param.detach().float().cpu().contiguous().numpy().reshape(-1).view(np.uint8))
     return digest.hexdigest()
+
+
+def weights_facts(shared: dict) -> dict:
+    """The meta record's facts about the weights in state.pt (`CheckpointManager(describe=...)`)."""
+    return {"params_sha256": params_sha256(shared["engine"]["model"])}
 
 
 def _fsync_dir(path: Path) -> None:
@@ -61,11 +82,54 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _save(obj: Any, path: Path) -> None:
-    with open(path, "wb") as f:
-        torch.save(obj, f)
+class _Hashing:
+    """A file that hashes what is written to it, so that the manifest does not read it again, and
+    hands what it wrote to the disk every WRITEBACK_BYTES: the disk writes while torch.save
+    serialises and the hash is computed, and the fsync at the end waits for the tail only."""
+
+    def __init__(self, file):
+        self.file, self.digest, self.size, self.handed = file, hashlib.sha256(), 0, 0
+
+    def write(self, data) -> int:
+        self.digest.update(data)
+        written = self.file.write(data)
+        self.size += memoryview(data).nbytes
+        if self.size - self.handed >= WRITEBACK_BYTES and hasattr(os, "posix_fadvise"):
+            self.file.flush()
+            # Starts the writeback of these pages without waiting for it (Linux), and keeps them
+            # out of the page cache: a checkpoint is read again only by the next job.
+            os.posix_fadvise(self.file.fileno(), self.handed, self.size - self.handed, os.POSIX_FADV_DONTNEED)
+            self.handed = self.size
+        return written
+
+    def flush(self) -> None:
+        self.file.flush()
+
+
+@contextlib.contextmanager
+def _without_crc32():
+    """torch.save without the zip's CRC32 of each record (torch >= 2.6; torch.load reads such files):
+    the manifest's sha256 covers the same bytes, and the CRC32 cost nearly as much as the hash."""
+    get, set_ = (getattr(torch.serialization, name, None) for name in ("get_crc32_options", "set_crc32_options"))
+    if set_ is None:
+        yield
+        return
+    before = get()
+    set_(False)  # a global of torch: one checkpoint is written at a time (CheckpointManager)
+    try:
+        yield
+    finally:
+        set_(before)
+
+
+def _save(obj: Any, path: Path) -> tuple[int, str]:
+    """torch.save to `path`, fsynced: its size and sha256."""
+    with open(path, "wb") as f, _without_crc32():
+        hashing = _Hashing(f)
+        torch.save(obj, hashing)
         f.flush()
         os.fsync(f.fileno())
+    return hashing.size, hashing.digest.hexdigest()
 
 
 def _write_text(path: Path, text: str) -> None:
@@ -73,6 +137,42 @@ def _write_text(path: Path, text: str) -> None:
         f.write(text)
         f.flush()
         os.fsync(f.fileno())
+
+
+def host_copy(state: Any) -> Any:
+    """`state` with every tensor copied to host memory (pinned, for device tensors) and every
+    container rebuilt: training can go on changing the original while the copy is written. A
+    tensor that appears twice (tied weights) is copied once and stays shared."""
+    copies: dict[tuple, torch.Tensor] = {}
+    from_device = False
+
+    def copy(value: Any) -> Any:
+        nonlocal from_device
+        if isinstance(value, torch.Tensor):
+            key = (value.data_ptr(), value.dtype, value.shape, value.stride(), value.device)
+            if key not in copies:
+                if value.device.type == "cpu":
+                    copies[key] = value.detach().clone()
+                else:  # one synchronisation for all of them, below
+                    pinned = torch.empty(value.shape, dtype=value.dtype, pin_memory=torch.cuda.is_available())
+                    copies[key] = pinned.copy_(value.detach(), non_blocking=True)
+                    from_device = True
+            return copies[key]
+        if isinstance(value, dict):
+            copied = type(value)((k, copy(v)) for k, v in value.items())
+            # A module's state_dict keeps its modules' versions in `_metadata`, which loading reads.
+            for name, attribute in getattr(value, "__dict__", {}).items():
+                setattr(copied, name, copy(attribute))
+            return copied
+        if isinstance(value, (list, tuple)):
+            items = [copy(v) for v in value]
+            return type(value)(*items) if hasattr(value, "_fields") else type(value)(items)  # namedtuples too
+        return value
+
+    copied = copy(state)
+    if from_device and torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return copied
 
 
 def rng_state() -> dict:
@@ -103,6 +203,42 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+@dataclass(frozen=True)
+class Written:
+    """What one rank's write of a checkpoint produced."""
+
+    digests: Digests
+    facts: dict  # rank 0: `describe(shared)`, for the meta record
+    seconds: float
+
+
+@dataclass(frozen=True)
+class Settled:
+    """How a background save ended, the same on every rank."""
+
+    step: int
+    path: Optional[Path]  # the committed checkpoint; None if it failed
+    error: Optional[str]  # why it failed: the previous checkpoint is still the newest
+    seconds: float  # from the call to save_async to this rank's files written
+
+
+@dataclass(frozen=True)
+class Writes:
+    """Agreed on the way to a commit: the ranks still writing their files, and those whose write failed."""
+
+    writing: float
+    failed: float
+
+
+@dataclass(frozen=True)
+class _Pending:
+    step: int
+    tmp: Path
+    meta: dict
+    write: Future  # of Written
+    blocked_s: float  # what save_async took: the copy to host memory and the empty directory
+
+
 @dataclass
 class Resumed:
     checkpoint: Checkpoint
@@ -111,9 +247,20 @@ class Resumed:
 
 
 class CheckpointManager:
-    def __init__(self, directory: str | Path, env: DistEnv, keep: int, device: torch.device = CPU):
+    def __init__(
+        self,
+        directory: str | Path,
+        env: DistEnv,
+        keep: int,
+        device: torch.device = CPU,
+        describe: Callable[[dict], dict] = lambda shared: {},
+    ):
+        """`describe(shared)`: facts for the meta record computed from the state as written (a hash
+        of the weights), on rank 0, in the background for an async save."""
         self.dir = Path(directory)
-        self.env, self.keep, self.device = env, keep, device
+        self.env, self.keep, self.device, self.describe = env, keep, device, describe
+        self._pending: Optional[_Pending] = None
+        self.failures = 0  # background saves failed in a row
 
     def candidates(self) -> list[Path]:
         return checkpoint_dirs(self.dir)
@@ -153,40 +300,141 @@ class CheckpointManager:
 
     def save(self, step: int, shared: dict, per_rank: dict, meta: dict) -> Path:
         """Collective: every rank calls it. Rank 0 writes the shared state and commits."""
-        final, tmp = step_dir(self.dir, step), step_dir(self.dir, step, tmp=True)
+        self._check_none_pending()
+        tmp, written, error = self._begin(step), None, None
+        try:
+            written = self._write(tmp, shared, per_rank)
+        except OSError as err:  # a full disk or quota, a vanished file system
+            error = err
+        writes = agree(Writes, self.device, writing=False, failed=error is not None)
+        if writes.failed:
+            raise CheckpointError(self._failed(step, tmp, error, writes) + ", then resume")
+        return self._agree_committed(step, tmp, meta, written)
+
+    def save_async(self, step: int, shared: dict, per_rank: dict, meta: dict) -> None:
+        """Collective: the state copied to host memory, then written by a background thread of
+        every rank; `settle` commits it. Training may change the given state once this returns."""
+        self._check_none_pending()
+        started = time.monotonic()
+        shared = host_copy(shared) if self.env.is_main else {}
+        per_rank = host_copy(per_rank)
+        tmp, write = self._begin(step), Future()
+
+        def background() -> None:
+            try:
+                write.set_result(self._write(tmp, shared, per_rank))
+            except BaseException as err:
+                write.set_exception(err)
+
+        # A daemon: a process that exits (an error elsewhere) abandons the write, whose step-N.tmp never counts.
+        threading.Thread(target=background, name=f"checkpoint-writer-{step}", daemon=True).start()
+        self._pending = _Pending(step, tmp, meta, write, time.monotonic() - started)
+
+    @property
+    def pending(self) -> Optional[int]:
+        """The step whose background save is not settled yet."""
+        return self._pending.step if self._pending else None
+
+    def settle(self, wait: bool = False) -> Optional[Settled]:
+        """Collective while a background save is pending (then every rank has one: saves are collective).
+
+        Without `wait`, None while some rank is still writing; else (after this rank's write is done)
+        the save committed by rank 0, or failed on every rank alike with the previous checkpoint
+        still the newest. A failure is logged on every rank and training may go on; a second one in
+        a row raises the CheckpointError a synchronous save would have raised.
+        """
+        pending = self._pending
+        if pending is None:
+            return None
+        written, error = None, None
+        if wait or pending.write.done():
+            try:
+                written = pending.write.result()
+            except Exception as err:  # in the background a programming error, too, is a failed write
+                error = err
+        writes = agree(Writes, self.device, writing=written is None and error is None, failed=error is not None)
+        if writes.writing:  # a failure, too, waits for every rank's thread to be done with the directory
+            return None
+        self._pending, path, problem = None, None, None
+        if writes.failed:
+            problem = self._failed(pending.step, pending.tmp, error, writes)
+        else:
+            try:
+                path = self._agree_committed(pending.step, pending.tmp, pending.meta, written)
+            except CheckpointError as err:
+                problem = str(err)
+        if problem is None:
+            self.failures = 0
+            return Settled(pending.step, path, None, pending.blocked_s + written.seconds)
+        self.failures += 1
+        if self.failures >= 2:
+            raise CheckpointError(f"{problem}, then resume ({self.failures} background checkpoints failed in a row)")
+        problem += "; training goes on, and the next checkpoint tries again"
+        log.error("%s", problem)
+        return Settled(pending.step, None, problem, 0.0)
+
+    def _check_none_pending(self) -> None:
+        if self._pending is not None:
+            raise RuntimeError(f"the background save of step {self._pending.step} is pending: settle it first")
+
+    def _begin(self, step: int) -> Path:
+        """Collective: an empty `step-N.tmp/`, made by rank 0."""
+        tmp = step_dir(self.dir, step, tmp=True)
         if self.env.is_main:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         barrier()
-        error = None
-        try:
-            _save(per_rank, tmp / rank_file(self.env.rank))
-            if self.env.is_main:
-                _save(shared, tmp / STATE)
-        except OSError as err:  # a full disk or quota, a vanished file system
-            error = err
-        # Every rank learns of any rank's failure: none may wait in a barrier for a save that
-        # will not come, and none may commit a checkpoint that misses a rank's file.
+        return tmp
+
+    def _write(self, tmp: Path, shared: dict, per_rank: dict) -> Written:
+        """This rank's files of the checkpoint, and on rank 0 the shared state, fsynced and hashed."""
+        started = time.monotonic()
+        digests = {rank_file(self.env.rank): _save(per_rank, tmp / rank_file(self.env.rank))}
+        facts = {}
+        if self.env.is_main:
+            digests[STATE] = _save(shared, tmp / STATE)
+            facts = self.describe(shared)
+        return Written({name: d for name, d in digests.items() if d}, facts, time.monotonic() - started)
+
+    def _failed(self, step: int, tmp: Path, error: Optional[BaseException], writes: Writes) -> str:
+        """After a failed write on some rank (every rank learns of it: none may wait in a barrier for a
+        save that will not come, none may commit a checkpoint that misses a rank's file): the
+        directory removed, and what happened, as every rank reports it."""
+        if self.env.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        kept = self.candidates()
+        if isinstance(error, OSError):
+            reason = f"{error.strerror or error} on this rank"
+        elif error is not None:
+            reason = f"{type(error).__name__}: {error} on this rank"
+        else:
+            reason = f"it failed on {int(writes.failed)} other rank(s)"
+        return (
+            f"could not write checkpoint {step_dir(self.dir, step).name}: {reason}. Nothing was replaced: "
+            f"{kept[0].name if kept else 'no earlier checkpoint'} is still the newest. "
+            f"Free space in {self.dir} (or lower trainer.keep_checkpoints)"
+        )
+
+    def _agree_committed(self, step: int, tmp: Path, meta: dict, written: Optional[Written]) -> Path:
+        """Collective, once every rank wrote its files: rank 0 commits; every rank learns whether it could."""
+        final, error = step_dir(self.dir, step), None
+        if self.env.is_main:
+            try:
+                self._commit(tmp, final, {**meta, **written.facts}, written.digests)
+            except OSError as err:
+                error = err
         (failed,) = all_reduce_sum([float(error is not None)], self.device)
         if failed:
-            if self.env.is_main:
-                shutil.rmtree(tmp, ignore_errors=True)
-            kept = self.candidates()
-            reason = f"{error.strerror or error} on this rank" if error else f"it failed on {int(failed)} other rank(s)"
+            reason = f"{error.strerror or error}" if error else "it failed on rank 0"
             raise CheckpointError(
-                f"could not write checkpoint {final.name}: {reason}. Nothing was replaced: "
-                f"{kept[0].name if kept else 'no earlier checkpoint'} is still the newest. "
-                f"Free space in {self.dir} (or lower trainer.keep_checkpoints), then resume"
+                f"could not commit checkpoint {final.name}: {reason}. Free space in {self.dir} "
+                "(or lower trainer.keep_checkpoints)"
             )
-        barrier()
-        if self.env.is_main:
-            self._commit(tmp, final, meta)
-        barrier()
         return final
 
-    def _commit(self, tmp: Path, final: Path, meta: dict) -> None:
+    def _commit(self, tmp: Path, final: Path, meta: dict, digests: Digests) -> None:
         _write_text(tmp / META, meta_text(meta))
-        _write_text(tmp / (MANIFEST + ".tmp"), manifest_text(tmp))
+        _write_text(tmp / (MANIFEST + ".tmp"), manifest_text(tmp, digests))
         os.replace(tmp / (MANIFEST + ".tmp"), tmp / MANIFEST)
         _fsync_dir(tmp)
         # From here `tmp` is a checkpoint (checkpoints.checkpoint_dirs). A step saved again (its old

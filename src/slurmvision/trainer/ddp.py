@@ -11,7 +11,8 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from slurmvision.configs.schema import Config
-from slurmvision.trainer.optim import build_optimizer, check_loss_scale
+from slurmvision.trainer.fastpath import compile_model, set_backend_flags
+from slurmvision.trainer.optim import build_optimizer, check_loss_scale, load_optimizer_state
 
 _DTYPES = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -21,21 +22,25 @@ class DDPEngine:
         self.config, self.device = config, device
         grad_accum = grad_accum or config.trainer.grad_accum
         self.dtype = _DTYPES[config.trainer.precision]
+        set_backend_flags(config, device)
         model.to(device)
         if config.model.channels_last:
             model.to(memory_format=torch.channels_last)
         self.module = model
-        self.model = model
+        self.ddp: Optional[DistributedDataParallel] = None
         if dist.is_initialized() and dist.get_world_size() > 1:
-            self.model = DistributedDataParallel(
+            self.ddp = DistributedDataParallel(
                 model,
                 device_ids=[device.index] if device.type == "cuda" else None,
                 # A static graph saves work per step but cannot be combined with no_sync
                 # accumulation, frozen parameters or re-entrant checkpointing.
                 static_graph=grad_accum == 1 and not config.model.freeze and not config.model.grad_checkpointing,
+                # The gradients live in the all-reduce buckets: no copy in and out, less memory.
+                gradient_as_bucket_view=config.trainer.gradient_as_bucket_view,
             )
-        if config.model.compile:
-            self.model = torch.compile(self.model)
+        self.model = self.ddp if self.ddp is not None else model
+        if config.model.compile:  # the whole DDP module, so that compiled graphs break at its buckets
+            self.model = compile_model(self.model, config)
         self.optimizer = build_optimizer(model, config)
         self.scaler = torch.amp.GradScaler(
             device.type, init_scale=2.0**config.trainer.initial_scale_power, enabled=self.dtype is torch.float16
@@ -43,8 +48,7 @@ class DDPEngine:
 
     @contextlib.contextmanager
     def forward_context(self, sync: bool):
-        accumulating = isinstance(self.model, DistributedDataParallel) and not sync
-        no_sync = self.model.no_sync if accumulating else contextlib.nullcontext
+        no_sync = self.ddp.no_sync if self.ddp is not None and not sync else contextlib.nullcontext
         autocast = torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype is not None)
         with no_sync(), autocast:
             yield
@@ -83,6 +87,6 @@ class DDPEngine:
 
     def load_state_dict(self, state: dict) -> None:
         self.module.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        load_optimizer_state(self.optimizer, state["optimizer"])
         if state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])

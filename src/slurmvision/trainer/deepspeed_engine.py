@@ -15,6 +15,7 @@ each ZeRO stage cuts them is in trainer.zero.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import warnings
 from typing import Optional
@@ -24,8 +25,11 @@ import torch.distributed as dist
 
 from slurmvision.configs.schema import Config
 from slurmvision.errors import RunError
-from slurmvision.trainer.optim import build_optimizer, check_loss_scale
+from slurmvision.trainer.fastpath import CompiledForward, compile_options, fallback_message, set_backend_flags
+from slurmvision.trainer.optim import build_optimizer, check_loss_scale, load_optimizer_state
 from slurmvision.trainer.zero import FlatPartitions, ParameterPartitions, check_version
+
+log = logging.getLogger("slurmvision.trainer")
 
 
 def deepspeed_config(config: Config, grad_accum: Optional[int] = None) -> dict:
@@ -115,6 +119,7 @@ class DeepSpeedEngine:
         warnings.filterwarnings("ignore", category=FutureWarning, message=r"`torch\.distributed\.\w+` is deprecated")
 
         self.config, self.device = config, device
+        set_backend_flags(config, device)
         model.to(device)
         if config.model.channels_last:
             model.to(memory_format=torch.channels_last)
@@ -128,7 +133,7 @@ class DeepSpeedEngine:
         )
         self.module = self.model.module
         if config.model.compile:
-            self.model.compile()
+            self._compile()
         # ZeRO keeps fp32 master weights and optimizer state as flat, per-rank partitions.
         self.zero = self.model.optimizer if trainer.zero_stage else None
         self.layout = ParameterPartitions(self.zero) if trainer.zero_stage == 3 else FlatPartitions(self.zero)
@@ -144,6 +149,16 @@ class DeepSpeedEngine:
                 self.zero.torch_autocast_gradscaler = None
                 self.scaler = DynamicLossScale(initial_scale)
                 self.zero.override_loss_scale(self.scaler.get_scale())
+
+    def _compile(self) -> None:
+        """DeepSpeed's compile (nn.Module.compile of the model, which keeps the compiled call in the
+        module's `_compiled_call_impl`), with trainer.fastpath's fallback to the eager call."""
+        try:
+            self.model.compile(compile_kwargs=compile_options(self.config))
+        except Exception as err:
+            log.warning("%s", fallback_message(err))
+            return
+        self.module._compiled_call_impl = CompiledForward(self.module._compiled_call_impl, self.module._call_impl)
 
     @contextlib.contextmanager
     def forward_context(self, sync: bool):
@@ -214,7 +229,7 @@ class DeepSpeedEngine:
             if isinstance(self.scaler, DynamicLossScale):
                 self.zero.override_loss_scale(self.scaler.get_scale())
         if self.zero is None:
-            self.model.optimizer.load_state_dict(state["optimizer"])
+            load_optimizer_state(self.model.optimizer, state["optimizer"])
             return
         names = {id(p): n for n, p in self.module.named_parameters()}
         own_slice, steps = self.layout.own_slice, state["optimizer_steps"]

@@ -15,20 +15,21 @@ import torch
 from slurmvision.configs import Config, config_hash, to_dict
 from slurmvision.errors import DataError, RunError, SlurmVisionError
 from slurmvision.models import build_model, build_teacher
-from slurmvision.shards.manifest import Manifest
-from slurmvision.shards.reader import ShardSet, TrainReader
+from slurmvision.shards.reader import TrainReader
+from slurmvision.shards.synthetic import SyntheticReader, class_names
 from slurmvision.shards.transforms import DeviceAugment
 from slurmvision.slurm.causes import WARNING_SIGNALS, Outcome, StopReason
 from slurmvision.slurm.ledger import AttemptRecorder
 from slurmvision.slurm.rundir import make_private
 from slurmvision.trainer import distributed
 from slurmvision.trainer.audit import Audit
-from slurmvision.trainer.checkpoint import CheckpointManager, params_sha256, rng_state
+from slurmvision.trainer.checkpoint import CheckpointManager, params_sha256, rng_state, weights_facts
 from slurmvision.trainer.deadline import StepTimes, TimeLimit, lead_time, stop_deadline
 from slurmvision.trainer.distributed import DistEnv, agree
 from slurmvision.trainer.engine import build_engine
 from slurmvision.trainer.evaluation import evaluate
-from slurmvision.trainer.monitor import Monitor, setup_logging
+from slurmvision.trainer.monitor import DataWait, Monitor, setup_logging
+from slurmvision.trainer.prefetch import DeviceBatches
 from slurmvision.trainer.resume import Restored, resume, seed_everything
 from slurmvision.trainer.run_lock import run_lock
 from slurmvision.trainer.schedule import build_schedule
@@ -46,8 +47,8 @@ class Trainer:
         self.signals = StopRequest().install()
         self.run_dir = Path(config.run.dir)
         data = config.data
-        self.num_classes = config.model.num_classes or ShardSet.load(data.root, data.train_split).num_classes
-        self.classes = Manifest.load(data.root).classes  # kept in each checkpoint's meta, for `eval --data`
+        self.classes = class_names(data)  # kept in each checkpoint's meta, for `eval --data`
+        self.num_classes = config.model.num_classes or len(self.classes)
         self._gradcam_images: Optional[torch.Tensor] = None  # the val images of trainer.gradcam_images, read once
         # An elastic run on fewer ranks than planned accumulates more: the global batch stays.
         self.grad_accum = config.grad_accum_at(env.world_size)
@@ -62,7 +63,9 @@ class Trainer:
             from timm.utils import ModelEmaV3
 
             self.ema = ModelEmaV3(self.model, decay=config.model.ema_decay)
-        self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", env, config.trainer.keep_checkpoints, device)
+        self.checkpoints = CheckpointManager(
+            self.run_dir / "checkpoints", env, config.trainer.keep_checkpoints, device, describe=weights_facts
+        )
         self._start_from(resume(self.checkpoints, self.engine, self.ema, config, env.rank, self.global_batch))
 
     def _start_from(self, restored: Restored) -> None:
@@ -72,17 +75,25 @@ class Trainer:
         self.step, self.samples_seen, self.bad_steps = restored.step, restored.samples_seen, 0
         # The step whose state is on disk (saved or resumed from): a stop then saves nothing.
         self.saved_step = restored.step if restored.checkpoint else None
+        self.saving: Optional[int] = None  # the step of a background save (trainer.async_checkpoint) not committed yet
         self.times = StepTimes(save_s=restored.save_s, eval_s=restored.eval_s)
         self.audit = Audit(self.run_dir, env.rank, config.data.audit)
         self.audit.trim(restored.step)  # what an attempt killed after the checkpoint recorded is redone
-        self.reader = TrainReader(
-            config.data,
+        where = dict(
             seed=trainer.seed,
             rank=env.rank,
             world_size=env.world_size,
             state=restored.loader,
             pin_memory=self.device.type == "cuda",
         )
+        if config.data.synthetic:  # random batches in memory: the loop's own speed (shards.synthetic)
+            self.reader = SyntheticReader(config.data, self.num_classes, **where)
+            log.info("data.synthetic: training on random batches held in memory, without evaluation")
+        else:
+            self.reader = TrainReader(config.data, **where)
+        # On CUDA the next batch's copy to the GPU goes out before this step's compute (data.prefetch_to_device).
+        ahead = config.data.prefetch_to_device and self.device.type == "cuda"
+        self.batches = DeviceBatches(self.reader, self.device, ahead=ahead)
         self.schedule_at = build_schedule(
             self.engine.optimizer, config, self.global_batch, self.reader.samples_per_epoch
         )
@@ -90,6 +101,7 @@ class Trainer:
         self.monitor = Monitor(
             self.run_dir, env, restored.step, trainer.max_steps, to_dict(config), config.run.share_with_group
         )
+        self.data_wait = DataWait(config.data.workers, self.device, env.world_size)
         stop_before_limit = env.is_main and config.cluster.executor == "slurm" and config.cluster.stop_before_limit
         self.time_limit = TimeLimit(env.job_id if stop_before_limit else None, self.signals)
         # Buffers a forward pass changes (BatchNorm statistics): a step cut short puts them back.
@@ -111,7 +123,7 @@ class Trainer:
 
     def fit(self) -> dict:
         """Steps up to trainer.max_steps, saving and evaluating on the way; a stop agreed at any step ends it."""
-        batches = iter(self.reader)
+        batches = self.batches
         try:
             while self.step < self.config.trainer.max_steps:
                 result = self.train_step(batches)
@@ -130,7 +142,7 @@ class Trainer:
     def train_step(self, batches) -> StepResult:
         """One optimizer step over `grad_accum` micro-batches, once every rank has agreed to take it."""
         started = time.monotonic()
-        position = self.reader.state.to_dict()  # before this step's batches: what a stop in this step saves
+        position = self.batches.position()  # before this step's batches: what a stop in this step saves
         step_batches, error = [], None
         try:
             # A rank with a stop pending fetches nothing: its flag alone stops every rank at the boundary.
@@ -138,11 +150,11 @@ class Trainer:
                 step_batches.append(next(batches))
         except DataError as err:
             error = err
+        data_wait = time.monotonic() - started  # this rank's own wait, before the agreement's wait for the others
         boundary = self._agree_at_boundary(error)
         reason = boundary.stop_reason(self.config.cluster.signal)
         if reason is not None:
             return StepResult(stop=Stop(reason, position))
-        data_wait = time.monotonic() - started
         totals = self._forward_backward(step_batches, position)
         if isinstance(totals, Stop):
             return StepResult(stop=totals)
@@ -158,6 +170,7 @@ class Trainer:
         self.samples_seen += int(totals.images)
         elapsed = time.monotonic() - started
         self.times.steps.append(elapsed)
+        self.data_wait.add(data_wait, elapsed)
         self.record.progress(self.step, elapsed)
         if self.step % self.config.trainer.log_every == 0 or self.step == self.config.trainer.max_steps:
             self._log_step(
@@ -167,6 +180,7 @@ class Trainer:
                     "train/lr": lr,
                     "train/weight_decay": weight_decay,
                     "train/data_wait_s": data_wait,
+                    "train/data_wait_share": self.data_wait.share(),
                     "train/grad_norm": grad_norm,
                     "train/resolution": step_batches[-1].resolution,
                 },
@@ -174,8 +188,9 @@ class Trainer:
         return StepResult(applied=True, save_due=bool(boundary.save_due), stop_pending=bool(totals.stop_pending))
 
     def maybe_save(self, due: bool) -> None:
+        self.settle_save()
         if self.step % self.config.trainer.checkpoint_every == 0 or due:
-            self.save()
+            self.save(background=self.config.trainer.async_checkpoint)
 
     def maybe_evaluate(self) -> None:
         every = self.config.trainer.eval_every
@@ -184,6 +199,7 @@ class Trainer:
 
     def finish(self) -> dict:
         """The end of the run: the last step saved, the final evaluation, the attempt recorded as finished."""
+        self.settle_save(wait=True)
         if self.saved_step != self.step:
             self.save()
         results = self.evaluate()
@@ -204,6 +220,7 @@ class Trainer:
                 self.step,
             )
         started = time.monotonic()
+        self.settle_save(wait=True)  # a background save is committed first: the final one comes after it
         on_disk = self.saved_step == self.step  # saved by the last boundary, or resumed from: the same state
         if not on_disk:
             self.save(stop.position, stop.rng)
@@ -297,7 +314,7 @@ class Trainer:
 
     def _skip_step(self, ranks: int) -> None:
         self.engine.skip()
-        self.saved_step = None  # its batches are consumed: the data position on disk is behind
+        self.saved_step = self.saving = None  # its batches are consumed: the data position on disk is behind
         self.bad_steps += 1
         log.warning(
             "non-finite loss at step %d on %d rank(s): step skipped (%d in a row)", self.step, ranks, self.bad_steps
@@ -322,7 +339,7 @@ class Trainer:
                 "train/gpu_mem_gib": self.monitor.memory(self.device),
             },
         )
-        self.monitor.progress(self.step, loss, totals.images / elapsed)
+        self.monitor.progress(self.step, loss, totals.images / elapsed, scalars.get("train/data_wait_share"))
 
     def _micro_step(self, batch, micro: int, sync: bool) -> float:
         images, targets = self.augment(batch.images, batch.targets, self.step * self.grad_accum + micro)
@@ -346,14 +363,16 @@ class Trainer:
         self.engine.backward(loss / self.grad_accum)
         return float(loss.detach())
 
-    def save(self, position: Optional[dict] = None, rng: Optional[dict] = None) -> None:
-        """Collective checkpoint; `position` and `rng` are the data position and RNG states if not the current ones."""
+    def save(self, position: Optional[dict] = None, rng: Optional[dict] = None, background: bool = False) -> None:
+        """Collective checkpoint; `position` and `rng` are the data position and RNG states if not the current ones.
+        In the `background`, training waits only for the copy of the state to host memory (settle_save commits it)."""
+        self.settle_save(wait=True)  # one background save at a time
         started = time.monotonic()
         shared = {
             "engine": self.engine.state_dict(),
             "step": self.step,
             "samples_seen": self.samples_seen,
-            "loader": position or self.reader.state.to_dict(),
+            "loader": position or self.batches.position(),
             "global_batch": self.global_batch,
             "config": json.dumps(to_dict(self.config)),
         }
@@ -366,19 +385,44 @@ class Trainer:
             "world_size": self.env.world_size,
             "engine": self.config.trainer.engine,
             "config_hash": config_hash(self.config),
-            "params_sha256": params_sha256(shared["engine"]["model"]),
-            "time": time.time(),
+            "time": time.time(),  # and params_sha256 (weights_facts), from the state as it is written
             "last_save_s": self.times.save_s,
             "last_eval_s": self.times.eval_s,
             "classes": self.classes,
         }
+        if background:
+            self.checkpoints.save_async(self.step, shared, {"rng": rng or rng_state()}, meta)
+            self.saving, self.saved_at = self.step, time.monotonic()
+            log.info(
+                "checkpoint of step %d copied in %.2fs, written in the background", self.step, self.saved_at - started
+            )
+            return
         path = self.checkpoints.save(self.step, shared, {"rng": rng or rng_state()}, meta)
         self.saved_step, self.saved_at = self.step, time.monotonic()
         self.record.progress(self.step, saved=self.step)
         self.times.save_s = time.monotonic() - started
         log.info("checkpoint %s saved in %.1fs", path.name, self.times.save_s)
 
+    def settle_save(self, wait: bool = False) -> None:
+        """The background save committed once every rank has written it (a collective while one is pending);
+        a failed one is logged on every rank (CheckpointManager.settle) and noted in the ledger."""
+        if wait and self.checkpoints.pending is not None:
+            log.info("waiting for the background save of step %d", self.checkpoints.pending)
+        settled = self.checkpoints.settle(wait)
+        if settled is None:
+            return
+        if settled.error:
+            self.record.note(settled.error)
+            return
+        if settled.step == self.saving:  # no step skipped since: the state on disk is the current one or older
+            self.saved_step = settled.step
+        self.record.progress(self.step, saved=settled.step)
+        self.times.save_s = settled.seconds  # as long as a synchronous save: what a stop plans with
+        log.info("checkpoint %s saved in %.1fs in the background", settled.path.name, settled.seconds)
+
     def evaluate(self) -> dict:
+        if self.config.data.synthetic:  # random images and labels: nothing to measure
+            return {"step": self.step, "evaluated": False}
         started = time.monotonic()
         live = self.engine.eval_module(self._empty_copy)  # the trained weights, whole on this rank
         model = self.ema.module if self.ema is not None else live

@@ -17,6 +17,7 @@ from slurmvision.configs.compare import flatten
 from slurmvision.trainer.distributed import DistEnv
 
 EVAL_METRICS = ("top1", "top5", "f1_macro")
+log = logging.getLogger("slurmvision.trainer")
 
 
 def setup_logging(env: DistEnv, log_file: Optional[Path] = None) -> None:
@@ -26,6 +27,45 @@ def setup_logging(env: DistEnv, log_file: Optional[Path] = None) -> None:
         log_file.parent.mkdir(parents=True, exist_ok=True)
         handlers.append(logging.FileHandler(log_file))
     logging.basicConfig(level=logging.INFO, format=fmt, handlers=handlers, force=True)
+
+
+class DataWait:
+    """The share of step time a rank waits for its next batches, per log interval. Over `threshold`,
+    one warning says what to change: where the loader workers and the compute threads want more
+    cores than the rank has, that they do; otherwise that the loader does not keep up."""
+
+    def __init__(self, workers: int, device: torch.device, world_size: int, threshold: float = 0.2):
+        self.workers, self.device, self.threshold = workers, device, threshold
+        # The rank's cores as distributed.init counts them when it sets the compute threads.
+        self.cores = int(os.environ.get("SLURM_CPUS_PER_TASK", 0)) or max(1, (os.cpu_count() or 1) // world_size)
+        self.waited = self.took = 0.0
+        self.warned = False
+
+    def add(self, waited: float, took: float) -> None:
+        self.waited += waited
+        self.took += took
+
+    def share(self) -> float:
+        """The share since the last call."""
+        share = self.waited / self.took if self.took else 0.0
+        self.waited = self.took = 0.0
+        if share > self.threshold and not self.warned:
+            self.warned = True
+            log.warning("waiting for data %.0f%% of the step time: %s", 100 * share, self.advice())
+        return share
+
+    def advice(self) -> str:
+        threads = torch.get_num_threads()
+        if self.device.type == "cpu" and self.workers and threads + self.workers > self.cores:
+            return (
+                f"data.workers={self.workers} loader worker(s) and {threads} compute threads share the "
+                f"{self.cores} core(s) of this rank: set data.workers=0 to decode between steps, or give "
+                "each rank more cores (cluster.cpus_per_task) than it has compute threads"
+            )
+        return (
+            f"the loader does not keep up: raise data.workers (now {self.workers}) where the rank has "
+            f"cores to spare ({self.cores} for {threads} compute threads), or check the shards' storage"
+        )
 
 
 class Monitor:
@@ -62,18 +102,19 @@ class Monitor:
             if value is not None:
                 self.writer.add_scalar(name, value, step)
 
-    def progress(self, step: int, loss: float, images_per_s: float) -> None:
+    def progress(self, step: int, loss: float, images_per_s: float, data_wait: Optional[float] = None) -> None:
         if not self.env.is_main:
             return
         done = step - self.start_step
         elapsed = time.monotonic() - self.started
         eta = elapsed / done * (self.max_steps - step) if done else 0.0
         logging.getLogger("slurmvision.progress").info(
-            "step %d/%d  loss %.4f  %.0f img/s  ETA %dm%02ds",
+            "step %d/%d  loss %.4f  %.0f img/s%s  ETA %dm%02ds",
             step,
             self.max_steps,
             loss,
             images_per_s,
+            "" if data_wait is None else f"  data wait {data_wait:.0%}",
             eta // 60,
             eta % 60,
         )
@@ -107,7 +148,8 @@ class Monitor:
             key: value if value is None or isinstance(value, (bool, int, float, str)) else json.dumps(value)
             for key, value in flatten(self.hparams).items()
         }
-        for summary in hparams(values, {f"eval/{key}": results[key] for key in EVAL_METRICS}):
+        metrics = {f"eval/{key}": results[key] for key in EVAL_METRICS if key in results}  # none: not evaluated
+        for summary in hparams(values, metrics):
             self.writer.file_writer.add_summary(summary, step)
 
     def memory(self, device: torch.device) -> Optional[float]:
