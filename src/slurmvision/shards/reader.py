@@ -230,10 +230,14 @@ def _worker_init(rank_pid: int, _worker_id: int) -> None:
 def make_loader(stream: ShardStream, workers: int, pin_memory: bool = False) -> DataLoader:
     # Its own generator: a DataLoader otherwise draws its workers' base seed from the global
     # torch RNG, and a resumed run (which creates one at another point) would diverge.
+    # Workers are forked, as under srun: a rank started by `train --nproc` (spawned) would
+    # otherwise spawn them too, and every epoch would re-import torch and timm in each worker.
+    workers = min(workers, len(stream))
     return DataLoader(
         stream,
         batch_size=None,
-        num_workers=min(workers, len(stream)),
+        num_workers=workers,
+        multiprocessing_context="fork" if workers else None,
         collate_fn=_collate_single,
         pin_memory=pin_memory,
         generator=torch.Generator().manual_seed(stream.seed),
