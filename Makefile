@@ -68,14 +68,14 @@ slurm-down:
 	bash $(DEVSLURM) down
 
 # Every CPU benchmark of benchmarks/, one after another: each writes its section of benchmarks/RESULTS.md
-# and its keys of benchmarks/results.json. A script this checkout lacks is skipped with a note. The GPU
+# and its keys of benchmarks/results.json; a listed script missing from the checkout stops the target. The GPU
 # benchmark runs on a GPU machine: benchmarks/gpu.sh OUT_DIR (its CPU check, --smoke, is in make test).
-BENCHMARKS := data_pipeline grad_checkpointing trainer_vs_bare checkpoint_io login_commands
+BENCHMARKS := data_pipeline grad_checkpointing trainer_vs_bare checkpoint_io login_commands restart shard_build
 bench: venv
 	@set -e; for name in $(BENCHMARKS); do \
 		script=benchmarks/$$name.py; \
-		if [ -f $$script ]; then echo "== $$script"; $(PY) $$script; \
-		else echo "== $$script: not in this checkout, skipped"; fi; \
+		if [ ! -f $$script ]; then echo "make bench: $$script is missing" >&2; exit 1; fi; \
+		echo "== $$script"; $(PY) $$script; \
 	done
 
 # Ten faults drawn from SEED on the local cluster, the cluster-wide ones too (slurmctld restarted,
