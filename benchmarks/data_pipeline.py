@@ -78,7 +78,7 @@ def make_imagefolder(root: Path, count: int, seed: int = 0) -> Path:
 
 
 def data_config(shards: Path, workers: int):
-    from slurmvision.configs.schema import DataConfig
+    from slurmvision.configs.data import DataConfig
 
     return DataConfig(
         root=str(shards),

@@ -464,7 +464,7 @@ def write_shards(plan: Plan, out: Path) -> Path:
 
 
 def trainer_and_data(plan: Plan, out: Path, batch: int, budget: Budget) -> dict:
-    from slurmvision.configs.schema import DataConfig
+    from slurmvision.configs.data import DataConfig
 
     results: dict = {}
     precision = f"trainer.precision={plan.dtypes[0]}"

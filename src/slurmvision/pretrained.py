@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Optional
 from urllib.parse import urlparse
 
-from slurmvision.configs.schema import ModelConfig
+from slurmvision.configs.model import ModelConfig
 from slurmvision.errors import ConfigError
 
 # timm's own order: a safetensors file when the repository has one, else the pickled state dict.

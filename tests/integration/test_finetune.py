@@ -4,7 +4,7 @@ import pytest
 import torch
 import yaml
 
-from slurmvision.configs.schema import ModelConfig
+from slurmvision.configs.model import ModelConfig
 from slurmvision.evaluate.model import load_model
 from slurmvision.launch.local import train_here
 from slurmvision.models import build_model

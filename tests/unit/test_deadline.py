@@ -7,7 +7,7 @@ from datetime import datetime
 
 import pytest
 
-from slurmvision.configs.schema import ClusterConfig
+from slurmvision.configs.cluster import ClusterConfig
 from slurmvision.slurm.client import SLURM_TIMEOUT_S
 from slurmvision.trainer import signals
 from slurmvision.trainer.deadline import MARGIN_S, SAFETY, StepTimes, TimeLimit, parse_end_time, stop_deadline

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from slurmvision.configs.schema import ModelConfig
+from slurmvision.configs.model import ModelConfig
 from slurmvision.errors import ConfigError
 from slurmvision.models import build_model
 

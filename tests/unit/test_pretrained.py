@@ -9,7 +9,7 @@ import pytest
 
 from slurmvision import pretrained
 from slurmvision.configs import load_config
-from slurmvision.configs.schema import ModelConfig
+from slurmvision.configs.model import ModelConfig
 from slurmvision.errors import ConfigError
 from slurmvision.launch import launcher
 from slurmvision.slurm.executor import sbatch_script

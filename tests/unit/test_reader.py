@@ -8,7 +8,7 @@ from itertools import islice
 import pytest
 import torch
 
-from slurmvision.configs.schema import DataConfig
+from slurmvision.configs.data import DataConfig
 from slurmvision.errors import DataError
 from slurmvision.shards import tario
 from slurmvision.shards.manifest import MANIFEST_NAME, shard_url

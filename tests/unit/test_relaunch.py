@@ -56,3 +56,24 @@ def test_a_relaunch_that_changes_what_the_checkpoints_mean_is_refused(tmp_path, 
     assert launch(run, "cluster.tasks_per_node=1", "trainer.grad_accum=2") == 0  # the same global batch
     assert launch(run, "optim.lr=0.1", "trainer.allow_config_change=true") == 0
     assert load_saved_config(run).optim.lr == 0.1 and len(submitted) == 3
+
+
+def test_a_dry_run_into_a_run_directory_is_refused_as_the_launch_would_be_and_writes_nothing(
+    tmp_path, submitted, capsys
+):
+    run = tmp_path / "run"
+    assert launch(run) == 0
+    before = {p: p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()}
+    capsys.readouterr()
+    assert launch(run, "optim.lr=0.1", "--dry-run") == 2
+    dry = capsys.readouterr()
+    assert dry.out == "" and dry.err.count("\n") == 1 and "optim.lr: 0.003 -> 0.1" in dry.err
+    assert launch(run, "optim.lr=0.1") == 2 and capsys.readouterr().err == dry.err
+    assert launch(run, "cluster.time_min=30", "--dry-run") == 0
+    assert "config changes: cluster.time_min: 60 -> 30" in capsys.readouterr().out
+    assert {p: p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()} == before and submitted == ["local-0"]
+
+
+def test_a_dry_run_into_a_new_run_directory_says_no_more_than_before(tmp_path, submitted, capsys):
+    assert launch(tmp_path / "run", "--dry-run") == 0
+    assert "# goes on" not in capsys.readouterr().out and not (tmp_path / "run").exists() and submitted == []

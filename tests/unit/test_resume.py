@@ -51,3 +51,35 @@ def test_resume_on_another_cluster_takes_that_profile(run, capsys):
 def test_resume_of_a_directory_that_is_no_run_says_so(tmp_path, capsys):
     assert main(["resume", str(tmp_path)]) == 2
     assert "is not a slurmvision run directory" in capsys.readouterr().err
+
+
+def files_of(run_dir) -> dict:
+    return {str(p.relative_to(run_dir)): p.read_bytes() for p in sorted(run_dir.rglob("*")) if p.is_file()}
+
+
+def test_a_dry_run_refuses_what_the_resume_would_refuse_with_the_same_line_and_writes_nothing(run, capsys):
+    run_dir, jobs = run
+    before = files_of(run_dir)
+    capsys.readouterr()
+    assert main(["resume", str(run_dir), "optim.lr=0.1", "model.drop_path=0.2", "--dry-run"]) == 2
+    dry = capsys.readouterr()
+    assert dry.out == "" and dry.err.count("\n") == 1 and "optim.lr: 0.003 -> 0.1" in dry.err
+    assert "model.drop_path: 0.05 -> 0.2" in dry.err
+    assert files_of(run_dir) == before and jobs == ["local-0"]
+    assert main(["resume", str(run_dir), "optim.lr=0.1", "model.drop_path=0.2"]) == 2
+    assert capsys.readouterr().err == dry.err  # what the real resume says, word for word
+
+
+def test_a_dry_run_accepts_harmless_changes_and_names_them_without_writing(run, capsys):
+    run_dir, jobs = run
+    before = files_of(run_dir)
+    capsys.readouterr()
+    assert main(["resume", str(run_dir), "trainer.log_every=7", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "# goes on with the run in" in out and "trainer.log_every: 50 -> 7" in out and "log_every: 7" in out
+    assert files_of(run_dir) == before and jobs == ["local-0"]
+    assert main(["resume", str(run_dir), "cluster.tasks_per_node=1", "--dry-run"]) == 2  # half the global batch
+    assert "global batch (batch_size x ranks x grad_accum): 64 -> 32" in capsys.readouterr().err
+    allowed = ["resume", str(run_dir), "optim.lr=0.1", "trainer.allow_config_change=true", "--dry-run"]
+    assert main(allowed) == 0 and "optim.lr: 0.003 -> 0.1" in capsys.readouterr().out
+    assert files_of(run_dir) == before and jobs == ["local-0"]

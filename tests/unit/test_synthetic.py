@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from slurmvision.configs import load_config
-from slurmvision.configs.schema import DataConfig
+from slurmvision.configs.data import DataConfig
 from slurmvision.errors import ConfigError
 from slurmvision.shards.plan import BatchSchedule
 from slurmvision.shards.reader import LoaderState

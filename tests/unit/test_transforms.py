@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from slurmvision.configs.schema import DataConfig
+from slurmvision.configs.data import DataConfig
 from slurmvision.shards.reader import transform_sample
 from slurmvision.shards.transforms import DraftDecode, _draft, _open, eval_transform, train_transform
 

@@ -1,5 +1,7 @@
 """Typed configs: dataclass sections, YAML recipes, cluster profiles, dotted overrides."""
 
+from slurmvision.configs.cluster import ClusterConfig
+from slurmvision.configs.data import DataConfig
 from slurmvision.configs.loader import (
     config_hash,
     from_dict,
@@ -12,16 +14,9 @@ from slurmvision.configs.loader import (
     to_dict,
     to_yaml,
 )
-from slurmvision.configs.schema import (
-    ClusterConfig,
-    Config,
-    DataConfig,
-    DistillConfig,
-    ModelConfig,
-    OptimConfig,
-    RunConfig,
-    TrainerConfig,
-)
+from slurmvision.configs.model import DistillConfig, ModelConfig
+from slurmvision.configs.schema import Config, RunConfig
+from slurmvision.configs.training import OptimConfig, TrainerConfig
 
 __all__ = [
     "ClusterConfig",

@@ -29,8 +29,9 @@ import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import GrammarParseError, InterpolationResolutionError, OmegaConfBaseException
 
+from slurmvision.configs.cluster import ClusterConfig
 from slurmvision.configs.compare import flatten
-from slurmvision.configs.schema import ClusterConfig, Config
+from slurmvision.configs.schema import Config
 from slurmvision.errors import ConfigError
 
 CONFIG_FILE = "config.yaml"

@@ -19,7 +19,7 @@ from typing import Callable, Iterable, Iterator, Optional
 import numpy as np
 import torch
 
-from slurmvision.configs.schema import DataConfig
+from slurmvision.configs.data import DataConfig
 from slurmvision.errors import DataError, SlurmVisionError
 
 log = logging.getLogger(__name__)

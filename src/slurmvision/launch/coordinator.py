@@ -26,6 +26,7 @@ from typing import Callable, Optional
 
 from slurmvision.configs import load_saved_config
 from slurmvision.errors import ClusterError, RunError
+from slurmvision.launch.logs import job_folder
 from slurmvision.slurm import client, hostlist
 from slurmvision.slurm.causes import Cause, Outcome, SlurmAttempt, classify
 from slurmvision.slurm.client import in_queue, node_states, sacct_attempts
@@ -69,8 +70,9 @@ class Decision:
 
 
 def _log_tail(run_dir: Path, job_id: str, size: int = 4000) -> str:
+    """The end of each rank's error log of the job (in SWEEP/slurm/ for a sweep's array task)."""
     tails = []
-    for path in sorted((run_dir / "slurm").glob(f"{job_id}_*_log.err")):
+    for path in sorted(job_folder(run_dir, job_id).glob(f"{job_id}_*_log.err")):
         with open(path, "rb") as f:
             f.seek(max(0, path.stat().st_size - size))
             tails.append(f.read().decode(errors="replace"))

@@ -118,6 +118,28 @@ def start_coordinator(run_dir: Path) -> int:
     return proc.pid
 
 
+def show_dry_run(config: Config, mode: str) -> None:
+    """What `launch --dry-run` and `resume --dry-run` print: the sbatch script (and the watcher job's
+    command) and the resolved config. A run directory that holds a run is checked first, as a submission
+    checks it: a change of what its checkpoints mean fails here with the same error. Nothing is written."""
+    from slurmvision.launch import watcher
+
+    changes = _check_run_dir(config)
+    if config.cluster.executor == "slurm":
+        print(sbatch_script(config.cluster, Path(config.run.dir).resolve() / "slurm", *job_names(config)))
+        if mode == "watcher":
+            print("# then the watcher job (it runs the script in its last argument):")
+            print(shlex.join(watcher.sbatch_args(config, *watcher.next_look(config, "JOB_ID"))))
+    else:
+        print(
+            f"# cluster {config.cluster.name!r} runs {config.cluster.tasks_per_node} local processes (no sbatch script)"
+        )
+    if changes:
+        print(f"# goes on with the run in {config.run.dir}, with config changes: {'; '.join(changes)}")
+    print("# resolved config")
+    print(to_yaml(config), end="")
+
+
 def launch(
     config: Config, *, dry_run: bool = False, wait: bool = False, coordinate: Optional[str] = None, force: bool = False
 ) -> Optional[dict]:
@@ -128,18 +150,7 @@ def launch(
     run_dir = Path(config.run.dir)
     mode = coordinate or config.cluster.coordinate
     if dry_run:
-        if config.cluster.executor == "slurm":
-            print(sbatch_script(config.cluster, run_dir.resolve() / "slurm", *job_names(config)))
-            if mode == "watcher":
-                print("# then the watcher job (it runs the script in its last argument):")
-                print(shlex.join(watcher.sbatch_args(config, *watcher.next_look(config, "JOB_ID"))))
-        else:
-            print(
-                f"# cluster {config.cluster.name!r} runs {config.cluster.tasks_per_node} local processes "
-                "(no sbatch script)"
-            )
-        print("# resolved config")
-        print(to_yaml(config), end="")
+        show_dry_run(config, mode)
         return None
     job = submit(config, force=force)
     print(f"run {run_id(config)}: job {job.job_id} submitted to {config.cluster.name}")

@@ -7,6 +7,10 @@ Where a run's logs are:
   RUN/logs/rank-NNNNN.log      the trainer's log lines of rank N, every attempt of every job
   RUN/logs/coordinator.log     the login-node coordinator (`launch --coordinate daemon`)
   RUN/logs/watcher-JOB.log     each watcher job (`--coordinate watcher`, the Slurm default)
+  SWEEP/slurm/JOB_TASK_RANK_log.err, .out
+                               submitit's, for a run a sweep started as task TASK of its job array
+                               JOB (job JOB_TASK in the run's ledger); the run's later jobs (the
+                               coordinator's resubmissions) have theirs in RUN/slurm/
 
 An attempt is a ledger record (`job JOB.RESTART` in `status`). submitit writes `Starting with
 JobEnvironment(...)` to the .out file each time a job starts, before the trainer runs: the attempt's
@@ -99,7 +103,7 @@ def log_part(run_dir: Path, *, rank: int = 0, attempt: Optional[dict] = None, st
     """The log of `rank` in `attempt` (a ledger record; None: the whole file of the newest job)."""
     rank_log = run_dir / "logs" / f"rank-{rank:05d}.log"
     job_id = attempt["job_id"] if attempt else _newest_job(run_dir)
-    prefix = run_dir / "slurm" / f"{job_id}_{rank}_log"
+    prefix = job_folder(run_dir, job_id) / f"{job_id}_{rank}_log"
     out, err = Path(f"{prefix}.out"), Path(f"{prefix}.err")
     since, until = _window(_starts(out), attempt["started"]) if attempt else (None, None)
     name = f"rank {rank}" + (f", attempt {attempt['job_id']}.{attempt['restart']}" if attempt else "")
@@ -112,6 +116,15 @@ def log_part(run_dir: Path, *, rank: int = 0, attempt: Optional[dict] = None, st
             "ranks are numbered from 0, and a job's files appear when it starts"
         )
     return LogPart(path, since, until, f"==> {path} ({name}) <==")
+
+
+def job_folder(run_dir: Path, job_id: Optional[str]) -> Path:
+    """Where submitit keeps the files of the run's job `job_id`: RUN/slurm/, or SWEEP/slurm/ for the job
+    array task a sweep started the run as."""
+    from slurmvision.launch.sweep import array_task  # here: reading a log needs no config loading
+
+    task = array_task(run_dir) if job_id else None
+    return task[0] if task and task[1] == job_id else run_dir / "slurm"
 
 
 def _newest_job(run_dir: Path) -> Optional[str]:

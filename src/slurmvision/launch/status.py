@@ -13,6 +13,7 @@ from typing import Optional
 from slurmvision import checkpoints
 from slurmvision.configs import load_saved_config
 from slurmvision.errors import ClusterError, RunError
+from slurmvision.launch.sweep import array_task
 from slurmvision.slurm.client import pending_order, sacct_attempts
 from slurmvision.slurm.ledger import Ledger
 
@@ -52,9 +53,11 @@ def run_status(run: Optional[str]) -> dict:
     run_dir = Path(run)
     config = load_saved_config(run_dir)
     ledger = Ledger(run_dir)
-    # A run that trained or was submitted has ledger records; without them (deleted, lost
-    # with a file system) the checkpoints still tell how far it got.
-    jobs_expected = checkpoints.checkpoints_of(run_dir).is_dir() or (run_dir / "slurm").is_dir()
+    # A run that trained or was submitted (by itself, or as a task of a sweep's job array) has ledger
+    # records; without them (deleted, lost with a file system) the checkpoints still tell how far it got.
+    jobs_expected = (
+        checkpoints.checkpoints_of(run_dir).is_dir() or (run_dir / "slurm").is_dir() or bool(array_task(run_dir))
+    )
     jobs = ledger.jobs() if ledger.exists() else []
     attempts = ledger.attempts() if ledger.exists() else []
     checkpoint = _latest_checkpoint(run_dir)

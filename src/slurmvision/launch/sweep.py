@@ -142,6 +142,20 @@ def _submit_array(configs: list[Config], sweep_dir: Path) -> list[str]:
     return [str(job.job_id) for job in jobs]
 
 
+def array_task(run_dir: Path) -> Optional[tuple[Path, str]]:
+    """(SWEEP/slurm/, JOB_TASK) if a sweep started the run as task TASK of its job array JOB: submitit keeps
+    that job's files there (JOB_TASK_RANK_log.out and .err), not in RUN/slurm/. None for a run no sweep
+    started as an array task (a plain run; a sweep's run without Slurm, submitted into RUN/slurm/)."""
+    run_dir = Path(run_dir).resolve()  # a sweep's run directories are SWEEP/NAME, resolved (plan)
+    try:
+        record = json.loads((run_dir.parent / SWEEP_FILE).read_text())
+        job_id = next(str(run["job_id"]) for run in record["runs"] if run["name"] == run_dir.name)
+    except (OSError, ValueError, KeyError, TypeError, StopIteration):
+        return None
+    folder = run_dir.parent / "slurm"
+    return (folder, job_id) if folder.is_dir() else None
+
+
 def sweep_rows(sweep_dir: Path) -> list[dict]:
     """One row per run (state, step, top-1), the best top-1 first, runs not evaluated yet last."""
     from slurmvision.launch.status import run_status

@@ -7,7 +7,7 @@ import logging
 import torch
 
 from slurmvision.checkpoints import evaluated_weights, open_checkpoint
-from slurmvision.configs.schema import DistillConfig, ModelConfig
+from slurmvision.configs.model import DistillConfig, ModelConfig
 from slurmvision.errors import CheckpointError, ConfigError
 from slurmvision.models import sgformer  # noqa: F401  registers the SG-Former variants with timm
 from slurmvision.pretrained import timm_kwargs as pretrained_timm_kwargs

@@ -23,7 +23,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from slurmvision.configs.schema import DataConfig
+from slurmvision.configs.data import DataConfig
 from slurmvision.errors import DataError
 from slurmvision.shards.manifest import Manifest, is_remote, shard_url
 from slurmvision.shards.plan import BatchSchedule, RankPlan, locate, plan_rank

@@ -19,7 +19,7 @@ from typing import Iterator, Optional
 import numpy as np
 import torch
 
-from slurmvision.configs.schema import DataConfig
+from slurmvision.configs.data import DataConfig
 from slurmvision.shards.manifest import Manifest
 from slurmvision.shards.plan import BatchSchedule
 from slurmvision.shards.reader import Batch, LoaderState, ShardSet

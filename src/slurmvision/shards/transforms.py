@@ -27,7 +27,7 @@ from torchvision.transforms import Compose, InterpolationMode, RandomHorizontalF
 from torchvision.transforms.functional import pil_modes_mapping
 from torchvision.transforms.v2.functional import resize
 
-from slurmvision.configs.schema import DataConfig
+from slurmvision.configs.data import DataConfig
 
 TENSOR_RESIZE = (InterpolationMode.BILINEAR, InterpolationMode.BICUBIC)
 

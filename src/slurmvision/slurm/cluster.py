@@ -6,7 +6,7 @@ import re
 from dataclasses import dataclass
 from typing import Optional
 
-from slurmvision.configs.schema import ClusterConfig
+from slurmvision.configs.cluster import ClusterConfig
 from slurmvision.errors import ClusterError
 from slurmvision.slurm import client
 

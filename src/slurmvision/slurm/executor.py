@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 from typing import Any, Iterable
 
-from slurmvision.configs.schema import ClusterConfig, mounted
+from slurmvision.configs.cluster import ClusterConfig, mounted
 
 # The ranks load pretrained weights from files fetched before submission, never from the network.
 OFFLINE = "--export=ALL,HF_HUB_OFFLINE=1"

@@ -19,7 +19,7 @@ from collections import deque
 from datetime import datetime
 from typing import Optional
 
-from slurmvision.configs.schema import ClusterConfig
+from slurmvision.configs.cluster import ClusterConfig
 from slurmvision.errors import ClusterError
 from slurmvision.slurm.client import job_end_time
 from slurmvision.trainer.signals import WARNINGS, StopRequest
