@@ -71,3 +71,12 @@ def test_after_a_warning_only_a_running_job_is_requeued(monkeypatch, tmp_path, s
     monkeypatch.setattr(job, "requeue", lambda job_id: calls.append(job_id) or True)
     job.TrainJob(str(tmp_path))._come_back("7", "SIGUSR2")
     assert calls == (["7"] if requeued else [])
+
+
+def test_an_array_task_is_named_as_submitit_and_the_ledger_name_it(monkeypatch):
+    """A sweep's run is task 1 of array 7: Slurm gives it its own SLURM_JOB_ID, the ledger knows it as 7_1."""
+    monkeypatch.setenv("SLURM_JOB_ID", "9")
+    assert job.slurm_job_id() == "9"
+    monkeypatch.setenv("SLURM_ARRAY_JOB_ID", "7")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "1")
+    assert job.slurm_job_id() == "7_1"

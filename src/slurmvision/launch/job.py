@@ -22,6 +22,15 @@ log = logging.getLogger(__name__)
 # the nodes over at once. A preempted job that exited by itself would count as completed.
 
 
+def slurm_job_id() -> str | None:
+    """This job's id as submitit and the ledger name it: an array task (a sweep's run) is
+    ARRAY_TASK, not the task's own numeric SLURM_JOB_ID."""
+    env = os.environ
+    if env.get("SLURM_ARRAY_JOB_ID") and env.get("SLURM_ARRAY_TASK_ID"):
+        return f"{env['SLURM_ARRAY_JOB_ID']}_{env['SLURM_ARRAY_TASK_ID']}"
+    return env.get("SLURM_JOB_ID")
+
+
 class TrainJob:
     def __init__(self, run_dir: str):
         self.run_dir = str(Path(run_dir).resolve())
@@ -31,7 +40,7 @@ class TrainJob:
         from slurmvision.trainer.loop import train
 
         result = train(load_saved_config(self.run_dir))
-        job_id = os.environ.get("SLURM_JOB_ID")
+        job_id = slurm_job_id()
         if result.get("interrupted") and job_id and os.environ.get("SUBMITIT_EXECUTOR") == "slurm":
             if os.environ.get("SLURM_PROCID") == "0":
                 self._come_back(job_id, result["signal"])
