@@ -48,6 +48,7 @@ ATTEMPT_FIELDS = (
     "error",
     "cause",
     "lost_steps",
+    "last_seen",  # the time of rank 0's newest record of the attempt: when it was last heard of alive
 )
 _warned: set[tuple[str, int]] = set()  # corrupt lines already reported by this process
 
@@ -259,11 +260,13 @@ class _Tables:
             step_reached=r["step"],
             step_saved=r["step"],
             checkpoint=r["checkpoint"],
+            last_seen=r["t"],
         )
 
     def _progress(self, r: dict) -> None:
         attempt = self._attempt(r)
         attempt["step_reached"] = max(attempt["step_reached"] or 0, r["step"])
+        attempt["last_seen"] = r["t"]
         if r.get("step_time") is not None:
             attempt["step_time"] = r["step_time"]
         if r.get("saved") is not None:
@@ -273,6 +276,7 @@ class _Tables:
         attempt = self._attempt(r)
         attempt.update(
             ended=r["t"],
+            last_seen=r["t"],
             outcome=r["outcome"],
             signal=r["signal"],
             error=r["error"],
