@@ -51,7 +51,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from results import machine, write_figures, write_section  # benchmarks/ is on the path of a script run from it
+from results import machine, publish  # benchmarks/ is on the path of a script run from it
 
 SECTION = "## Restart breakdown"
 JSON_KEY = "restart"
@@ -419,15 +419,7 @@ def main() -> int:
         shards = prepare_shards(work / "digits")
         for setup in (s for s in SETUPS if s.name in chosen):
             figures["setups"][setup.name] = measure(setup, args.steps, args.more, args.repeats, shards, work)
-    figures["load_average_1m_end"] = round(os.getloadavg()[0], 2)
-    command_line = " ".join(["python", "benchmarks/restart.py", *sys.argv[1:]])
-    figures["command"] = command_line
-    text = report(figures, command_line)
-    if args.results:
-        write_section(args.results, text)
-    if args.json:
-        write_figures(args.json, JSON_KEY, figures)
-    print(text)
+    publish(figures, report, args.results, args.json, JSON_KEY)
     return 0
 
 

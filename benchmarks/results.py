@@ -42,3 +42,20 @@ def machine() -> dict:
         "torch": torch.__version__,
         "date": time.strftime("%Y-%m-%d"),
     }
+
+
+def publish(figures: dict, report, results: Path | None, json_path: Path | None, key: str) -> None:
+    """The end of every benchmark: the load at the end and the exact command go into `figures`, the
+    text `report(figures, command)` makes goes to `results` (its section) and stdout, `figures` to
+    `json_path` under `key`."""
+    import os
+    import sys
+
+    figures["load_average_1m_end"] = round(os.getloadavg()[0], 2)
+    figures["command"] = " ".join(["python", f"benchmarks/{Path(sys.argv[0]).name}", *sys.argv[1:]])
+    text = report(figures, figures["command"])
+    if results:
+        write_section(results, text)
+    if json_path:
+        write_figures(json_path, key, figures)
+    print(text)

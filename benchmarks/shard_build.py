@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Optional
 
 from checkpoint_io import disk_of  # benchmarks/ is on the path of a script run from it
-from results import machine, write_figures, write_section
+from results import machine, publish
 
 SECTION = "## Shard build throughput"
 JSON_KEY = "shard_build"
@@ -249,15 +249,7 @@ def main() -> int:
         figures["disk"] = disk_of(work)
         for case in cases:
             figures["cases"][case.name] = measure(case, workers, args.repeats, args.samples_per_shard, work)
-    figures["load_average_1m_end"] = round(os.getloadavg()[0], 2)
-    command_line = " ".join(["python", "benchmarks/shard_build.py", *sys.argv[1:]])
-    figures["command"] = command_line
-    text = report(figures, command_line)
-    if args.results:
-        write_section(args.results, text)
-    if args.json:
-        write_figures(args.json, JSON_KEY, figures)
-    print(text)
+    publish(figures, report, args.results, args.json, JSON_KEY)
     return 0
 
 

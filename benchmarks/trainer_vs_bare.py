@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from results import machine, write_figures, write_section  # benchmarks/ is on the path of a script run from it
+from results import machine, publish  # benchmarks/ is on the path of a script run from it
 
 SECTION = "## Trainer against a bare loop"
 JSON_KEY = "trainer_vs_bare"
@@ -475,15 +475,7 @@ def main() -> int:
             total = args.breakdown_steps + args.breakdown_warmup
             figures["breakdown"][name] = breakdown(setup, total, args.breakdown_warmup, work, where)
             print(f"breakdown {name}: " + json.dumps({k: round(v, 2) for k, v in figures["breakdown"][name].items()}))
-    figures["load_average_1m_end"] = round(os.getloadavg()[0], 2)
-    command_line = " ".join(["python", "benchmarks/trainer_vs_bare.py", *sys.argv[1:]])
-    figures["command"] = command_line
-    text = report(figures, command_line)
-    if args.results:
-        write_section(args.results, text)
-    if args.json:
-        write_figures(args.json, JSON_KEY, figures)
-    print(text)
+    publish(figures, report, args.results, args.json, JSON_KEY)
     return 0
 
 
