@@ -42,6 +42,7 @@ def test_a_mapping_given_whole_replaces_a_free_form_one_and_merges_into_a_sectio
         ("trainer.precision=bf61", "trainer.precision='bf61'.*'fp32', 'fp16', 'bf16'.*did you mean 'bf16'"),
         ("trainer.max_steps=abc", "trainer.max_steps.*'abc'"),
         ("trainer.max_steps=0", "trainer.max_steps=0 is not allowed: must be >= 1"),
+        ("data.remote_timeout_s=0", r"data.remote_timeout_s=0.0 is not allowed: must be > 0"),
         ("data.scale_batch_sizes=[4]", "one batch size per entry of data.scales"),
         ("cluster.gpus_per_node=4", "cluster.tasks_per_node=4"),
         ("optim", "must look like section.key=value"),

@@ -10,7 +10,6 @@ import torch
 
 from slurmvision.configs.data import DataConfig
 from slurmvision.errors import DataError
-from slurmvision.shards import tario
 from slurmvision.shards.manifest import MANIFEST_NAME, shard_url
 from slurmvision.shards.reader import LoaderState, TrainReader, eval_batches
 from slurmvision.shards.tario import ShardFile, StreamedShard
@@ -150,11 +149,10 @@ def test_a_shard_name_stays_one_file_name_in_a_pipe_command(shards, tmp_path, mo
 
 
 def test_a_hung_remote_shard_times_out_with_an_error_naming_it(shards, monkeypatch):
-    """A stalled transfer ends after REMOTE_TIMEOUT_S: the loader never hangs, so the trainer
+    """A stalled transfer ends after data.remote_timeout_s: the loader never hangs, so the trainer
     always gets to act on a stop signal."""
-    monkeypatch.setattr(tario, "REMOTE_TIMEOUT_S", 1.0)
     root = f"pipe:if [ {{}} = {MANIFEST_NAME} ]; then exec cat {shards}/{{}}; else exec sleep 1000; fi"
-    reader = TrainReader(data_config(root, bad_sample_budget=0.0), seed=1, rank=0, world_size=1)
+    reader = TrainReader(data_config(root, bad_sample_budget=0.0, remote_timeout_s=1.0), seed=1, rank=0, world_size=1)
     started = time.monotonic()
     with pytest.raises(
         DataError,
@@ -168,12 +166,11 @@ def test_a_hung_remote_shard_times_out_with_an_error_naming_it(shards, monkeypat
 def test_a_remote_shard_is_streamed_not_fetched_whole(shards, monkeypatch):
     """Samples come as their bytes arrive: a transfer that stalls after the first ones still
     yields them, those asked for later included, then times out once for the rest."""
-    monkeypatch.setattr(tario, "REMOTE_TIMEOUT_S", 1.0)
     path = shards / "train-000000.tar"
     with tarfile.open(path) as tar:
         cut = tar.getmembers()[6].offset_data  # three members a sample: samples 0 and 1, and the header after
     local = ShardFile(str(path))
-    streamed = StreamedShard(f"pipe:head -c {cut} {path}; exec sleep 1000", wanted=[0, 1, 3, 4])
+    streamed = StreamedShard(f"pipe:head -c {cut} {path}; exec sleep 1000", wanted=[0, 1, 3, 4], timeout_s=1.0)
     started = time.monotonic()
     assert streamed.sample(1) == local.sample(1)
     assert streamed.sample(0) == local.sample(0)

@@ -28,6 +28,7 @@ HARMLESS = (
     "data.audit",
     "data.val_split",
     "data.bad_sample_budget",
+    "data.remote_timeout_s",
     "data.eval_resize_ratio",
     "data.prefetch_to_device",
     "model.compile",

@@ -32,6 +32,9 @@ class DataConfig:
     label_smoothing: float = 0.0
     # Skipped bad samples allowed per epoch: < 1 is a fraction of the epoch, >= 1 a count.
     bad_sample_budget: float = 0.001
+    # A remote shard (pipe:/http) whose transfer sends nothing for this long is unreadable: the loader
+    # never hangs, so a stop signal is acted on. Keep it below cluster.signal_delay_s.
+    remote_timeout_s: float = 60.0
     audit: bool = False  # record the key of every consumed sample per rank and step
     eval_resize_ratio: float = 0.875
     # CUDA: the next batch's copy to the GPU (pinned memory, non_blocking) is issued before this step's compute.
@@ -46,6 +49,7 @@ class DataConfig:
         for key in ("batch_size", "img_size", "shuffle_buffer"):
             check(getattr(self, key) >= 1, f"data.{key}", getattr(self, key), "must be >= 1")
         check(self.workers >= 0, "data.workers", self.workers, "must be >= 0")
+        check(self.remote_timeout_s > 0, "data.remote_timeout_s", self.remote_timeout_s, "must be > 0")
         check(all(s >= 8 for s in self.scales), "data.scales", self.scales, "resolutions must be >= 8")
         check(
             not self.scale_batch_sizes or len(self.scale_batch_sizes) == len(self.scales),

@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from slurmvision.errors import DataError
+from slurmvision.shards.tario import DEFAULT_REMOTE_TIMEOUT_S
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -95,11 +96,11 @@ class Manifest:
         return path
 
     @classmethod
-    def load(cls, directory_or_file: str | Path) -> "Manifest":
+    def load(cls, directory_or_file: str | Path, remote_timeout_s: float = DEFAULT_REMOTE_TIMEOUT_S) -> "Manifest":
         """From a shards directory (or its manifest file), or a remote root (see `shard_url`)."""
         if is_remote(str(directory_or_file)):
             path = shard_url(str(directory_or_file), MANIFEST_NAME)
-            text = _read_remote(path)
+            text = _read_remote(path, remote_timeout_s)
         else:
             path = Path(directory_or_file)
             if path.name != MANIFEST_NAME and (path.is_dir() or not path.exists()):
@@ -166,11 +167,11 @@ def shard_url(root: str, name: str) -> str:
     return root.replace("{}", name) if "{}" in root else str(Path(root) / name)
 
 
-def _read_remote(url: str) -> str:
+def _read_remote(url: str, timeout_s: float) -> str:
     from slurmvision.shards.tario import RemoteStream
 
     try:
-        with RemoteStream(url) as stream:
+        with RemoteStream(url, timeout_s) as stream:
             return stream.read().decode("utf-8")
     except Exception as err:  # what the transport raises (I/O, a failed command, a timeout, bad UTF-8)
         raise DataError(f"cannot read {url}: {err}; check data.root and that the shards are reachable") from None

@@ -27,7 +27,7 @@ from slurmvision.configs.data import DataConfig
 from slurmvision.errors import DataError
 from slurmvision.shards.manifest import Manifest, is_remote, shard_url
 from slurmvision.shards.plan import BatchSchedule, RankPlan, locate, plan_rank
-from slurmvision.shards.tario import IMAGE_EXTS, ShardFile, StreamedShard
+from slurmvision.shards.tario import DEFAULT_REMOTE_TIMEOUT_S, IMAGE_EXTS, ShardFile, StreamedShard
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +75,7 @@ class ShardStream(IterableDataset):
 
     def __init__(self, shards: "ShardSet", plan: RankPlan, *, transforms: dict, seed: int, epoch: int):
         self.urls, self.counts, self.names = shards.urls, shards.counts, shards.names
+        self.remote_timeout_s = shards.remote_timeout_s
         self.num_classes = shards.num_classes
         self.plan = plan
         self.transforms = transforms  # resolution -> callable(encoded bytes) -> uint8 CHW tensor
@@ -125,7 +126,9 @@ class ShardStream(IterableDataset):
             for sample_id, s, i in zip(ids.tolist(), shards.tolist(), positions.tolist()):
                 if s not in files:
                     url = self.urls[s]
-                    files[s] = StreamedShard(url, wanted[s]) if is_remote(url) else ShardFile(url)
+                    files[s] = (
+                        StreamedShard(url, wanted[s], self.remote_timeout_s) if is_remote(url) else ShardFile(url)
+                    )
                 shard = files[s]
                 key = f"{self.names[s]}#{i}"
                 seed = int(np.random.SeedSequence([self.seed, self.epoch, sample_id]).generate_state(1)[0])
@@ -186,16 +189,18 @@ class ShardSet:
     counts: list[int]
     names: list[str]
     num_classes: int
+    remote_timeout_s: float = DEFAULT_REMOTE_TIMEOUT_S
 
     @classmethod
-    def load(cls, root: str, split: str) -> "ShardSet":
-        manifest = Manifest.load(root)
+    def load(cls, root: str, split: str, remote_timeout_s: float = DEFAULT_REMOTE_TIMEOUT_S) -> "ShardSet":
+        manifest = Manifest.load(root, remote_timeout_s)
         shards = manifest.shards_for(split)
         return cls(
             [shard_url(str(root), s.name) for s in shards],
             [s.count for s in shards],
             [s.name for s in shards],
             len(manifest.classes),
+            remote_timeout_s,
         )
 
     @property
@@ -267,7 +272,7 @@ def eval_batches(
     """Every sample of `split` once over all ranks (rank r takes samples r, r+W, ...), in order."""
     from slurmvision.shards.transforms import eval_transform
 
-    shards = ShardSet.load(data.root, split)
+    shards = ShardSet.load(data.root, split, data.remote_timeout_s)
     resolution = resolution or data.img_size
     stream = np.arange(rank, shards.samples, world_size, dtype=np.int64)
     batches = [
@@ -296,7 +301,7 @@ class TrainReader:
         from slurmvision.shards.transforms import train_transform
 
         self.data, self.seed, self.rank, self.world_size = data, seed, rank, world_size
-        self.shards = ShardSet.load(data.root, data.train_split)
+        self.shards = ShardSet.load(data.root, data.train_split, data.remote_timeout_s)
         if self.shards.samples < world_size:
             raise DataError(
                 f"split {data.train_split!r} has {self.shards.samples} samples, fewer than the {world_size} ranks"

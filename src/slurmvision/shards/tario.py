@@ -21,7 +21,7 @@ from typing import Iterable, Iterator, Optional
 
 # Longest wait for the next bytes of a remote file. Below cluster.signal_delay_s (120 s by
 # default): a loader stuck on a hung transfer must not keep the trainer from saving in time.
-REMOTE_TIMEOUT_S = 60.0
+DEFAULT_REMOTE_TIMEOUT_S = 60.0  # data.remote_timeout_s
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "ppm")
 
@@ -111,15 +111,15 @@ class ShardFile:
 
 class RemoteStream(io.RawIOBase):
     """A remote file (`pipe:` command or URL webdataset's gopen opens) read as it arrives.
-    A read that waits REMOTE_TIMEOUT_S for data raises TimeoutError; an unclean end of the
+    A read that waits `timeout_s` for data raises TimeoutError; an unclean end of the
     transfer raises OSError."""
 
     # Unset until opened: close() runs (from __del__) after a failed __init__ too.
     _proc: Optional[subprocess.Popen] = None
     _out: Optional[io.IOBase] = None
 
-    def __init__(self, url: str):
-        self.url = url
+    def __init__(self, url: str, timeout_s: float = DEFAULT_REMOTE_TIMEOUT_S):
+        self.url, self.timeout_s = url, timeout_s
         if url.startswith("pipe:"):
             # Its own process group, so that closing early ends the whole pipeline, not just its shell.
             self._proc = subprocess.Popen(url[5:], shell=True, stdout=subprocess.PIPE, start_new_session=True)
@@ -137,14 +137,14 @@ class RemoteStream(io.RawIOBase):
         return True
 
     def readinto(self, buffer) -> int:
-        if not self._poller.poll(REMOTE_TIMEOUT_S * 1000):
-            raise TimeoutError(f"no data from {self.url} for {REMOTE_TIMEOUT_S:g} s")
+        if not self._poller.poll(self.timeout_s * 1000):
+            raise TimeoutError(f"no data from {self.url} for {self.timeout_s:g} s")
         n = os.readv(self._out.fileno(), [buffer])
         if n == 0 and self._proc is not None:
             try:
-                status = self._proc.wait(REMOTE_TIMEOUT_S)
+                status = self._proc.wait(self.timeout_s)
             except subprocess.TimeoutExpired:
-                raise TimeoutError(f"{self.url} did not exit {REMOTE_TIMEOUT_S:g} s after its output ended") from None
+                raise TimeoutError(f"{self.url} did not exit {self.timeout_s:g} s after its output ended") from None
             if status != 0:
                 raise OSError(f"{self.url} failed (exit status {status})")
         return n
@@ -189,8 +189,8 @@ class StreamedShard:
     asked for (in any order): the ones passed on the way to another are kept until asked for,
     which the reader's shuffle window bounds; the others are dropped as they stream by."""
 
-    def __init__(self, url: str, wanted: Iterable[int]):
-        self.url = url
+    def __init__(self, url: str, wanted: Iterable[int], timeout_s: float = DEFAULT_REMOTE_TIMEOUT_S):
+        self.url, self.timeout_s = url, timeout_s
         self._wanted = set(wanted)
         self._kept: dict[int, tuple[str, dict[str, bytes]]] = {}
         self._stream: Optional[RemoteStream] = None
@@ -210,7 +210,7 @@ class StreamedShard:
         if self._error is None:
             try:
                 if self._samples is None:
-                    self._stream = RemoteStream(self.url)
+                    self._stream = RemoteStream(self.url, self.timeout_s)
                     self._samples = _stream_samples(tarfile.open(fileobj=self._stream, mode="r|"), self._wanted)
                 for position, key, fields in self._samples:
                     self._passed = position + 1
