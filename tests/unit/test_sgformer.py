@@ -9,7 +9,7 @@ from timm.optim import create_optimizer_v2
 
 from slurmvision.configs import ModelConfig, load_config
 from slurmvision.models import build_model
-from slurmvision.models.sgformer import Attention, HybridScaleAttention, SignificanceGuidedAttention
+from slurmvision.models.sgformer.attention import Attention, HybridScaleAttention, SignificanceGuidedAttention
 
 pytestmark = pytest.mark.unit
 

@@ -237,31 +237,47 @@ def export_run(
     record = {"checkpoint": str(checkpoint.path), "image_size": size}
     if not int8:
         return {**export_onnx(model, out, img_size=size, opset=opset), **record}
+    quantized = _export_int8(model, config.data, num_classes, Path(out), size, opset, int8, calibration, max_drop)
+    return {**record, **quantized}
 
+
+def _export_int8(
+    model: torch.nn.Module,
+    data: DataConfig,
+    num_classes: int,
+    out: Path,
+    size: int,
+    opset: int,
+    mode: str,
+    calibration: Optional[str],
+    max_drop: float,
+) -> dict:
+    """export_run's INT8 model and its record (export_onnx's, with "path" `out`, and "int8"). The float32 export and
+    its quantization stay in a hidden folder next to `out`; the INT8 file moves to `out` only once its top-1 on the
+    val split is close enough."""
     from slurmvision.shards.transforms import DeviceAugment
 
-    normalize = DeviceAugment(config.data, num_classes, torch.device("cpu"), seed=0, rank=0).normalize
-    out = Path(out)
+    normalize = DeviceAugment(data, num_classes, torch.device("cpu"), seed=0, rank=0).normalize
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f".{out.name}.", dir=out.parent) as work:
         fp32, quantized = Path(work) / "fp32.onnx", Path(work) / "int8.onnx"
-        record.update(export_onnx(model, fp32, img_size=size, opset=opset), path=str(out))
+        record = {**export_onnx(model, fp32, img_size=size, opset=opset), "path": str(out)}
         calibration_data = ()
-        if int8 == "static":
+        if mode == "static":
             # The shard writer mixes the classes in every shard, so the first images of a split are a fair sample.
-            data = dataclasses.replace(config.data, root=calibration or config.data.root)
+            train = dataclasses.replace(data, root=calibration or data.root)
             batches = itertools.islice(
-                _batches(data, data.train_split, size, normalize, CALIBRATION_BATCH),
+                _batches(train, train.train_split, size, normalize, CALIBRATION_BATCH),
                 CALIBRATION_SAMPLES // CALIBRATION_BATCH,
             )
             calibration_data = (images for images, _ in batches)
-        quantize_onnx(fp32, quantized, int8, calibration_data)
-        val = _batches(config.data, config.data.val_split, size, normalize, VAL_BATCH)
+        quantize_onnx(fp32, quantized, mode, calibration_data)
+        val = _batches(data, data.val_split, size, normalize, VAL_BATCH)
         models, samples = compare_onnx({"fp32": fp32, "int8": quantized}, val, size)
         drop = 100 * (models["fp32"]["top1"] - models["int8"]["top1"])
         record["int8"] = {
-            "mode": int8,
-            "calibration": (calibration or config.data.root) if int8 == "static" else None,
+            "mode": mode,
+            "calibration": (calibration or data.root) if mode == "static" else None,
             "max_drop": max_drop,
             "drop": drop,
             "val_samples": samples,
@@ -270,8 +286,8 @@ def export_run(
         if drop > max_drop:
             raise SlurmVisionError(
                 f"the INT8 model's top-1 {models['int8']['top1']:.4f} is {drop:.2f} points below the float32 model's "
-                f"{models['fp32']['top1']:.4f} on {samples} {config.data.val_split} images (--max-drop {max_drop:g}): "
-                f"{out} not written; try --int8 {'dynamic' if int8 == 'static' else 'static'} or a larger --max-drop"
+                f"{models['fp32']['top1']:.4f} on {samples} {data.val_split} images (--max-drop {max_drop:g}): "
+                f"{out} not written; try --int8 {'dynamic' if mode == 'static' else 'static'} or a larger --max-drop"
             )
         os.replace(quantized, out)
     return record

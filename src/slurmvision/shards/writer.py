@@ -20,7 +20,7 @@ import shutil
 import tarfile
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Callable, Iterable, Optional
 
 from slurmvision.errors import DataError
 from slurmvision.shards.manifest import MANIFEST_NAME, Manifest, ShardInfo, file_sha256
@@ -42,6 +42,7 @@ LOSSY_QUALITY = 95  # re-encoding happens once, so keep it close to the source
 STAGING_PREFIX = ".slurmvision-staging-"  # + pid; inside the output, so moving out of it is a rename
 
 Sample = tuple[str, Path, str, int]  # key, source file, relative path (posix), label
+Job = tuple[str, str, list[Sample]]  # shard name, split, samples
 
 
 def _visible_dirs(folder: Path) -> list[Path]:
@@ -263,6 +264,79 @@ def _move_in(staging: Path, out: Path, old: list[str], new: list[str]) -> None:
     staging.rmdir()
 
 
+def _check_options(
+    src: Path,
+    out: Path,
+    samples_per_shard: Optional[int],
+    shard_size_mb: Optional[float],
+    workers: int,
+    max_side: Optional[int],
+) -> None:
+    """Refuse bad options, and an output inside the source, before anything is read or written."""
+    for option, value in (
+        ("samples_per_shard", samples_per_shard),
+        ("shard_size_mb", shard_size_mb),
+        ("max_side", max_side),
+    ):
+        if value is not None and not value > 0:
+            raise DataError(f"{option} must be positive (got {value}): give a positive number or leave it out")
+    if workers < 1:
+        raise DataError(f"workers must be at least 1 (got {workers})")
+    if out.exists() and not out.is_dir():
+        raise DataError(f"{out} exists and is not a directory: give a directory for the shards")
+    if src.resolve() in (out.resolve(), *out.resolve().parents):
+        raise DataError(f"{out} is in the image folder {src}: write the shards outside it")
+
+
+def _jobs(
+    samples: dict[str, list[Sample]],
+    classes: list[str],
+    samples_per_shard: Optional[int],
+    shard_size_mb: Optional[float],
+) -> list[Job]:
+    """(shard name, split, samples) of every shard, in manifest order."""
+    per = samples_per_shard or (None if shard_size_mb else DEFAULT_SAMPLES_PER_SHARD)
+    limit = int(shard_size_mb * 2**20) if shard_size_mb else None
+    return [
+        (f"{split}-{i:06d}.tar", split, chunk)
+        for split, split_samples in samples.items()
+        for i, chunk in enumerate(_chunks(split_samples, classes, per, limit))
+    ]
+
+
+def _write_shards(
+    staging: Path,
+    jobs: list[Job],
+    classes: list[str],
+    max_side: Optional[int],
+    workers: int,
+    advance: Callable[[int], None],
+) -> list[Optional[ShardInfo]]:
+    """Write the shards into `staging`, in a process pool when there are several workers and shards; their infos in
+    job order. `advance` is told the samples of each shard written."""
+    infos: list[Optional[ShardInfo]] = [None] * len(jobs)
+    if workers > 1 and len(jobs) > 1:
+        with ProcessPoolExecutor(min(workers, len(jobs))) as pool:
+            futures = {
+                pool.submit(_write_shard, staging, name, split, chunk, classes, max_side): i
+                for i, (name, split, chunk) in enumerate(jobs)
+            }
+            try:
+                for future in as_completed(futures):
+                    i = futures[future]
+                    infos[i] = future.result()
+                    advance(len(jobs[i][2]))
+            except BaseException:
+                # Fail fast: drop the shards not started instead of building them all first.
+                pool.shutdown(wait=True, cancel_futures=True)
+                raise
+    else:
+        for i, (name, split, chunk) in enumerate(jobs):
+            infos[i] = _write_shard(staging, name, split, chunk, classes, max_side)
+            advance(len(chunk))
+    return infos
+
+
 def build_shards(
     src: str | Path,
     out: str | Path,
@@ -283,56 +357,18 @@ def build_shards(
     directory's other files stay.
     """
     src, out = Path(src), Path(out)
-    for option, value in (
-        ("samples_per_shard", samples_per_shard),
-        ("shard_size_mb", shard_size_mb),
-        ("max_side", max_side),
-    ):
-        if value is not None and not value > 0:
-            raise DataError(f"{option} must be positive (got {value}): give a positive number or leave it out")
-    if workers < 1:
-        raise DataError(f"workers must be at least 1 (got {workers})")
-    if out.exists() and not out.is_dir():
-        raise DataError(f"{out} exists and is not a directory: give a directory for the shards")
-    if src.resolve() in (out.resolve(), *out.resolve().parents):
-        raise DataError(f"{out} is in the image folder {src}: write the shards outside it")
+    _check_options(src, out, samples_per_shard, shard_size_mb, workers, max_side)
     classes, samples = scan(src, splits)
     old = _replaced_shards(out, overwrite)
     staging = _staging(out)
-    per = samples_per_shard or (None if shard_size_mb else DEFAULT_SAMPLES_PER_SHARD)
-    limit = int(shard_size_mb * 2**20) if shard_size_mb else None
-    jobs = [
-        (f"{split}-{i:06d}.tar", split, chunk)
-        for split, split_samples in samples.items()
-        for i, chunk in enumerate(_chunks(split_samples, classes, per, limit))
-    ]
+    jobs = _jobs(samples, classes, samples_per_shard, shard_size_mb)
     from tqdm import tqdm
 
-    infos: list[Optional[ShardInfo]] = [None] * len(jobs)
     bar = tqdm(
         total=sum(len(chunk) for *_, chunk in jobs), unit="img", desc="shards", disable=None if progress else True
     )  # None: only on a terminal
     try:
-        if workers > 1 and len(jobs) > 1:
-            with ProcessPoolExecutor(min(workers, len(jobs))) as pool:
-                futures = {
-                    pool.submit(_write_shard, staging, name, split, chunk, classes, max_side): i
-                    for i, (name, split, chunk) in enumerate(jobs)
-                }
-                try:
-                    for future in as_completed(futures):
-                        i = futures[future]
-                        infos[i] = future.result()
-                        bar.update(len(jobs[i][2]))
-                except BaseException:
-                    # Fail fast: drop the shards not started instead of building them all first.
-                    pool.shutdown(wait=True, cancel_futures=True)
-                    raise
-        else:
-            for i, (name, split, chunk) in enumerate(jobs):
-                infos[i] = _write_shard(staging, name, split, chunk, classes, max_side)
-                bar.update(len(chunk))
-        manifest = Manifest(classes, infos)
+        manifest = Manifest(classes, _write_shards(staging, jobs, classes, max_side, workers, bar.update))
         manifest.save(staging)
         _move_in(staging, out, old, [name for name, *_ in jobs])
     except BaseException:
