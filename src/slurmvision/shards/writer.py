@@ -360,8 +360,8 @@ def build_shards(
     _check_options(src, out, samples_per_shard, shard_size_mb, workers, max_side)
     classes, samples = scan(src, splits)
     old = _replaced_shards(out, overwrite)
+    jobs = _jobs(samples, classes, samples_per_shard, shard_size_mb)  # before staging: sizing a file may fail
     staging = _staging(out)
-    jobs = _jobs(samples, classes, samples_per_shard, shard_size_mb)
     from tqdm import tqdm
 
     bar = tqdm(
