@@ -150,7 +150,8 @@ def measure(model: str, engine_name: str, batch: int, repeat: int, quick: bool, 
     import torch
 
     from slurmvision.checkpoints import latest
-    from slurmvision.trainer.checkpoint import CheckpointManager, weights_facts
+    from slurmvision.trainer.async_checkpoint import AsyncCheckpointManager
+    from slurmvision.trainer.checkpoint import weights_facts
     from slurmvision.trainer.distributed import DistEnv
 
     torch.set_num_threads(max(1, os.cpu_count() or 1))
@@ -158,7 +159,7 @@ def measure(model: str, engine_name: str, batch: int, repeat: int, quick: bool, 
     config, engine, ema, train_step = build(model, engine_name, batch, quick, run)
     train_step()  # the optimizer's state exists from the first step
     step_s = statistics.median(train_step() for _ in range(2 if quick else 3))
-    manager = CheckpointManager(run / "checkpoints", DistEnv(), keep=2, describe=weights_facts)
+    manager = AsyncCheckpointManager(run / "checkpoints", DistEnv(), keep=2, describe=weights_facts)
 
     rounds: dict[str, list[float]] = {}
 

@@ -330,7 +330,7 @@ def instrument(trainer, loop, timers: StepTimers) -> None:
 
 
 def timed_rank(env, config, warmup: int) -> dict:
-    """One rank of `slurmvision train`'s job (trainer.loop.train without the run lock), timed."""
+    """One rank of `slurmvision train`'s job (trainer.entry.train without the run lock), timed."""
     from slurmvision.trainer import distributed, loop
     from slurmvision.trainer.monitor import setup_logging
 

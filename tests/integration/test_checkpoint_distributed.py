@@ -107,11 +107,11 @@ def _background_rank(rank: int, port: int, directory: str, outcomes) -> None:
 
     from slurmvision.errors import CheckpointError
     from slurmvision.trainer import checkpoint as module
-    from slurmvision.trainer.checkpoint import CheckpointManager
+    from slurmvision.trainer.async_checkpoint import AsyncCheckpointManager
     from slurmvision.trainer.distributed import DistEnv
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
-    manager = CheckpointManager(directory, DistEnv(rank=rank, world_size=2), keep=2)
+    manager = AsyncCheckpointManager(directory, DistEnv(rank=rank, world_size=2), keep=2)
     real_save = module._save
 
     def slow(obj, path):

@@ -17,6 +17,7 @@ import torch
 from slurmvision.checkpoints import FORMAT_VERSION, VERSION_KEY, manifest_text, open_checkpoint
 from slurmvision.errors import CheckpointError
 from slurmvision.evaluate.inspect import inspect_checkpoint
+from slurmvision.trainer.async_checkpoint import AsyncCheckpointManager
 from slurmvision.trainer.checkpoint import CheckpointManager, rng_state, set_rng_state
 from slurmvision.trainer.distributed import DistEnv
 
@@ -250,7 +251,7 @@ def _held(monkeypatch, release: threading.Event) -> None:
 
 
 def test_a_background_save_holds_the_state_at_its_call_and_counts_once_committed(tmp_path, monkeypatch):
-    manager = CheckpointManager(tmp_path, DistEnv(), keep=2)
+    manager = AsyncCheckpointManager(tmp_path, DistEnv(), keep=2)
     save(manager, 1, 1.0)
     release = threading.Event()
     _held(monkeypatch, release)
@@ -282,7 +283,7 @@ def test_a_failed_background_save_is_reported_keeps_the_previous_checkpoint_and_
 
     from slurmvision.trainer import checkpoint as module
 
-    manager = CheckpointManager(tmp_path, DistEnv(), keep=2)
+    manager = AsyncCheckpointManager(tmp_path, DistEnv(), keep=2)
     save(manager, 1, 1.0)
     real_save = module._save
 
@@ -330,7 +331,7 @@ def test_a_sigkill_at_any_point_of_a_background_save_leaves_a_valid_checkpoint(t
 
     for change in itertools.count(1):
         directory = tmp_path / str(change)
-        manager = CheckpointManager(directory, DistEnv(), keep=1)
+        manager = AsyncCheckpointManager(directory, DistEnv(), keep=1)
         manager.save(1, {"weights": weights[1.0]}, {"rng": rng_state()}, {"step": 1, "epoch": 0, "value": 1.0})
         died = killed_at(change, lambda: background_save(manager, 2, 2.0))  # noqa: B023  called at once
         latest = manager.latest_valid()
@@ -344,7 +345,7 @@ def test_a_sigkill_at_any_point_of_a_background_save_leaves_a_valid_checkpoint(t
 
 
 def test_the_copy_to_host_memory_keeps_tied_tensors_tied_and_rebuilds_containers():
-    from slurmvision.trainer.checkpoint import host_copy
+    from slurmvision.trainer.async_checkpoint import host_copy
 
     weight = torch.arange(6.0).reshape(2, 3)
     state = {"model": {"a": weight, "b": weight}, "groups": [{"lr": 0.1, "params": [0, 1]}], "step": 3}

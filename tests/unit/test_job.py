@@ -39,7 +39,7 @@ def test_a_slurmctld_that_does_not_answer_costs_the_timeout_not_the_job(scontrol
 
 
 # What a training job imports: the callable, the trainer, and what the callable imports when it stops.
-JOB_IMPORTS = "slurmvision.launch.job, slurmvision.trainer.loop, slurmvision.slurm.ledger, slurmvision.configs"
+JOB_IMPORTS = "slurmvision.launch.job, slurmvision.trainer.entry, slurmvision.slurm.ledger, slurmvision.configs"
 
 
 def test_every_command_a_training_job_can_run_has_a_timeout():

@@ -37,7 +37,7 @@ class TrainJob:
 
     def __call__(self) -> dict:
         from slurmvision.configs import load_saved_config
-        from slurmvision.trainer.loop import train
+        from slurmvision.trainer.entry import train
 
         result = train(load_saved_config(self.run_dir))
         job_id = slurm_job_id()

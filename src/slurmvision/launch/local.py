@@ -38,7 +38,7 @@ def _rank_main(target: Callable, args: tuple, rank: int, nproc: int, port: int, 
 def train_as_started(config: Config) -> tuple[dict, bool]:
     """This process as the one rank torchrun or srun started it as: its result, and whether it is rank 0."""
     from slurmvision.trainer.distributed import from_environment
-    from slurmvision.trainer.loop import train
+    from slurmvision.trainer.entry import train
 
     env = from_environment()
     if env.is_main:
@@ -63,7 +63,7 @@ def _stdout_to_stderr():
 
 
 def _train(env, config: Config) -> dict:
-    from slurmvision.trainer.loop import train
+    from slurmvision.trainer.entry import train
 
     return train(config, env)
 

@@ -6,13 +6,9 @@ atomically. Files hold tensors and plain containers only, and are loaded with
 `weights_only=True`. Rank 0 alone chooses the checkpoint a run resumes from
 (`CheckpointManager.resume`).
 
-`CheckpointManager.save` writes and commits before it returns. `save_async` (trainer.async_checkpoint)
-copies the state to host memory and returns; a background thread of each rank writes that rank's
-files, and `settle`, called by every rank at the same step boundaries, commits the checkpoint once
-every rank's write is done: the same files, manifest and renames as `save`, so the same atomicity.
-The ranks agree on it by an all-reduce of "written / still writing / failed" at a step boundary,
-where every collective of the loop happens: no collective runs in a background thread, and a rank
-that dies stops the others at the next boundary as it would without a background write.
+`CheckpointManager.save` writes and commits before it returns. `async_checkpoint.AsyncCheckpointManager`
+(trainer.async_checkpoint) writes the same files in a background thread and commits them by the same
+steps (`_begin`, `_write`, `_failed`, `_agree_committed`), so with the same atomicity.
 """
 
 from __future__ import annotations
@@ -23,9 +19,7 @@ import logging
 import os
 import random
 import shutil
-import threading
 import time
-from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -139,42 +133,6 @@ def _write_text(path: Path, text: str) -> None:
         os.fsync(f.fileno())
 
 
-def host_copy(state: Any) -> Any:
-    """`state` with every tensor copied to host memory (pinned, for device tensors) and every
-    container rebuilt: training can go on changing the original while the copy is written. A
-    tensor that appears twice (tied weights) is copied once and stays shared."""
-    copies: dict[tuple, torch.Tensor] = {}
-    from_device = False
-
-    def copy(value: Any) -> Any:
-        nonlocal from_device
-        if isinstance(value, torch.Tensor):
-            key = (value.data_ptr(), value.dtype, value.shape, value.stride(), value.device)
-            if key not in copies:
-                if value.device.type == "cpu":
-                    copies[key] = value.detach().clone()
-                else:  # one synchronisation for all of them, below
-                    pinned = torch.empty(value.shape, dtype=value.dtype, pin_memory=torch.cuda.is_available())
-                    copies[key] = pinned.copy_(value.detach(), non_blocking=True)
-                    from_device = True
-            return copies[key]
-        if isinstance(value, dict):
-            copied = type(value)((k, copy(v)) for k, v in value.items())
-            # A module's state_dict keeps its modules' versions in `_metadata`, which loading reads.
-            for name, attribute in getattr(value, "__dict__", {}).items():
-                setattr(copied, name, copy(attribute))
-            return copied
-        if isinstance(value, (list, tuple)):
-            items = [copy(v) for v in value]
-            return type(value)(*items) if hasattr(value, "_fields") else type(value)(items)  # namedtuples too
-        return value
-
-    copied = copy(state)
-    if from_device and torch.cuda.is_available():
-        torch.cuda.synchronize()
-    return copied
-
-
 def rng_state() -> dict:
     """Every RNG of this process as tensors and plain values (loadable with weights_only)."""
     kind, keys, pos, has_gauss, cached = np.random.get_state()
@@ -213,30 +171,11 @@ class Written:
 
 
 @dataclass(frozen=True)
-class Settled:
-    """How a background save ended, the same on every rank."""
-
-    step: int
-    path: Optional[Path]  # the committed checkpoint; None if it failed
-    error: Optional[str]  # why it failed: the previous checkpoint is still the newest
-    seconds: float  # from the call to save_async to this rank's files written
-
-
-@dataclass(frozen=True)
 class Writes:
     """Agreed on the way to a commit: the ranks still writing their files, and those whose write failed."""
 
     writing: float
     failed: float
-
-
-@dataclass(frozen=True)
-class _Pending:
-    step: int
-    tmp: Path
-    meta: dict
-    write: Future  # of Written
-    blocked_s: float  # what save_async took: the copy to host memory and the empty directory
 
 
 @dataclass
@@ -259,8 +198,6 @@ class CheckpointManager:
         of the weights), on rank 0, in the background for an async save."""
         self.dir = Path(directory)
         self.env, self.keep, self.device, self.describe = env, keep, device, describe
-        self._pending: Optional[_Pending] = None
-        self.failures = 0  # background saves failed in a row
 
     def candidates(self) -> list[Path]:
         return checkpoint_dirs(self.dir)
@@ -300,7 +237,6 @@ class CheckpointManager:
 
     def save(self, step: int, shared: dict, per_rank: dict, meta: dict) -> Path:
         """Collective: every rank calls it. Rank 0 writes the shared state and commits."""
-        self._check_none_pending()
         tmp, written, error = self._begin(step), None, None
         try:
             written = self._write(tmp, shared, per_rank)
@@ -310,72 +246,6 @@ class CheckpointManager:
         if writes.failed:
             raise CheckpointError(self._failed(step, tmp, error, writes) + ", then resume")
         return self._agree_committed(step, tmp, meta, written)
-
-    def save_async(self, step: int, shared: dict, per_rank: dict, meta: dict) -> None:
-        """Collective: the state copied to host memory, then written by a background thread of
-        every rank; `settle` commits it. Training may change the given state once this returns."""
-        self._check_none_pending()
-        started = time.monotonic()
-        shared = host_copy(shared) if self.env.is_main else {}
-        per_rank = host_copy(per_rank)
-        tmp, write = self._begin(step), Future()
-
-        def background() -> None:
-            try:
-                write.set_result(self._write(tmp, shared, per_rank))
-            except BaseException as err:
-                write.set_exception(err)
-
-        # A daemon: a process that exits (an error elsewhere) abandons the write, whose step-N.tmp never counts.
-        threading.Thread(target=background, name=f"checkpoint-writer-{step}", daemon=True).start()
-        self._pending = _Pending(step, tmp, meta, write, time.monotonic() - started)
-
-    @property
-    def pending(self) -> Optional[int]:
-        """The step whose background save is not settled yet."""
-        return self._pending.step if self._pending else None
-
-    def settle(self, wait: bool = False) -> Optional[Settled]:
-        """Collective while a background save is pending (then every rank has one: saves are collective).
-
-        Without `wait`, None while some rank is still writing; else (after this rank's write is done)
-        the save committed by rank 0, or failed on every rank alike with the previous checkpoint
-        still the newest. A failure is logged on every rank and training may go on; a second one in
-        a row raises the CheckpointError a synchronous save would have raised.
-        """
-        pending = self._pending
-        if pending is None:
-            return None
-        written, error = None, None
-        if wait or pending.write.done():
-            try:
-                written = pending.write.result()
-            except Exception as err:  # in the background a programming error, too, is a failed write
-                error = err
-        writes = agree(Writes, self.device, writing=written is None and error is None, failed=error is not None)
-        if writes.writing:  # a failure, too, waits for every rank's thread to be done with the directory
-            return None
-        self._pending, path, problem = None, None, None
-        if writes.failed:
-            problem = self._failed(pending.step, pending.tmp, error, writes)
-        else:
-            try:
-                path = self._agree_committed(pending.step, pending.tmp, pending.meta, written)
-            except CheckpointError as err:
-                problem = str(err)
-        if problem is None:
-            self.failures = 0
-            return Settled(pending.step, path, None, pending.blocked_s + written.seconds)
-        self.failures += 1
-        if self.failures >= 2:
-            raise CheckpointError(f"{problem}, then resume ({self.failures} background checkpoints failed in a row)")
-        problem += "; training goes on, and the next checkpoint tries again"
-        log.error("%s", problem)
-        return Settled(pending.step, None, problem, 0.0)
-
-    def _check_none_pending(self) -> None:
-        if self._pending is not None:
-            raise RuntimeError(f"the background save of step {self._pending.step} is pending: settle it first")
 
     def _begin(self, step: int) -> Path:
         """Collective: an empty `step-N.tmp/`, made by rank 0."""

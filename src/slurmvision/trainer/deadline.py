@@ -21,6 +21,7 @@ from typing import Optional
 
 from slurmvision.configs.cluster import ClusterConfig
 from slurmvision.errors import ClusterError
+from slurmvision.slurm.causes import WARNING_SIGNALS, StopReason
 from slurmvision.slurm.client import job_end_time
 from slurmvision.trainer.signals import WARNINGS, StopRequest
 
@@ -48,6 +49,21 @@ class StepTimes:
 def lead_time(cluster: ClusterConfig, warning: bool) -> int:
     """Seconds Slurm leaves after the time-limit warning, or after SIGTERM."""
     return cluster.signal_delay_s if warning else cluster.sigterm_grace_s
+
+
+def warn_if_stop_was_tight(reason: StopReason, took: float, cluster: ClusterConfig) -> None:
+    """After a stop by Slurm's signal that took `took` seconds to save: a warning, with what to change, if
+    that is most of the time Slurm leaves before it kills the job."""
+    warning = reason in WARNING_SIGNALS
+    lead = lead_time(cluster, warning)
+    if reason == StopReason.LIMIT_AHEAD or cluster.executor != "slurm" or took <= 0.8 * lead:
+        return
+    advice = (
+        "raise cluster.signal_delay_s"
+        if warning
+        else "Slurm's KillWait is tight for this run: save more often (trainer.checkpoint_every_minutes)"
+    )
+    log.warning("saving took %.0f%% of the %ds Slurm leaves after %s: %s", 100 * took / lead, lead, reason, advice)
 
 
 def stop_deadline(stop: StopRequest, cluster: ClusterConfig) -> Optional[float]:

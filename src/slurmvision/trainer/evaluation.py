@@ -12,7 +12,7 @@ from slurmvision.errors import DataError
 from slurmvision.evaluate.metrics import ClassificationMetrics, confusion_image
 from slurmvision.evaluate.tta import predict
 from slurmvision.shards.manifest import Manifest
-from slurmvision.shards.reader import eval_batches
+from slurmvision.shards.reader import Batch, eval_batches
 from slurmvision.shards.transforms import DeviceAugment
 from slurmvision.trainer.distributed import DistEnv
 
@@ -58,16 +58,7 @@ def evaluate(
     ]
     try:
         for batches in zip(*passes):
-            first = batches[0]
-            for shard, key, problem in first.bad:
-                log.warning("left out bad sample %s in %s: %s", key, shard, problem)
-            if any(batch.keys != first.keys for batch in batches):
-                keys = [set(batch.keys) for batch in batches]
-                odd = set.union(*keys) - set.intersection(*keys)
-                raise DataError(
-                    f"samples {', '.join(sorted(odd)[:3])} decode at some of the sizes {scales} only: "
-                    f"run `slurmvision shards verify {config.data.root}`"
-                )
+            first = _lined_up(batches, scales, config.data.root)
             if len(first.keys):
                 views = [augment.normalize(batch.images) for batch in batches]
                 metrics.update(predict(model, views, tta), labels[first.targets.to(device)])
@@ -83,6 +74,22 @@ def evaluate(
     results["split"] = split
     results["confusion_image"] = confusion_image(results["confusion"], names)
     return results
+
+
+def _lined_up(batches: Sequence[Batch], scales: Sequence[int], root: str) -> Batch:
+    """The first scale's batch, once the batches of every scale hold the same samples: TTA combines the
+    views of each sample. The bad samples left out are logged."""
+    first = batches[0]
+    for shard, key, problem in first.bad:
+        log.warning("left out bad sample %s in %s: %s", key, shard, problem)
+    if any(batch.keys != first.keys for batch in batches):
+        keys = [set(batch.keys) for batch in batches]
+        odd = set.union(*keys) - set.intersection(*keys)
+        raise DataError(
+            f"samples {', '.join(sorted(odd)[:3])} decode at some of the sizes {scales} only: "
+            f"run `slurmvision shards verify {root}`"
+        )
+    return first
 
 
 def label_map(data_classes: Sequence[str], model_classes: Sequence[str], root: str) -> torch.Tensor:

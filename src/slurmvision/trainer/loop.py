@@ -1,8 +1,8 @@
-"""The training job every rank runs: `Trainer.fit` is the whole loop, `train_step` one step of it."""
+"""The training loop every rank runs: `Trainer.fit` is the whole loop, `train_step` one step of it.
+The Trainer's pieces are built by `trainer.build`; `trainer.entry.train` runs it in a rank's process."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import math
@@ -13,25 +13,20 @@ from typing import Optional
 import torch
 
 from slurmvision.configs import Config, config_hash, to_dict
-from slurmvision.errors import DataError, RunError, SlurmVisionError
-from slurmvision.models import build_model, build_teacher
-from slurmvision.shards.reader import TrainReader
-from slurmvision.shards.synthetic import SyntheticReader, class_names
+from slurmvision.errors import DataError, RunError
+from slurmvision.shards.synthetic import class_names
 from slurmvision.shards.transforms import DeviceAugment
-from slurmvision.slurm.causes import WARNING_SIGNALS, Outcome, StopReason
-from slurmvision.slurm.ledger import AttemptRecorder
-from slurmvision.slurm.rundir import make_private
-from slurmvision.trainer import distributed
+from slurmvision.slurm.causes import Outcome, StopReason
+from slurmvision.trainer.async_checkpoint import AsyncCheckpointManager
 from slurmvision.trainer.audit import Audit
-from slurmvision.trainer.checkpoint import CheckpointManager, params_sha256, rng_state, weights_facts
-from slurmvision.trainer.deadline import StepTimes, TimeLimit, lead_time, stop_deadline
+from slurmvision.trainer.build import build_data, build_models, empty_model, persistent_buffers, start_record
+from slurmvision.trainer.checkpoint import params_sha256, rng_state, weights_facts
+from slurmvision.trainer.deadline import StepTimes, TimeLimit, stop_deadline, warn_if_stop_was_tight
 from slurmvision.trainer.distributed import DistEnv, agree
-from slurmvision.trainer.engine import build_engine
+from slurmvision.trainer.eval_report import EvalReport
 from slurmvision.trainer.evaluation import evaluate
-from slurmvision.trainer.monitor import DataWait, Monitor, setup_logging
-from slurmvision.trainer.prefetch import DeviceBatches
-from slurmvision.trainer.resume import Restored, resume, seed_everything
-from slurmvision.trainer.run_lock import run_lock
+from slurmvision.trainer.monitor import DataWait, Monitor
+from slurmvision.trainer.resume import Restored, resume
 from slurmvision.trainer.schedule import build_schedule
 from slurmvision.trainer.signals import StopRequest, reported_signal
 from slurmvision.trainer.step import Boundary, MidStep, StepResult, StepTotals, Stop, distill_loss, loss_fn
@@ -46,24 +41,15 @@ class Trainer:
         # boundary, not left to the default action (USR1 kills) or to submitit's handler.
         self.signals = StopRequest().install()
         self.run_dir = Path(config.run.dir)
-        data = config.data
-        self.classes = class_names(data)  # kept in each checkpoint's meta, for `eval --data`
+        self.classes = class_names(config.data)  # kept in each checkpoint's meta, for `eval --data`
         self.num_classes = config.model.num_classes or len(self.classes)
-        self._gradcam_images: Optional[torch.Tensor] = None  # the val images of trainer.gradcam_images, read once
         # An elastic run on fewer ranks than planned accumulates more: the global batch stays.
         self.grad_accum = config.grad_accum_at(env.world_size)
-        self.global_batch = data.batch_size * env.world_size * self.grad_accum
-        seed_everything(config.trainer.seed, 0)  # the same initial weights on every rank
-        self.model = build_model(config.model, self.num_classes)
-        self.engine = build_engine(self.model, config, device, env.local_rank, grad_accum=self.grad_accum)
-        distill = config.model.distill
-        self.teacher = build_teacher(distill, self.num_classes).to(device) if distill.teacher else None
-        self.ema = None
-        if config.model.ema_decay:
-            from timm.utils import ModelEmaV3
-
-            self.ema = ModelEmaV3(self.model, decay=config.model.ema_decay)
-        self.checkpoints = CheckpointManager(
+        self.global_batch = config.data.batch_size * env.world_size * self.grad_accum
+        self.model, self.engine, self.teacher, self.ema = build_models(
+            config, self.num_classes, device, env.local_rank, self.grad_accum
+        )
+        self.checkpoints = AsyncCheckpointManager(
             self.run_dir / "checkpoints", env, config.trainer.keep_checkpoints, device, describe=weights_facts
         )
         self._start_from(resume(self.checkpoints, self.engine, self.ema, config, env.rank, self.global_batch))
@@ -79,21 +65,7 @@ class Trainer:
         self.times = StepTimes(save_s=restored.save_s, eval_s=restored.eval_s)
         self.audit = Audit(self.run_dir, env.rank, config.data.audit)
         self.audit.trim(restored.step)  # what an attempt killed after the checkpoint recorded is redone
-        where = dict(
-            seed=trainer.seed,
-            rank=env.rank,
-            world_size=env.world_size,
-            state=restored.loader,
-            pin_memory=self.device.type == "cuda",
-        )
-        if config.data.synthetic:  # random batches in memory: the loop's own speed (shards.synthetic)
-            self.reader = SyntheticReader(config.data, self.num_classes, **where)
-            log.info("data.synthetic: training on random batches held in memory, without evaluation")
-        else:
-            self.reader = TrainReader(config.data, **where)
-        # On CUDA the next batch's copy to the GPU goes out before this step's compute (data.prefetch_to_device).
-        ahead = config.data.prefetch_to_device and self.device.type == "cuda"
-        self.batches = DeviceBatches(self.reader, self.device, ahead=ahead)
+        self.reader, self.batches = build_data(config, env, self.device, self.num_classes, restored.loader)
         self.schedule_at = build_schedule(
             self.engine.optimizer, config, self.global_batch, self.reader.samples_per_epoch
         )
@@ -101,24 +73,14 @@ class Trainer:
         self.monitor = Monitor(
             self.run_dir, env, restored.step, trainer.max_steps, to_dict(config), config.run.share_with_group
         )
+        self.eval_report = EvalReport(
+            config, env, self.device, self.run_dir, self.monitor, self.classes, self.augment.normalize
+        )
         self.data_wait = DataWait(config.data.workers, self.device, env.world_size)
         stop_before_limit = env.is_main and config.cluster.executor == "slurm" and config.cluster.stop_before_limit
         self.time_limit = TimeLimit(env.job_id if stop_before_limit else None, self.signals)
-        # Buffers a forward pass changes (BatchNorm statistics): a step cut short puts them back.
-        persistent = self.model.state_dict().keys()
-        self.persistent_buffers = [b for name, b in self.model.named_buffers() if name in persistent]
-        self.record = AttemptRecorder(self.run_dir, env.job_id, env.restart_count, enabled=env.is_main)
-        self.record.started(world_size=env.world_size, step=restored.step, checkpoint=restored.checkpoint)
-        if env.world_size != config.cluster.world_size and config.cluster.elastic:
-            resized = f"{env.world_size} of {config.cluster.world_size} planned ranks"
-            log.warning(
-                "training on %s: %d micro-batches per step instead of %d keep the global batch of %d",
-                resized,
-                self.grad_accum,
-                trainer.grad_accum,
-                self.global_batch,
-            )
-            self.record.note(f"{resized}, gradient accumulation {self.grad_accum} (global batch {self.global_batch})")
+        self.persistent_buffers = persistent_buffers(self.model)
+        self.record = start_record(self.run_dir, env, config, restored, self.grad_accum, self.global_batch)
         self.saved_at = time.monotonic()  # trainer.checkpoint_every_minutes count from here
 
     def fit(self) -> dict:
@@ -226,9 +188,6 @@ class Trainer:
             self.save(stop.position, stop.rng)
         waited = started - self.signals.received_at if self.signals.received_at else 0.0
         took = waited + time.monotonic() - started
-        cluster = self.config.cluster
-        warning = stop.reason in WARNING_SIGNALS
-        lead = lead_time(cluster, warning)
         log.warning(
             "stopped by %s (this rank: %s) at step %d: checkpoint saved %.1fs after the signal%s",
             stop.reason,
@@ -237,15 +196,7 @@ class Trainer:
             took,
             " (it was on disk already)" if on_disk else "",
         )
-        if stop.reason != StopReason.LIMIT_AHEAD and cluster.executor == "slurm" and took > 0.8 * lead:
-            advice = (
-                "raise cluster.signal_delay_s"
-                if warning
-                else "Slurm's KillWait is tight for this run: save more often (trainer.checkpoint_every_minutes)"
-            )
-            log.warning(
-                "saving took %.0f%% of the %ds Slurm leaves after %s: %s", 100 * took / lead, lead, stop.reason, advice
-            )
+        warn_if_stop_was_tight(stop.reason, took, self.config.cluster)
         self.monitor.close()
         self.record.ended(Outcome.STOPPED, self.step, signal=stop.reason)
         return {"interrupted": True, "signal": stop.reason, "step": self.step}
@@ -424,90 +375,11 @@ class Trainer:
         if self.config.data.synthetic:  # random images and labels: nothing to measure
             return {"step": self.step, "evaluated": False}
         started = time.monotonic()
-        live = self.engine.eval_module(self._empty_copy)  # the trained weights, whole on this rank
+        # The trained weights, whole on this rank (a sharded engine gathers them into an empty copy).
+        live = self.engine.eval_module(lambda: empty_model(self.config.model, self.num_classes))
         model = self.ema.module if self.ema is not None else live
         results = evaluate(model, self.config, self.env, self.device, self.num_classes)
         self.times.eval_s = time.monotonic() - started
         results.update(step=self.step, params_sha256=params_sha256(live.state_dict()))
-        image = results.pop("confusion_image", None)
-        self.monitor.eval(self.step, results, image)
-        if self.env.is_main and self.config.trainer.gradcam_images:
-            self._log_gradcam(model)
-        if self.env.is_main:
-            out = self.run_dir / "eval"
-            out.mkdir(parents=True, exist_ok=True)
-            (out / f"step-{self.step:08d}.json").write_text(json.dumps(results, indent=1))
-            log.info(
-                "eval at step %d: top-1 %.4f top-5 %.4f F1 %.4f",
-                self.step,
-                results["top1"],
-                results["top5"],
-                results["f1_macro"],
-            )
+        self.eval_report(self.step, results, model)
         return results
-
-    def _log_gradcam(self, model: torch.nn.Module) -> None:
-        """Grad-CAM overlays of the same first val images at each evaluation, to watch what the model
-        looks at as it trains. Without the optional grad-cam package: one warning, no pictures."""
-        from slurmvision.evaluate.explain import gradcam_pictures, require_gradcam
-        from slurmvision.shards.reader import eval_batches
-
-        if self._gradcam_images is None:
-            try:
-                require_gradcam()
-            except SlurmVisionError as err:
-                log.warning("%s; set trainer.gradcam_images=0 to silence this", err)
-                self._gradcam_images = torch.empty(0)
-                return
-            batches = eval_batches(self.config.data, self.config.data.val_split, rank=0, world_size=1)
-            try:
-                self._gradcam_images = next(batches).images[: self.config.trainer.gradcam_images]
-            finally:
-                batches.close()
-        if not len(self._gradcam_images):
-            return
-        pictures = gradcam_pictures(model, self._gradcam_images.to(self.device), self.classes, self.augment.normalize)
-        self.monitor.pictures(self.step, "gradcam", pictures)
-
-    def _empty_copy(self) -> torch.nn.Module:
-        """The model's architecture, without downloading or loading weights or drawing from the run's RNG."""
-        with torch.random.fork_rng(devices=[]):
-            return build_model(
-                dataclasses.replace(self.config.model, pretrained=False, finetune_from=None), self.num_classes
-            )
-
-
-def train(config: Config, env: Optional[DistEnv] = None) -> dict:
-    """Entry point of one rank (a Slurm task, a submitit task or a `train --nproc` process)."""
-    env = env or distributed.from_environment()
-    run_dir = Path(config.run.dir)
-    make_private()  # the run directory holds what later runs as its owner (slurmvision.slurm.rundir)
-    setup_logging(env, run_dir / "logs" / f"rank-{env.rank:05d}.log")
-    try:
-        device = distributed.init(env, config.cluster.gpus_per_node)
-    except RunError as err:  # no GPU where the profile asks for them; before any collective, each rank stops alone
-        log.error("%s", err)
-        recorder = AttemptRecorder(run_dir, env.job_id, env.restart_count, enabled=env.is_main)
-        recorder.ended(Outcome.FAILED, 0, error=failure(err))
-        raise
-    try:
-        with run_lock(run_dir, env, device):  # one job per run directory, from before the resume to the end
-            return _run(config, env, device)
-    finally:
-        distributed.shutdown()
-
-
-def _run(config: Config, env: DistEnv, device: torch.device) -> dict:
-    trainer = None
-    try:
-        trainer = Trainer(config, env, device)
-        return trainer.fit()
-    except Exception as err:
-        if trainer is not None:  # for the coordinator: where and why it failed
-            trainer.record.ended(Outcome.FAILED, trainer.step, error=failure(err))
-        raise
-
-
-def failure(err: Exception) -> str:
-    """An error as the ledger keeps it, for the coordinator and `status`."""
-    return f"{type(err).__name__}: {err}"[:2000]
