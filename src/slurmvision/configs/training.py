@@ -81,7 +81,7 @@ class TrainerConfig:
     checkpoint_every_minutes: float = 0.0  # 0 disables time-based checkpoints
     keep_checkpoints: int = 3
     # Training waits only for the state's copy to host memory; each rank writes its files in a background
-    # thread, and rank 0 commits the checkpoint at a later step boundary (trainer.checkpoint).
+    # thread, and rank 0 commits the checkpoint at a later step boundary (trainer.async_checkpoint).
     async_checkpoint: bool = False
     log_every: int = 10
     eval_every: int = 0  # 0: evaluate only at the end
