@@ -36,7 +36,7 @@ demo-slurm: venv slurm-up
 # two-hosts) and run one after another on one worker; everything else is spread over both.
 test: venv lint
 	bash $(DEVSLURM) up --nodes 2
-	SLURM_CONF=$(SLURM_CONF_FILE) $(PY) -m pytest tests -m "not slow" -n 2 --dist loadgroup
+	SLURM_CONF=$(SLURM_CONF_FILE) $(PY) -m pytest tests -m "not slow" -n 2 --dist loadgroup --durations=40
 
 test-all: venv lint
 	bash $(DEVSLURM) up --nodes 2
