@@ -9,7 +9,7 @@ resuming from the checkpoint the one before saved, training --more steps and sto
 (the run requeued again and again). Each attempt starts its ranks as srun starts the tasks of a Slurm
 job: one new interpreter per rank, here running what a submitit task runs, the job callable the
 launcher submits (`slurmvision.launch.job.TrainJob`: the run's saved config, then
-`trainer.loop.train`), each rank's place given by torchrun's variables (RANK, WORLD_SIZE, MASTER_*).
+`trainer.entry.train`), each rank's place given by torchrun's variables (RANK, WORLD_SIZE, MASTER_*).
 `train --nproc N` on one machine pays the same per rank, plus its own interpreter that spawns them.
 
 Each rank records wall-clock timestamps through wrappers put around the trainer's functions from
@@ -51,7 +51,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from results import machine, publish  # benchmarks/ is on the path of a script run from it
+from results import WatchedBatches, machine, publish  # benchmarks/ is on the path of a script run from it
 
 SECTION = "## Restart breakdown"
 JSON_KEY = "restart"
@@ -93,29 +93,9 @@ PHASES = {
 # --- in each rank -----------------------------------------------------------------------------
 
 
-class FirstBatch:
-    """The loop's batches (trainer.prefetch.DeviceBatches), the wait for the first one timed."""
-
-    def __init__(self, batches, record: dict):
-        self.batches, self.record = batches, record
-
-    def __getattr__(self, name):
-        return getattr(self.batches, name)
-
-    def __iter__(self):
-        return self
-
-    def __next__(self):
-        started = time.time()
-        try:
-            return next(self.batches)
-        finally:
-            self.record.setdefault("first_batch", [started, time.time()])
-
-
 def instrument(record: dict, stop_at: int) -> None:
     """Timestamps of the job's phases into `record`; SIGUSR2 to rank 0 once step `stop_at` is applied."""
-    from slurmvision.trainer import distributed, loop
+    from slurmvision.trainer import build, distributed, loop
 
     def first_call(fn, key):
         def timed(*args, **kwargs):
@@ -127,9 +107,9 @@ def instrument(record: dict, stop_at: int) -> None:
 
         return timed
 
-    distributed.init = first_call(distributed.init, "distributed_init")  # called as distributed.init by loop.train
-    loop.build_model = first_call(loop.build_model, "build_model")
-    loop.build_engine = first_call(loop.build_engine, "build_engine")
+    distributed.init = first_call(distributed.init, "distributed_init")  # called as distributed.init by entry.train
+    build.build_model = first_call(build.build_model, "build_model")  # both called by build.build_models
+    build.build_engine = first_call(build.build_engine, "build_engine")
     resume = loop.resume
 
     def timed_resume(*args, **kwargs):
@@ -148,7 +128,10 @@ def instrument(record: dict, stop_at: int) -> None:
         started = time.time()
         init(self, *args, **kwargs)
         record["trainer"] = [started, time.time()]
-        self.batches = FirstBatch(self.batches, record)  # fit() takes it from here
+        # fit() takes them from here; the wait for the first batch is the loader's warm-up
+        self.batches = WatchedBatches(
+            self.batches, lambda *wait: record.setdefault("first_batch", list(wait)), time.time
+        )
 
     def timed_step(self, batches):
         started = time.time()
@@ -175,7 +158,7 @@ def rank_main(run_dir: str, stop_at: int, deepspeed: bool, out: Path) -> None:
     modules = [("torch", "torch"), ("timm", "timm")]
     if deepspeed:
         modules.append(("deepspeed", "deepspeed"))
-    modules += [("submitit", "submitit"), ("slurmvision", "slurmvision.trainer.loop")]
+    modules += [("submitit", "submitit"), ("slurmvision", "slurmvision.trainer.entry")]
     if deepspeed:
         modules.append(("slurmvision", "slurmvision.trainer.deepspeed_engine"))
     for label, name in modules:

@@ -59,3 +59,26 @@ def publish(figures: dict, report, results: Path | None, json_path: Path | None,
     if json_path:
         write_figures(json_path, key, figures)
     print(text)
+
+
+class WatchedBatches:
+    """The trainer's batches (trainer.prefetch.DeviceBatches) passed through, with each wait for the
+    next one reported as `on_wait(started, ended)` read from `clock`; other attributes passed on."""
+
+    def __init__(self, batches, on_wait, clock=None):
+        import time
+
+        self.batches, self.on_wait, self.clock = batches, on_wait, clock or time.perf_counter
+
+    def __getattr__(self, name):
+        return getattr(self.batches, name)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        started = self.clock()
+        try:
+            return next(self.batches)
+        finally:
+            self.on_wait(started, self.clock())

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from results import machine, publish  # benchmarks/ is on the path of a script run from it
+from results import WatchedBatches, machine, publish  # benchmarks/ is on the path of a script run from it
 
 SECTION = "## Trainer against a bare loop"
 JSON_KEY = "trainer_vs_bare"
@@ -273,29 +273,9 @@ class Timed:
         return getattr(self.fn, name)
 
 
-class TimedBatches:
-    """The loop's batches (trainer.prefetch.DeviceBatches), the wait for each one timed."""
-
-    def __init__(self, batches, timers: StepTimers):
-        self.batches, self.timers = batches, timers
-
-    def __getattr__(self, name):
-        return getattr(self.batches, name)
-
-    def __iter__(self):
-        return self
-
-    def __next__(self):
-        started = time.perf_counter()
-        try:
-            return next(self.batches)
-        finally:
-            self.timers.add("data_wait", time.perf_counter() - started)
-
-
 def instrument(trainer, loop, timers: StepTimers) -> None:
     """Wrap the phases of `trainer`'s step with timers (CPU: the calls are synchronous)."""
-    trainer.batches = TimedBatches(trainer.batches, timers)
+    trainer.batches = WatchedBatches(trainer.batches, lambda started, ended: timers.add("data_wait", ended - started))
     trainer.augment = Timed(trainer.augment, timers, "augment")
     trainer.engine.backward = Timed(trainer.engine.backward, timers, "backward")
     trainer.engine.step = Timed(trainer.engine.step, timers, "optimizer")
