@@ -32,13 +32,15 @@ def setup_logging(env: DistEnv, log_file: Optional[Path] = None) -> None:
 class DataWait:
     """The share of step time a rank waits for its next batches, per log interval. Over `threshold`,
     one warning says what to change: where the loader workers and the compute threads want more
-    cores than the rank has, that they do; otherwise that the loader does not keep up."""
+    cores than the rank has, that they do; otherwise that the loader does not keep up. The first
+    interval is not judged: it holds the loader's start (workers forked, first shards opened)."""
 
     def __init__(self, workers: int, device: torch.device, world_size: int, threshold: float = 0.2):
         self.workers, self.device, self.threshold = workers, device, threshold
         # The rank's cores as distributed.init counts them when it sets the compute threads.
         self.cores = int(os.environ.get("SLURM_CPUS_PER_TASK", 0)) or max(1, (os.cpu_count() or 1) // world_size)
         self.waited = self.took = 0.0
+        self.intervals = 0
         self.warned = False
 
     def add(self, waited: float, took: float) -> None:
@@ -49,7 +51,8 @@ class DataWait:
         """The share since the last call."""
         share = self.waited / self.took if self.took else 0.0
         self.waited = self.took = 0.0
-        if share > self.threshold and not self.warned:
+        self.intervals += 1
+        if share > self.threshold and not self.warned and self.intervals > 1:
             self.warned = True
             log.warning("waiting for data %.0f%% of the step time: %s", 100 * share, self.advice())
         return share
