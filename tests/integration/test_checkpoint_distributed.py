@@ -13,6 +13,23 @@ from slurmvision.trainer.distributed import free_port
 pytestmark = pytest.mark.integration
 
 
+def on_two_ranks(target, *args, outcomes_per_rank: int = 1) -> dict[int, list]:
+    """`target(rank, port, *args, outcomes)` in two spawned processes; what each rank put in `outcomes`."""
+    context = mp.get_context("spawn")
+    outcomes = context.Queue()
+    port = free_port()
+    procs = [context.Process(target=target, args=(r, port, *args, outcomes)) for r in range(2)]
+    for p in procs:
+        p.start()
+    results = {0: [], 1: []}
+    for _ in range(2 * outcomes_per_rank):
+        rank, outcome = outcomes.get(timeout=120)
+        results[rank].append(outcome)
+    for p in procs:
+        p.join(timeout=30)
+    return results
+
+
 def _rank(rank: int, port: int, directory: str, outcomes) -> None:
     from slurmvision.errors import CheckpointError
     from slurmvision.trainer import checkpoint as module
@@ -37,15 +54,7 @@ def _rank(rank: int, port: int, directory: str, outcomes) -> None:
 
 
 def test_one_ranks_full_disk_fails_every_rank_without_a_hang(tmp_path):
-    context = mp.get_context("spawn")
-    outcomes = context.Queue()
-    port = free_port()
-    procs = [context.Process(target=_rank, args=(r, port, str(tmp_path), outcomes)) for r in range(2)]
-    for p in procs:
-        p.start()
-    results = dict(outcomes.get(timeout=120) for _ in procs)
-    for p in procs:
-        p.join(timeout=30)
+    results = {rank: outcome for rank, (outcome,) in on_two_ranks(_rank, str(tmp_path)).items()}
     assert "No space left on device on this rank" in results[1]
     assert "failed on 1 other rank" in results[0] and "step-00000001 is still the newest" in results[0]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step-00000001"]
@@ -80,21 +89,7 @@ def test_every_rank_resumes_from_what_rank_0_chose_whatever_it_sees_itself(tmp_p
 
     newer_on_rank_1 = (checkpoints("a0", 1, 2), checkpoints("a1", 1, 2, 3))
     missing_on_rank_1 = (checkpoints("b0", 1, 2), checkpoints("b1", 1))
-    context = mp.get_context("spawn")
-    outcomes = context.Queue()
-    port = free_port()
-    procs = [
-        context.Process(target=_resume_rank, args=(r, port, [newer_on_rank_1, missing_on_rank_1], outcomes))
-        for r in range(2)
-    ]
-    for p in procs:
-        p.start()
-    results = {0: [], 1: []}
-    for _ in range(4):
-        rank, outcome = outcomes.get(timeout=120)
-        results[rank].append(outcome)
-    for p in procs:
-        p.join(timeout=30)
+    results = on_two_ranks(_resume_rank, [newer_on_rank_1, missing_on_rank_1], outcomes_per_rank=2)
     assert results[0][0] == results[1][0] == (2, 2.0)
     assert "step-00000002, the newest valid checkpoint rank 0 sees: it failed on 1 other rank(s)" in results[0][1]
     assert "No such file or directory" in results[1][1] and "on this rank" in results[1][1]
@@ -144,15 +139,7 @@ def _background_rank(rank: int, port: int, directory: str, outcomes) -> None:
 
 
 def test_a_background_save_commits_once_every_rank_wrote_and_a_failure_is_reported_on_every_rank(tmp_path):
-    context = mp.get_context("spawn")
-    outcomes = context.Queue()
-    port = free_port()
-    procs = [context.Process(target=_background_rank, args=(r, port, str(tmp_path), outcomes)) for r in range(2)]
-    for p in procs:
-        p.start()
-    results = dict(outcomes.get(timeout=120) for _ in procs)
-    for p in procs:
-        p.join(timeout=30)
+    results = {rank: outcome for rank, (outcome,) in on_two_ranks(_background_rank, str(tmp_path)).items()}
     assert results[0]["boundaries"] == results[1]["boundaries"] > 1  # the ranks agreed, step by step
     assert results[0]["files"] == ["MANIFEST.json", "meta.json", "rank-00000.pt", "rank-00001.pt", "state.pt"]
     assert "No space left on device on this rank" in results[1]["failed"]

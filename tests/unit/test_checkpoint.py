@@ -95,21 +95,26 @@ def test_sigkill_during_a_write_leaves_the_previous_checkpoint_usable(tmp_path):
     assert json.loads((latest.path / "meta.json").read_text())["step"] == latest.step
 
 
-def test_a_full_disk_keeps_the_previous_checkpoint_and_says_so(tmp_path, monkeypatch):
+def state_file_on_a_full_disk(real_save):
+    """A checkpoint file writer that fails on state.pt as a full disk does, a part written."""
     import errno
-
-    from slurmvision.trainer import checkpoint as module
-
-    manager = CheckpointManager(tmp_path, DistEnv(), keep=2)
-    save(manager, 1, 1.0)
-    real_save = module._save
 
     def full_disk(obj, path):
         if path.name == "state.pt":
             path.write_bytes(b"partial")
             raise OSError(errno.ENOSPC, "No space left on device")
-        real_save(obj, path)
+        return real_save(obj, path)
 
+    return full_disk
+
+
+def test_a_full_disk_keeps_the_previous_checkpoint_and_says_so(tmp_path, monkeypatch):
+
+    from slurmvision.trainer import checkpoint as module
+
+    manager = CheckpointManager(tmp_path, DistEnv(), keep=2)
+    save(manager, 1, 1.0)
+    full_disk = state_file_on_a_full_disk(module._save)
     monkeypatch.setattr(module, "_save", full_disk)
     with pytest.raises(CheckpointError, match="No space left on device.*step-00000001 is still the newest"):
         save(manager, 2, 2.0)
@@ -279,19 +284,13 @@ def test_a_background_save_holds_the_state_at_its_call_and_counts_once_committed
 def test_a_failed_background_save_is_reported_keeps_the_previous_checkpoint_and_a_second_stops(
     tmp_path, monkeypatch, caplog
 ):
-    import errno
 
     from slurmvision.trainer import checkpoint as module
 
     manager = AsyncCheckpointManager(tmp_path, DistEnv(), keep=2)
     save(manager, 1, 1.0)
     real_save = module._save
-
-    def full_disk(obj, path):
-        if path.name == "state.pt":
-            path.write_bytes(b"partial")
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return real_save(obj, path)
+    full_disk = state_file_on_a_full_disk(real_save)
 
     def save_async(step):
         manager.save_async(step, {"weights": torch.full((4,), float(step))}, {"rng": rng_state()}, {"step": step})
