@@ -153,28 +153,35 @@ def killed_at(change: int, work) -> bool:
     return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == -signal.SIGKILL
 
 
-@pytest.mark.parametrize("second_step", [2, 1], ids=["next step", "same step again"])
-def test_a_sigkill_at_any_point_of_a_save_leaves_a_valid_checkpoint_even_keeping_one(tmp_path, second_step):
-    """Saving a step again (when its first copy does not verify) included."""
-    weights = {1.0: torch.full((1000,), 1.0), 2.0: torch.full((1000,), 2.0)}
+WEIGHTS = {1.0: torch.full((1000,), 1.0), 2.0: torch.full((1000,), 2.0)}
 
-    def save_value(manager, step, value):
-        meta = {"step": step, "epoch": 0, "value": value}
-        manager.save(step, {"weights": weights[value]}, {"rng": rng_state()}, meta)
 
+def save_value(manager, step: int, value: float) -> None:
+    manager.save(step, {"weights": WEIGHTS[value]}, {"rng": rng_state()}, {"step": step, "epoch": 0, "value": value})
+
+
+def assert_a_sigkill_anywhere_leaves_a_valid_checkpoint(tmp_path, manager_class, save, second_step: int = 2) -> None:
+    """`save` of a second checkpoint SIGKILLed at each file-system change in turn, with keep=1: the newest
+    valid checkpoint is always a whole one, and the next save clears what the killed one left."""
     for change in itertools.count(1):
         directory = tmp_path / str(change)
-        manager = CheckpointManager(directory, DistEnv(), keep=1)
+        manager = manager_class(directory, DistEnv(), keep=1)
         save_value(manager, 1, 1.0)
-        died = killed_at(change, lambda: save_value(manager, second_step, 2.0))  # noqa: B023  called at once
+        died = killed_at(change, lambda: save(manager, second_step, 2.0))  # noqa: B023  called at once
         latest = manager.latest_valid()
         assert latest is not None, f"no valid checkpoint after a SIGKILL at file-system change {change}"
-        assert torch.equal(latest.load_state()["weights"], weights[latest.meta["value"]])
-        save_value(manager, 3, 1.0)  # the next save clears what the killed one left
+        assert torch.equal(latest.load_state()["weights"], WEIGHTS[latest.meta["value"]])
+        save(manager, 3, 1.0)
         assert sorted(p.name for p in directory.iterdir()) == ["latest", "step-00000003"]
         if not died:
             assert change > 10 and latest.meta["value"] == 2.0
             break
+
+
+@pytest.mark.parametrize("second_step", [2, 1], ids=["next step", "same step again"])
+def test_a_sigkill_at_any_point_of_a_save_leaves_a_valid_checkpoint_even_keeping_one(tmp_path, second_step):
+    """Saving a step again (when its first copy does not verify) included."""
+    assert_a_sigkill_anywhere_leaves_a_valid_checkpoint(tmp_path, CheckpointManager, save_value, second_step)
 
 
 @pytest.mark.parametrize("manifest", ["[]", "{}", "not json", '{"files": []}', '{"files": {}}', "only-state"])
@@ -320,27 +327,13 @@ def test_a_failed_background_save_is_reported_keeps_the_previous_checkpoint_and_
 
 
 def test_a_sigkill_at_any_point_of_a_background_save_leaves_a_valid_checkpoint(tmp_path):
-    weights = {1.0: torch.full((1000,), 1.0), 2.0: torch.full((1000,), 2.0)}
-
     def background_save(manager, step, value):
         meta = {"step": step, "epoch": 0, "value": value}
-        manager.save_async(step, {"weights": weights[value]}, {"rng": rng_state()}, meta)
+        manager.save_async(step, {"weights": WEIGHTS[value]}, {"rng": rng_state()}, meta)
         while manager.settle() is None:  # the loop's step boundaries
             time.sleep(0.001)
 
-    for change in itertools.count(1):
-        directory = tmp_path / str(change)
-        manager = AsyncCheckpointManager(directory, DistEnv(), keep=1)
-        manager.save(1, {"weights": weights[1.0]}, {"rng": rng_state()}, {"step": 1, "epoch": 0, "value": 1.0})
-        died = killed_at(change, lambda: background_save(manager, 2, 2.0))  # noqa: B023  called at once
-        latest = manager.latest_valid()
-        assert latest is not None, f"no valid checkpoint after a SIGKILL at file-system change {change}"
-        assert torch.equal(latest.load_state()["weights"], weights[latest.meta["value"]])
-        background_save(manager, 3, 1.0)  # the next save clears what the killed one left
-        assert sorted(p.name for p in directory.iterdir()) == ["latest", "step-00000003"]
-        if not died:
-            assert change > 10 and latest.meta["value"] == 2.0
-            break
+    assert_a_sigkill_anywhere_leaves_a_valid_checkpoint(tmp_path, AsyncCheckpointManager, background_save)
 
 
 def test_the_copy_to_host_memory_keeps_tied_tensors_tied_and_rebuilds_containers():
