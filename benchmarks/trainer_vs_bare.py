@@ -410,13 +410,19 @@ def report(figures: dict, command_line: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+STEADY_PAIRS = (("bare_1", "ddp1_synthetic"), ("bare_2", "ddp2_synthetic"))  # (bare loop, the trainer's setup)
+
+
+def steady_ratios(figures: dict) -> dict[str, float]:
+    """The trainer's step (its breakdown) over the bare loop's, both timed in their process after the same
+    warm-up: start-up noise (seconds here, against a few ms of difference per step) cannot enter it."""
+    steady, parts = figures["steady_ms"], figures["breakdown"]
+    return {ours: parts[ours]["step"] / steady[bare] for bare, ours in STEADY_PAIRS if bare in steady and ours in parts}
+
+
 def steady_lines(figures: dict) -> list[str]:
-    """The trainer's step against the bare loop's, both timed in their process after the same warm-up:
-    start-up noise (seconds here, against a few ms of difference per step) cannot enter it."""
-    steady, parts = figures.get("steady_ms", {}), figures["breakdown"]
-    pairs = [(bare, ours) for bare, ours in (("bare_1", "ddp1_synthetic"), ("bare_2", "ddp2_synthetic"))]
-    rows = [(bare, ours) for bare, ours in pairs if bare in steady and ours in parts]
-    if not rows:
+    ratios, steady, parts = figures.get("steady_ratio", {}), figures.get("steady_ms", {}), figures["breakdown"]
+    if not ratios:
         return []
     lines = [
         "",
@@ -426,11 +432,10 @@ def steady_lines(figures: dict) -> list[str]:
         "| ranks | bare loop ms | slurmvision, data.synthetic ms | × bare loop |",
         "|---:|---:|---:|---:|",
     ]
-    for bare, ours in rows:
-        ratio = parts[ours]["step"] / steady[bare]
-        figures.setdefault("steady_ratio", {})[ours] = ratio
-        lines.append(f"| {bare[-1]} | {steady[bare]:.1f} | {parts[ours]['step']:.1f} | {ratio:.3f} |")
-    goal = figures.get("steady_ratio", {}).get("ddp1_synthetic")
+    for bare, ours in STEADY_PAIRS:
+        if ours in ratios:
+            lines.append(f"| {bare[-1]} | {steady[bare]:.1f} | {parts[ours]['step']:.1f} | {ratios[ours]:.3f} |")
+    goal = ratios.get("ddp1_synthetic")
     if goal is not None:
         lines += [
             "",
@@ -513,6 +518,7 @@ def main() -> int:
             total = args.breakdown_steps + args.breakdown_warmup
             figures["steady_ms"][setup.name] = bare_steady_ms(setup, total, args.breakdown_warmup, work)
             print(f"steady {setup.name}: {figures['steady_ms'][setup.name]:.2f} ms/step", flush=True)
+        figures["steady_ratio"] = steady_ratios(figures)
     publish(figures, report, args.results, args.json, JSON_KEY)
     return 0
 
