@@ -131,15 +131,19 @@ class Chaos:
         wait(reached, f"step {step}", timeout, every=0.1)
 
     def task_pid(self, rank: int) -> int:
+        """The rank's Python process: a child of slurmstepd. The srun of the batch script names the
+        same folder in its command line and has SLURM_PROCID=0 too (killing it is another fault),
+        and the rank's loader workers are its own children."""
         folder = str((self.run_dir / "slurm").resolve())
         pids = sh("pgrep", "-f", f"submitit.core._submit {folder}", check=False).split()
         for pid in pids:
             try:
                 environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
                 parent = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1]
+                parent_name = Path(f"/proc/{parent}/comm").read_text().strip()
             except OSError:
                 continue
-            if f"SLURM_PROCID={rank}".encode() in environ and parent not in pids:
+            if f"SLURM_PROCID={rank}".encode() in environ and parent_name == "slurmstepd":
                 return int(pid)
         raise RuntimeError(f"no task of rank {rank} among {pids}")
 

@@ -33,6 +33,8 @@ def row(state, nodes="node1", code="0:0"):
         ({"outcome": None}, "TIMEOUT", "", Cause.TIME_LIMIT),
         ({"outcome": "stopped", "signal": "SIGTERM"}, "REQUEUED", "", Cause.REQUEUE),
         ({"outcome": "stopped", "signal": "SIGTERM"}, "CANCELLED by 0", "", Cause.USER_CANCEL),
+        # slurmstepd's SIGTERM after the batch script's srun was killed: the job FAILED, nobody cancelled it
+        ({"outcome": "stopped", "signal": "SIGTERM"}, "FAILED", "", Cause.CRASH),
         ({"outcome": None}, "NODE_FAIL", "", Cause.NODE_FAILURE),
         ({"outcome": "failed", "error": "OutOfMemoryError: CUDA out of memory"}, "FAILED", "", Cause.OOM),
         (None, "OUT_OF_MEMORY", "", Cause.OOM),
@@ -248,6 +250,21 @@ def test_oom_and_user_cancel_stop_with_advice(run):
     cluster.rows["1"] = [row("FAILED")]
     decision = coordinator.tick()
     assert decision.action == "stop" and "grad_checkpointing" in decision.message and not cluster.submitted
+
+
+@pytest.mark.parametrize("state, action", [("CANCELLED by 0", "stop"), ("FAILED", "resubmit")])
+def test_a_sigterm_stop_is_a_cancel_only_when_slurm_says_cancelled(run, state, action):
+    # Every rank saved on slurmstepd's SIGTERM. A scancel leaves the job CANCELLED: the run stops. A job
+    # step torn down otherwise (its srun killed on the node) leaves it FAILED: nobody asked for a stop.
+    run_dir, cluster, coordinator = run
+    attempt(run_dir, "1", 0, 0, 5, "stopped", signal="SIGTERM")
+    cluster.rows["1"] = [row(state)]
+    decision = coordinator.tick()
+    assert decision.action == action
+    if action == "stop":
+        assert "cancelled by a user" in decision.message and not cluster.submitted
+    else:
+        assert "crash at step 5: the job's step was torn down (every rank saved on SIGTERM)" in decision.message
 
 
 def test_budget_of_attempts(run):

@@ -322,7 +322,11 @@ class Coordinator:
             if attempt["step_reached"] != step:
                 break
             same_step += 1
-        error = (last or {}).get("error") or "no Python error recorded (a killed process?)"
+        error = (last or {}).get("error") or (
+            f"the job's step was torn down (every rank saved on {last['signal']})"
+            if (last or {}).get("outcome") == Outcome.STOPPED
+            else "no Python error recorded (a killed process?)"
+        )
         if same_step > self.config.cluster.crash_retries:
             return Decision(
                 Action.STOP,

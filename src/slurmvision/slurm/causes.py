@@ -106,6 +106,10 @@ def classify(attempt: Optional[dict], slurm: Optional[SlurmAttempt], log_tail: s
         return Cause.TIME_LIMIT
     if state == "REQUEUED":  # preemption shows as PREEMPTED: this is someone's `scontrol requeue`
         return Cause.REQUEUE
+    if state == "FAILED" and outcome == Outcome.STOPPED:
+        # The ranks saved on a SIGTERM from slurmstepd, but no scancel, limit, preemption or requeue
+        # sent it: the step was torn down (its srun killed, another task gone): resubmitted as a crash.
+        return Cause.CRASH
     if state == "CANCELLED" or outcome == Outcome.STOPPED and signal in (StopReason.SIGTERM, StopReason.SIGINT):
         return Cause.USER_CANCEL
     if outcome == Outcome.FAILED or state == "FAILED":
