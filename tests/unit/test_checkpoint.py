@@ -353,7 +353,9 @@ def test_the_copy_to_host_memory_keeps_tied_tensors_tied_and_rebuilds_containers
 def test_a_checkpoint_handed_to_the_disk_while_it_is_written_verifies_and_loads(tmp_path, monkeypatch):
     from slurmvision.trainer import checkpoint as module
 
-    monkeypatch.setattr(module, "WRITEBACK_BYTES", 4096)  # many hand-overs, each of a few pages
+    # Many hand-overs to the disk and to the hasher, each of a few pages.
+    monkeypatch.setattr(module, "WRITEBACK_BYTES", 8192)
+    monkeypatch.setattr(module, "HASH_BLOCK_BYTES", 4096)
     manager = CheckpointManager(tmp_path, DistEnv(), keep=1)
     weights = torch.randn(100_000)
     manager.save(1, {"weights": weights}, {"rng": rng_state()}, {"step": 1, "epoch": 0})
@@ -361,3 +363,11 @@ def test_a_checkpoint_handed_to_the_disk_while_it_is_written_verifies_and_loads(
     assert latest.step == 1 and torch.equal(latest.load_state()["weights"], weights)
     if hasattr(torch.serialization, "get_crc32_options"):  # written without the zip's CRC32, and only it
         assert torch.serialization.get_crc32_options()
+
+
+def test_a_save_that_fails_midway_leaves_no_hasher_thread_behind(tmp_path):
+    from slurmvision.trainer.checkpoint import _save
+
+    with pytest.raises(Exception, match="pickle"):
+        _save({"weights": torch.randn(1000), "unpicklable": lambda: 0}, tmp_path / "state.pt")
+    assert not [thread for thread in threading.enumerate() if thread.name == "checkpoint-hash"]

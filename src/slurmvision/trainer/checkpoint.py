@@ -19,7 +19,9 @@ import logging
 import os
 import random
 import shutil
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -48,7 +50,8 @@ from slurmvision.trainer.distributed import DistEnv, agree, all_reduce_sum, barr
 
 log = logging.getLogger(__name__)
 CPU = torch.device("cpu")
-WRITEBACK_BYTES = 64 << 20  # _Hashing
+WRITEBACK_BYTES = 64 << 20  # _HashedFile
+HASH_BLOCK_BYTES = 8 << 20  # what the writer hands the hasher at a time, and the hasher reads at a time
 Digests = dict[str, tuple[int, str]]  # file name -> (bytes, sha256), computed as the file was written
 
 
@@ -76,28 +79,83 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-class _Hashing:
-    """A file that hashes what is written to it, so that the manifest does not read it again, and
-    hands what it wrote to the disk every WRITEBACK_BYTES: the disk writes while torch.save
-    serialises and the hash is computed, and the fsync at the end waits for the tail only."""
+class _HashedFile:
+    """A file being written whose sha256 a helper thread computes behind the writer, from the bytes
+    already written (read back from the page cache): the manifest does not read the file again, and
+    the hash (slower than the write to a fast disk) no longer adds to it. Every WRITEBACK_BYTES
+    written are handed to the disk, so the fsync at the end waits for the tail only."""
 
-    def __init__(self, file):
-        self.file, self.digest, self.size, self.handed = file, hashlib.sha256(), 0, 0
+    def __init__(self, path: Path):
+        self.path, self.file = path, open(path, "wb")
+        try:
+            self._reader = os.open(path, os.O_RDONLY)
+        except OSError:
+            self.file.close()
+            raise
+        self.digest = hashlib.sha256()
+        self.size = self._visible = self._hashed = self._handed = 0
+        self._closing, self._error = False, None
+        self._changed = threading.Condition()
+        self._hasher = threading.Thread(target=self._follow, name="checkpoint-hash", daemon=True)
+        self._hasher.start()
 
     def write(self, data) -> int:
-        self.digest.update(data)
         written = self.file.write(data)
         self.size += memoryview(data).nbytes
-        if self.size - self.handed >= WRITEBACK_BYTES and hasattr(os, "posix_fadvise"):
-            self.file.flush()
+        if self.size - self._visible >= HASH_BLOCK_BYTES:
+            self._publish()
+        if self._visible - self._handed >= WRITEBACK_BYTES and hasattr(os, "posix_fadvise"):
             # Starts the writeback of these pages without waiting for it (Linux), and keeps them
-            # out of the page cache: a checkpoint is read again only by the next job.
-            os.posix_fadvise(self.file.fileno(), self.handed, self.size - self.handed, os.POSIX_FADV_DONTNEED)
-            self.handed = self.size
+            # out of the page cache once written: a checkpoint is read again only by the next job.
+            os.posix_fadvise(self.file.fileno(), self._handed, self._visible - self._handed, os.POSIX_FADV_DONTNEED)
+            self._handed = self._visible
         return written
 
     def flush(self) -> None:
         self.file.flush()
+
+    def finish(self) -> tuple[int, str]:
+        """Waits for the hash, fsyncs: the file's size and sha256."""
+        self._publish(closing=True)
+        self._hasher.join()
+        if self._error is not None:
+            raise self._error
+        os.fsync(self.file.fileno())
+        return self.size, self.digest.hexdigest()
+
+    def _publish(self, closing: bool = False) -> None:
+        self.file.flush()  # what the hasher reads must be in the file, not in this buffer
+        with self._changed:
+            self._visible, self._closing = self.size, closing
+            self._changed.notify()
+
+    def _follow(self) -> None:
+        try:
+            while True:
+                with self._changed:
+                    self._changed.wait_for(lambda: self._hashed < self._visible or self._closing)
+                    end, closing = self._visible, self._closing
+                while self._hashed < end:
+                    block = os.pread(self._reader, min(HASH_BLOCK_BYTES, end - self._hashed), self._hashed)
+                    if not block:
+                        raise OSError(f"{self.path} is shorter than what was written to it")
+                    self.digest.update(block)
+                    self._hashed += len(block)
+                if closing:
+                    return
+        except BaseException as err:  # raised by finish(), in the writer's thread
+            self._error = err
+
+    def __enter__(self) -> "_HashedFile":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        with self._changed:  # on an error too: the hasher stops where it is
+            self._closing = True
+            self._changed.notify()
+        self._hasher.join()
+        os.close(self._reader)
+        self.file.close()
 
 
 @contextlib.contextmanager
@@ -118,12 +176,9 @@ def _without_crc32():
 
 def _save(obj: Any, path: Path) -> tuple[int, str]:
     """torch.save to `path`, fsynced: its size and sha256."""
-    with open(path, "wb") as f, _without_crc32():
-        hashing = _Hashing(f)
-        torch.save(obj, hashing)
-        f.flush()
-        os.fsync(f.fileno())
-    return hashing.size, hashing.digest.hexdigest()
+    with _HashedFile(path) as file, _without_crc32():
+        torch.save(obj, file)
+        return file.finish()
 
 
 def _write_text(path: Path, text: str) -> None:
@@ -262,8 +317,11 @@ class CheckpointManager:
         digests = {rank_file(self.env.rank): _save(per_rank, tmp / rank_file(self.env.rank))}
         facts = {}
         if self.env.is_main:
-            digests[STATE] = _save(shared, tmp / STATE)
-            facts = self.describe(shared)
+            # `describe` hashes the weights while they are written (it only reads them; both release the GIL).
+            with ThreadPoolExecutor(1, thread_name_prefix="checkpoint-describe") as pool:
+                described = pool.submit(self.describe, shared)
+                digests[STATE] = _save(shared, tmp / STATE)
+                facts = described.result()
         return Written({name: d for name, d in digests.items() if d}, facts, time.monotonic() - started)
 
     def _failed(self, step: int, tmp: Path, error: Optional[BaseException], writes: Writes) -> str:
