@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from slurmvision.cli import main
-from slurmvision.evaluate import export
+from slurmvision.evaluate import export, int8
 
 from .conftest import FAMILIES, make_run
 
@@ -56,12 +56,12 @@ def test_int8_is_written_with_top1_size_and_latency_of_both_models(mode, swin_ru
     calibration = ["--calibration", str(colour_shards)] if mode == "static" else []
     assert main(["export", str(swin_run), str(out), "--int8", mode, *calibration, "--json"]) == 0
     report = json.loads(capsys.readouterr().out)["int8"]
-    fp32, int8 = report["models"]["fp32"], report["models"]["int8"]
+    fp32, quantized = report["models"]["fp32"], report["models"]["int8"]
     assert report["mode"] == mode and report["val_samples"] == 24
     assert fp32["top1"] >= 0.9 and report["drop"] <= 1.0
-    assert report["drop"] == pytest.approx(100 * (fp32["top1"] - int8["top1"]))
-    assert int8["size_mb"] == pytest.approx(out.stat().st_size / 2**20) and int8["size_mb"] < fp32["size_mb"]
-    assert all(set(m["latency_ms"]) == {"1", "32"} and min(m["latency_ms"].values()) > 0 for m in (fp32, int8))
+    assert report["drop"] == pytest.approx(100 * (fp32["top1"] - quantized["top1"]))
+    assert quantized["size_mb"] == pytest.approx(out.stat().st_size / 2**20) and quantized["size_mb"] < fp32["size_mb"]
+    assert all(set(m["latency_ms"]) == {"1", "32"} and min(m["latency_ms"].values()) > 0 for m in (fp32, quantized))
     ops = {node.op_type for node in onnx.load(str(out)).graph.node}
     assert ops & {"DynamicQuantizeLinear", "MatMulInteger"} if mode == "dynamic" else "QuantizeLinear" in ops
     assert _run_onnx(out, 5, 32).shape == (5, 3)  # the batch axis stays dynamic
@@ -83,7 +83,7 @@ def _constant_quantizer(fp32, out, mode, calibration=None):
 
 
 def test_an_int8_model_that_loses_top1_is_refused(swin_run, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(export, "quantize_onnx", _constant_quantizer)
+    monkeypatch.setattr(int8, "quantize_onnx", _constant_quantizer)
     out = tmp_path / "m.onnx"
     assert main(["export", str(swin_run), str(out), "--int8"]) == 2
     err = capsys.readouterr().err
