@@ -102,7 +102,8 @@ def main() -> int:
         preemptions, training_since = 0, None
         while coordinator.poll() is None:
             current = state(job_id)
-            if current == "RUNNING" and log.exists() and STEP_LINE.search(log.read_text().splitlines()[-1] or ""):
+            lines = log.read_text().splitlines() if log.exists() else []  # empty until rank 0's first record
+            if current == "RUNNING" and lines and STEP_LINE.search(lines[-1]):
                 training_since = training_since or time.monotonic()
                 if time.monotonic() - training_since >= args.preempt_every:
                     slurm("sbatch", "-p", "high", "-n", cpus, "-o", "/dev/null", "--wrap", "sleep 2")
