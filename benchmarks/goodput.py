@@ -24,9 +24,10 @@ import time
 from datetime import datetime
 from pathlib import Path
 
-from results import write_section  # benchmarks/ is on the path of a script run from it
+from results import machine, publish  # benchmarks/ is on the path of a script run from it
 
 SECTION = "## Goodput under preemption"
+JSON_KEY = "goodput"
 STEP_LINE = re.compile(r"^(\S+ \S+) \[rank 0\] INFO slurmvision.progress: step (\d+)/")
 
 
@@ -65,6 +66,7 @@ def main() -> int:
     parser.add_argument("--preempt-every", type=float, default=40.0, help="seconds of training between preemptions")
     parser.add_argument("--max-steps", type=int, default=600)
     parser.add_argument("--results", type=Path, default=Path(__file__).with_name("RESULTS.md"))
+    parser.add_argument("--json", type=Path, default=Path(__file__).with_name("results.json"))
     args = parser.parse_args()
     if not os.environ.get("SLURM_CONF"):
         print(
@@ -126,34 +128,44 @@ def main() -> int:
         lost = [a["lost_steps"] or 0 for a in attempts[:-1]]
         # Training time: first to last step of each attempt, plus its first step, less what was redone.
         useful = sum((a[-1][0] - a[0][0]).total_seconds() + step_time for a in steps) - sum(lost) * step_time
-        goodput = useful / allocated
-        cost = (allocated - useful) / max(preemptions, 1)
+        figures = {
+            **machine(),
+            "preempt_every_s": args.preempt_every,
+            "max_steps": args.max_steps,
+            "preemptions": preemptions,
+            "attempts": len(attempts),
+            "steps_lost": lost,
+            "restart_overhead_s": [round(o, 1) for o in overheads],
+            "median_step_s": round(step_time, 4),
+            "goodput": round(useful / allocated, 4),
+            "not_training_per_preemption_s": round((allocated - useful) / max(preemptions, 1), 1),
+        }
+    publish(figures, report, args.results, args.json, JSON_KEY)
+    return 0
 
-    command = " ".join(["python", "benchmarks/goodput.py", *sys.argv[1:]])
-    text = f"""{SECTION}
 
-`{command}` on the local cluster (2 CPU cores, the `digits-demo` recipe, 2 ranks, {args.max_steps} steps,
-a `high` job preempting every {args.preempt_every:.0f} s of training; {time.strftime("%Y-%m-%d")}).
+def report(f: dict, command: str) -> str:
+    return f"""{SECTION}
+
+`{command}` on the local cluster ({f["cpu_cores"]} CPU cores, the `digits-demo` recipe, 2 ranks, {f["max_steps"]} steps,
+a `high` job preempting every {f["preempt_every_s"]:.0f} s of training; {f["date"]}).
 
 | figure | value | target |
 |---|---:|---:|
-| preemptions | {preemptions} | |
-| attempts | {len(attempts)} | |
-| steps lost per preemption | {", ".join(map(str, lost)) or "none"} | 0 |
-| restart overhead, job start to first step (s) | {", ".join(f"{o:.1f}" for o in overheads)} | <= 30 |
-| goodput | {goodput:.1%} | >= 98% |
-| allocated time not training, per preemption (s) | {cost:.1f} | |
+| preemptions | {f["preemptions"]} | |
+| attempts | {f["attempts"]} | |
+| steps lost per preemption | {", ".join(map(str, f["steps_lost"])) or "none"} | 0 |
+| restart overhead, job start to first step (s) | {", ".join(f"{o:.1f}" for o in f["restart_overhead_s"])} | <= 30 |
+| goodput | {f["goodput"]:.1%} | >= 98% |
+| allocated time not training, per preemption (s) | {f["not_training_per_preemption_s"]:.1f} | |
 
-Useful time is each attempt's first to last step (median step {step_time:.3f} s), less the steps
+Useful time is each attempt's first to last step (median step {f["median_step_s"]:.3f} s), less the steps
 redone; allocated time is the sum of the attempts' sacct Start..End. The restart overhead
 (interpreter, imports, model, loader workers, resume) is each attempt's time before its first
 step; the rest of the gap is the save and exit after the signal, and the last evaluation.
 Goodput depends on the interval: a fixed cost of c seconds per preemption every T seconds of
 training gives about T / (T + c).
 """
-    write_section(args.results, text)
-    print(text)
-    return 0
 
 
 if __name__ == "__main__":
