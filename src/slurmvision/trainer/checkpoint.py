@@ -116,18 +116,25 @@ class _HashedFile:
 
     def finish(self) -> tuple[int, str]:
         """Waits for the hash, fsyncs: the file's size and sha256."""
-        self._publish(closing=True)
-        self._hasher.join()
+        self._publish()
+        self._stop_hasher()
         if self._error is not None:
             raise self._error
         os.fsync(self.file.fileno())
         return self.size, self.digest.hexdigest()
 
-    def _publish(self, closing: bool = False) -> None:
+    def _publish(self) -> None:
         self.file.flush()  # what the hasher reads must be in the file, not in this buffer
         with self._changed:
-            self._visible, self._closing = self.size, closing
+            self._visible = self.size
             self._changed.notify()
+
+    def _stop_hasher(self) -> None:
+        """The hasher hashes what it was handed, then ends."""
+        with self._changed:
+            self._closing = True
+            self._changed.notify()
+        self._hasher.join()
 
     def _follow(self) -> None:
         try:
@@ -150,10 +157,7 @@ class _HashedFile:
         return self
 
     def __exit__(self, *exc) -> None:
-        with self._changed:  # on an error too: the hasher stops where it is
-            self._closing = True
-            self._changed.notify()
-        self._hasher.join()
+        self._stop_hasher()  # on an error too (after finish, it has ended already)
         os.close(self._reader)
         self.file.close()
 
