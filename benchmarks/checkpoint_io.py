@@ -63,6 +63,7 @@ def build(model: str, engine: str, batch: int, quick: bool, run_dir: Path):
     overrides = [
         f"model.name={model}",
         "model.pretrained=false",
+        "model.compile=false",  # the CPU: the step only makes state to save
         "data.root=unused",
         f"data.batch_size={batch}",
         "trainer.precision=fp32",

@@ -1,6 +1,6 @@
 """The GPU fast path and the trainer on one GPU: images/s, memory and data wait, in one command.
 
-    benchmarks/gpu.sh OUT_DIR [--smoke]        (runs: python benchmarks/gpu.py OUT_DIR [--smoke] [--budget-s 540])
+    benchmarks/gpu.sh OUT_DIR [--smoke] [--resume]   (runs: python benchmarks/gpu.py OUT_DIR ... [--budget-s 540])
 
 What it measures (one table each, printed and written to OUT_DIR/RESULTS.md; every figure in
 OUT_DIR/results.json under a stable key):
@@ -8,24 +8,28 @@ OUT_DIR/results.json under a stable key):
 1. throughput: a bare reference loop, written as timm's train.py trains (timm.create_model, AdamW in
    torch's default implementation, autocast, a GradScaler for fp16, label smoothing, gradient clipping,
    cudnn.benchmark, one random batch held on the GPU), for swinv2_tiny_window8_256 and sgformer_s at
-   224/256/288 px in bf16 and fp16, at the largest batch that fits: doubled from 32 until a step runs
+   224/256/288 px in bf16 and fp16, at the largest batch that fits: doubled from 64 until a step runs
    out of memory (at most 1024), found in bf16 and used for both.
 2. fast-path keys: the DDP engine's own step (trainer.ddp.DDPEngine: the forward, loss, backward and
-   optimizer step the training loop runs) on Swin V2 Tiny at 256 px, bf16, with the defaults and with
-   each key flipped: optim.fused, trainer.tf32, trainer.cudnn_benchmark, model.channels_last,
-   model.compile (its compile time apart). trainer.gradient_as_bucket_view needs DDP on 2 or more
-   GPUs and data.prefetch_to_device the loop: see 4.
+   optimizer step the training loop runs) on Swin V2 Tiny, uncompiled, with the defaults and with each
+   key flipped: optim.fused, trainer.tf32, trainer.cudnn_benchmark, model.channels_last.
+   trainer.gradient_as_bucket_view needs DDP on 2 or more GPUs and data.prefetch_to_device the loop:
+   see 4b. 2b. model.compile: the same step eager and compiled, for each model (first step: the compile).
 3. gradient checkpointing: the bare loop's peak memory and speed with and without, same batch.
-4. trainer and data: `slurmvision train` (one rank, the real loop) on random batches in memory
-   (data.synthetic) against the bare loop at the same batch; then on shards written here (random
-   JPEGs, the recipe's augmentation) with data.prefetch_to_device on and off: images/s and the share
-   of the step spent waiting for data (train/data_wait_s over train/step_time_s, from TensorBoard).
+4a. the trainer: `slurmvision train` (one rank, the real loop) on random batches in memory
+   (data.synthetic) against the bare loop at the same batch, with the recipe's defaults (compiled) and
+   eager (the loop's own cost). 4b. the shard reader: the same on shards written here (random JPEGs,
+   the recipe's augmentation) with data.prefetch_to_device on and off: images/s and the share of the
+   step spent waiting for data (train/data_wait_s over train/step_time_s, from TensorBoard).
 5. DeepSpeed ZeRO-1 and ZeRO-2 in fp16 (one rank: the engines' overhead, not their memory savings)
-   against the DDP engine in fp16, same batch.
+   against the DDP engine in fp16, same batch, uncompiled.
 
-Figures are medians over the timed steps after a warm-up. Everything runs within --budget-s (the
-stages in the order above; a stage that would not fit is reported as skipped), so that gpu.sh ends
-within 10 minutes on one GPU. It installs nothing: the project's venv only.
+Figures are medians over the timed steps after a warm-up; the later stages' batch is half the largest
+that fits at 256 px. Everything runs within --budget-s, so that gpu.sh ends within 10 minutes on one
+GPU: stage 1 at 256 px, then 2, 4a, 2b, 4b, 5, 3, then stage 1 at the other sizes (what the budget cuts
+is the least needed); a measurement that would not fit is reported as skipped. RESULTS.md and
+results.json are rewritten after each measurement; --resume keeps what they hold and measures what
+they lack. It installs nothing: the project's venv only.
 
 --smoke: the same stages on the CPU with tiny models and a few steps, in about a minute; it checks
 that the script works (`make test` runs it) and measures nothing worth reporting.
@@ -85,6 +89,7 @@ GPU = Plan(
     sizes=(224, 256, 288),
     dtypes=("bf16", "fp16"),
     key_size=256,
+    batch_start=64,
     workers=max(1, min(8, (os.cpu_count() or 2) - 2)),
 )
 SMOKE = Plan(
@@ -123,6 +128,46 @@ def skipped(reason: str) -> dict:
 
 def failed(err: BaseException) -> dict:
     return {"error": f"{type(err).__name__}: {str(err).strip().splitlines()[0][:200] if str(err).strip() else ''}"}
+
+
+class Bench:
+    """The plan, the time budget and the figures of one run. Each measurement has a name in its stage;
+    one that does not fit in the budget is reported as skipped, one that fails as its error, and with
+    --resume one that an earlier run measured is kept as it was. `saved` is called after each one."""
+
+    def __init__(self, plan: Plan, budget: Budget, figures: dict, resume: bool, out: Path, saved: Callable):
+        self.plan, self.budget, self.figures, self.resume, self.out = plan, budget, figures, resume, out
+        self.saved = saved
+
+    def measure(self, stage: str, name: str, need_s: float, how: Callable[..., dict], *args, **kwargs) -> None:
+        """results[stage][name] = how(*args, **kwargs), within the budget (`need_s` left at least)."""
+        results = self.figures.setdefault(stage, {})
+        earlier = results.get(name)
+        if self.resume and isinstance(earlier, dict) and not {"skipped", "error"} & earlier.keys():
+            return
+        if not self.budget.allows(need_s):
+            results[name] = skipped("time budget")
+        else:
+            try:
+                results[name] = how(*args, **kwargs)
+            except Exception as err:  # one measurement failing does not end the benchmark
+                results[name] = failed(err)
+                traceback.print_exc()
+        print(f"{stage}: {name}", json.dumps(results[name]), flush=True)
+        self.saved()
+
+    def skip(self, stage: str, name: str, reason: str) -> None:
+        self.figures.setdefault(stage, {})[name] = skipped(reason)
+
+    def half_largest_batch(self, model_name: str) -> int:
+        """Half the largest batch stage 1 found for the model at the key size: room for the variants
+        that need more memory (compiling, fp32 master copies)."""
+        found = self.figures.get("throughput", {}).get(f"{model_name}@{self.plan.key_size}", {}).get("largest_batch")
+        return max(1, (found or self.plan.batch_start) // 2)
+
+    def eager_here(self) -> list[str]:
+        """The recipe compiles the model; the CPU smoke run does not (compiling there is slow)."""
+        return ["model.compile=false"] if self.plan.device == "cpu" else []
 
 
 # --- timing --------------------------------------------------------------------------------------
@@ -240,42 +285,41 @@ def largest_batch(fits: Callable[[int], None], start: int, cap: int) -> int:
     return batch
 
 
-def throughput(plan: Plan, budget: Budget) -> dict:
-    results = {}
+def throughput(bench: Bench, sizes: tuple[int, ...]) -> None:
+    """Stage 1 at `sizes`, for each model (results "MODEL@SIZE")."""
+    plan = bench.plan
     for model_name in plan.models:
-        for size in plan.sizes:
-            key = f"{model_name}@{size}"
-            if not budget.allows(20):
-                results[key] = skipped("time budget")
-                continue
-            try:
+        for size in sizes:
+
+            def largest_then_each_dtype(m=model_name, s=size) -> dict:
                 batch = largest_batch(
-                    lambda b, m=model_name, s=size: bare_loop(plan, m, s, "bf16", b, warmup=1, steps=1),
-                    plan.batch_start,
-                    plan.batch_max,
+                    lambda b: bare_loop(plan, m, s, "bf16", b, warmup=1, steps=1), plan.batch_start, plan.batch_max
                 )
-                results[key] = {"largest_batch": batch}
-                for dtype in plan.dtypes:
-                    results[key][dtype] = bare_loop(plan, model_name, size, dtype, batch)
-            except Exception as err:  # one model or size failing does not end the benchmark
-                results[key] = failed(err)
-                traceback.print_exc()
-            print(key, json.dumps(results[key]), flush=True)
-    return results
+                return {"largest_batch": batch, **{d: bare_loop(plan, m, s, d, batch) for d in plan.dtypes}}
+
+            bench.measure("throughput", f"{model_name}@{size}", 20, largest_then_each_dtype)
 
 
 # --- 2, 5: the engines' own step -----------------------------------------------------------------
 
 
-def run_config(plan: Plan, overrides: list[str], run_dir: Optional[Path] = None, *, data_root: Optional[str] = "/x"):
+def run_config(
+    plan: Plan,
+    overrides: list[str],
+    run_dir: Optional[Path] = None,
+    *,
+    data_root: Optional[str] = "/x",
+    model_name: str = KEY_MODEL,
+):
     """The recipe's config at the plan's size; `data_root` None: none (data.synthetic)."""
     from slurmvision.configs import load_config
 
-    model_kwargs = dict(plan.kwargs.get(KEY_MODEL, {}), img_size=plan.key_size)
+    model_kwargs = dict(plan.kwargs.get(model_name, {}), img_size=plan.key_size)
     return load_config(
         RECIPE,
         [
             *([f"data.root={data_root}"] if data_root is not None else []),
+            f"model.name={model_name}",
             f"data.img_size={plan.key_size}",
             f"model.kwargs={json.dumps(model_kwargs)}",
             f"model.drop_path={DROP_PATH}",
@@ -288,14 +332,16 @@ def run_config(plan: Plan, overrides: list[str], run_dir: Optional[Path] = None,
     )
 
 
-def engine_step(plan: Plan, batch: int, overrides: list[str], engine_kind: str = "ddp", steps=None) -> dict:
+def engine_step(
+    plan: Plan, batch: int, overrides: list[str], engine_kind: str = "ddp", model_name: str = KEY_MODEL
+) -> dict:
     """Images/s of an engine's training step, built from the config as the trainer builds it."""
     import torch
 
     from slurmvision.models import build_model
     from slurmvision.trainer.step import loss_fn
 
-    config = run_config(plan, overrides)
+    config = run_config(plan, overrides, model_name=model_name)
     device = torch.device(plan.device)
     torch.manual_seed(0)
     model = build_model(config.model, NUM_CLASSES)
@@ -319,7 +365,7 @@ def engine_step(plan: Plan, batch: int, overrides: list[str], engine_kind: str =
         engine.step()
         return float(loss.detach())  # the loop reads every step's loss
 
-    return timed(step, batch, plan.warmup, steps or plan.steps, lambda _: None)
+    return timed(step, batch, plan.warmup, plan.steps, lambda _: None)
 
 
 KEYS = {
@@ -329,59 +375,87 @@ KEYS = {
     "trainer.tf32=false": ["trainer.tf32=false"],
     "trainer.cudnn_benchmark=false": ["trainer.cudnn_benchmark=false"],
     "model.channels_last=true": ["model.channels_last=true"],
-    "model.compile=true": ["model.compile=true"],
     "all off": [
         "optim.fused=off",
         "trainer.tf32=false",
         "trainer.cudnn_benchmark=false",
         "model.channels_last=false",
-        "model.compile=false",
     ],
 }
 CUDA_ONLY = ("trainer.tf32=false", "trainer.cudnn_benchmark=false")
 
 
-def fast_path_keys(plan: Plan, batch: int, budget: Budget) -> dict:
-    results = {}
+def fast_path_keys(bench: Bench) -> None:
+    """Stage 2, uncompiled (compiling is stage 2b's): each key against the defaults."""
+    plan = bench.plan
+    batch = bench.half_largest_batch(KEY_MODEL)
     for name, overrides in KEYS.items():
-        compiles = "model.compile=true" in overrides
-        if plan.device == "cpu" and (name in CUDA_ONLY or compiles):
-            results[name] = skipped("CUDA only" if not compiles else "not on the CPU smoke run (slow compile)")
-        elif not budget.allows(150 if compiles else 20):
-            results[name] = skipped("time budget")
-        else:
-            try:
-                results[name] = engine_step(plan, batch, [f"trainer.precision={plan.dtypes[0]}", *overrides])
-            except Exception as err:
-                results[name] = failed(err)
-                traceback.print_exc()
+        if plan.device == "cpu" and name in CUDA_ONLY:
+            bench.skip("keys", name, "CUDA only")
+            continue
+        settings = [f"trainer.precision={plan.dtypes[0]}", "model.compile=false", *overrides]
+        bench.measure("keys", name, 20, engine_step, plan, batch, settings)
+
+
+def compiled_and_eager(bench: Bench) -> None:
+    """Stage 2b: model.compile per model, the DDP engine's step eager and compiled (first step: the
+    compile time)."""
+    plan = bench.plan
+    for model_name in plan.models:
+        batch = bench.half_largest_batch(model_name)
+        precision = f"trainer.precision={plan.dtypes[0]}"
+        for name, compiles in (("eager", False), ("compiled", True)):
+            if compiles and plan.device == "cpu":
+                bench.skip("compile", f"{model_name}, {name}", "not on the CPU smoke run (slow compile)")
+                continue
+            settings = [precision, f"model.compile={str(compiles).lower()}"]
+            bench.measure(
+                "compile",
+                f"{model_name}, {name}",
+                150 if compiles else 20,
+                engine_step,
+                plan,
+                batch,
+                settings,
+                model_name=model_name,
+            )
             if compiles:
                 _torch()._dynamo.reset()  # its graphs and their memory
-        print(name, json.dumps(results[name]), flush=True)
-    return results
 
 
-def deepspeed_fp16(plan: Plan, batch: int, budget: Budget) -> dict:
+def deepspeed_fp16(bench: Bench) -> None:
+    """Stage 5, uncompiled: the engines' own overhead."""
+    plan = bench.plan
+    batch = bench.half_largest_batch(KEY_MODEL)
     # fp16 on the GPU; the CPU smoke run uses bf16 (CPU autocast's fp16 underflows in Swin V2's norms).
-    precision = "trainer.precision=" + ("fp16" if plan.device == "cuda" else "bf16")
-    deepspeed = [precision, "trainer.engine=deepspeed"]
-    results = {}
+    common = ["trainer.precision=" + ("fp16" if plan.device == "cuda" else "bf16"), "model.compile=false"]
+    deepspeed = [*common, "trainer.engine=deepspeed"]
     settings = {
-        "ddp": ("ddp", [precision]),
+        "ddp": ("ddp", common),
         "zero1": ("deepspeed", [*deepspeed, "trainer.zero_stage=1"]),
         "zero2": ("deepspeed", [*deepspeed, "trainer.zero_stage=2"]),
     }
     for name, (kind, overrides) in settings.items():
-        if not budget.allows(30):
-            results[name] = skipped("time budget")
-            continue
-        try:
-            results[name] = engine_step(plan, batch, overrides, kind)
-        except Exception as err:
-            results[name] = failed(err)
-            traceback.print_exc()
-        print(name, json.dumps(results[name]), flush=True)
-    return results
+        bench.measure("deepspeed", name, 30, engine_step, plan, batch, overrides, kind)
+
+
+def grad_checkpointing(bench: Bench) -> None:
+    """Stage 3: the bare loop with and without, at the key batch."""
+    plan = bench.plan
+    batch = bench.half_largest_batch(KEY_MODEL)
+    for name, on in (("off", False), ("on", True)):
+        bench.measure(
+            "grad_checkpointing",
+            name,
+            20,
+            bare_loop,
+            plan,
+            KEY_MODEL,
+            plan.key_size,
+            plan.dtypes[0],
+            batch,
+            checkpointing=on,
+        )
 
 
 # --- 4: the trainer, on random batches and on shards ---------------------------------------------
@@ -463,54 +537,49 @@ def write_shards(plan: Plan, out: Path) -> Path:
     return out / "shards"
 
 
-def trainer_and_data(plan: Plan, out: Path, batch: int, budget: Budget) -> dict:
-    from slurmvision.configs.data import DataConfig
-
-    results: dict = {}
+def trainer_against_bare(bench: Bench) -> None:
+    """Stage 4a: `slurmvision train` on random batches in memory (data.synthetic) against the bare loop,
+    with the recipe's defaults (compiled) and eager (the loop's own cost)."""
+    plan = bench.plan
+    batch = bench.half_largest_batch(KEY_MODEL)
     precision = f"trainer.precision={plan.dtypes[0]}"
     # The bare loop does no augmentation: neither does the trainer on random batches.
     plain = ["data.mixup=0", "data.cutmix=0", "data.reprob=0", "data.color_jitter=0", "data.auto_augment=null"]
-    if "synthetic" in DataConfig.__dataclass_fields__:
-        if budget.allows(60):
-            try:
-                results["bare"] = bare_loop(plan, KEY_MODEL, plan.key_size, plan.dtypes[0], batch)
-                results["trainer synthetic"] = trainer_run(
-                    plan, out / "runs" / "synthetic", batch, [precision, "data.synthetic=true", *plain], None
-                )
-                results["trainer/bare"] = results["trainer synthetic"]["images_per_s"] / results["bare"]["images_per_s"]
-            except Exception as err:
-                results["trainer synthetic"] = failed(err)
-                traceback.print_exc()
-        else:
-            results["trainer synthetic"] = skipped("time budget")
+    synthetic = [precision, "data.synthetic=true", *plain]
+    runs = bench.out / "runs"
+    bench.measure("trainer", "bare", 20, lambda: bare_loop(plan, KEY_MODEL, plan.key_size, plan.dtypes[0], batch))
+    bench.measure(
+        "trainer",
+        "trainer synthetic, eager",
+        45,
+        lambda: trainer_run(plan, runs / "eager", batch, [*synthetic, "model.compile=false"], None),
+    )
+    if plan.device == "cpu":
+        bench.skip("trainer", "trainer synthetic", "not on the CPU smoke run (slow compile)")
     else:
-        results["trainer synthetic"] = skipped("this checkout has no data.synthetic")
-    print("trainer", json.dumps(results), flush=True)
-    if not budget.allows(90):
-        results["shards"] = skipped("time budget")
-        return results
-    try:
-        shards = write_shards(plan, out / "data")
-    except Exception as err:
-        results["shards"] = failed(err)
-        traceback.print_exc()
-        return results
-    data_batch = min(batch, plan.data_batch_max)
+        bench.measure(
+            "trainer", "trainer synthetic", 150, lambda: trainer_run(plan, runs / "synthetic", batch, synthetic, None)
+        )
+
+
+def shard_reader(bench: Bench) -> None:
+    """Stage 4b: the trainer (recipe defaults) on shards written here, with data.prefetch_to_device on
+    and off: is the GPU waiting for data?"""
+    plan = bench.plan
+    batch = min(bench.half_largest_batch(KEY_MODEL), plan.data_batch_max)
+    written: list[Path] = []
+
+    def run(name: str, overrides: list[str]) -> dict:
+        if not written:  # once, and only if a measurement needs them
+            written.append(write_shards(plan, bench.out / "data"))
+        settings = [f"trainer.precision={plan.dtypes[0]}", *bench.eager_here(), *overrides]
+        return trainer_run(plan, bench.out / "runs" / name.replace(" ", "-"), batch, settings, str(written[0]))
+
     variants = {"prefetch on": ["data.prefetch_to_device=true"], "prefetch off": ["data.prefetch_to_device=false"]}
     if plan.device == "cpu":
         variants = {"prefetch on": variants["prefetch on"]}  # the CPU reads no batch ahead
     for name, overrides in variants.items():
-        if not budget.allows(45):
-            results[f"shards, {name}"] = skipped("time budget")
-            continue
-        try:
-            run_dir = out / "runs" / name.replace(" ", "-")
-            results[f"shards, {name}"] = trainer_run(plan, run_dir, data_batch, [precision, *overrides], str(shards))
-        except Exception as err:
-            results[f"shards, {name}"] = failed(err)
-            traceback.print_exc()
-        print(name, json.dumps(results[f"shards, {name}"]), flush=True)
-    return results
+        bench.measure("data", f"shards, {name}", 45 if plan.device == "cpu" else 120, run, name, overrides)
 
 
 # --- the report ----------------------------------------------------------------------------------
@@ -529,79 +598,83 @@ def cell(result: dict, key: str = "images_per_s", spec: str = ".0f") -> str:
     return fmt(result.get(key), spec)
 
 
+def table(results: dict, order: list[str], columns: dict[str, tuple[str, str]], base: str = "") -> list[str]:
+    """Rows of name, batch and `columns` (heading: (figure, format)), in `order` (results.json keeps its
+    keys sorted); with `base` (a row's name), img/s against that row's."""
+    if not results:
+        return ["Not measured."]
+    base_rate = results.get(base, {}).get("images_per_s")
+    headings = ["batch", *columns, *([f"vs {base}"] if base_rate else [])]
+    lines = ["| | " + " | ".join(headings) + " |", "|---|" + "---:|" * len(headings)]
+    for name in sorted(results, key=lambda name: order.index(name) if name in order else len(order)):
+        result = results[name]
+        cells = [str(result.get("batch", "")), *(cell(result, key, spec) for key, spec in columns.values())]
+        if base_rate:
+            rate = result.get("images_per_s")
+            cells.append(fmt(rate / base_rate if rate else None, ".2f"))
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def ratio(results: dict, a: str, b: str) -> Optional[float]:
+    rate_a, rate_b = (results.get(k, {}).get("images_per_s") for k in (a, b))
+    return rate_a / rate_b if rate_a and rate_b else None
+
+
 def report(figures: dict, command: str) -> str:
-    where = figures["machine"]
+    where, plan = figures["machine"], figures["plan"]
+    rate, peak, first = ("images_per_s", ".0f"), ("peak_gib", ".1f"), ("first_step_s", ".1f")
     lines = [
         "## GPU fast path (benchmarks/gpu.sh)",
         "",
         f"`{command}` on {where['device']} ({where['cpu_cores']} CPU cores, load {where['load_average_1m']}), "
-        f"torch {where['torch']}, {where['date']}. Images/s: median of single-step timings after a warm-up.",
+        f"torch {where['torch']}, CUDA {where['cuda']}, {where['date']}. Images/s: median of single-step timings "
+        f"after a warm-up; {plan['key_size']} px and {plan['dtypes'][0]} unless a table says otherwise.",
         "",
         "### Bare reference loop (timm train.py style), largest batch that fits",
         "",
-        "| model | px | batch | " + " | ".join(f"{d} img/s" for d in figures["plan"]["dtypes"]) + " | peak GiB |",
-        "|---|---:|---:|" + "---:|" * (len(figures["plan"]["dtypes"]) + 1),
+        "| model | px | batch | " + " | ".join(f"{d} img/s" for d in plan["dtypes"]) + " | peak GiB |",
+        "|---|---:|---:|" + "---:|" * (len(plan["dtypes"]) + 1),
     ]
-    for key, result in figures["throughput"].items():
+
+    def by_model_and_size(item):
+        model_name, size = item[0].split("@")
+        return plan["models"].index(model_name), int(size)
+
+    for key, result in sorted(figures.get("throughput", {}).items(), key=by_model_and_size):
         model_name, size = key.split("@")
         if "largest_batch" not in result:
             lines.append(f"| {model_name} | {size} | {cell(result)} |")
             continue
-        rates = " | ".join(cell(result[d]) for d in figures["plan"]["dtypes"])
-        peak = cell(result[figures["plan"]["dtypes"][0]], "peak_gib", ".1f")
-        lines.append(f"| {model_name} | {size} | {result['largest_batch']} | {rates} | {peak} |")
-    keys = figures["keys"]
-    base = keys.get("defaults", {}).get("images_per_s")
-    lines += [
-        "",
-        f"### Fast-path keys: the DDP engine's step, {KEY_MODEL} at {figures['plan']['key_size']} px, "
-        f"{figures['plan']['dtypes'][0]}, batch {figures['key_batch']}",
-        "",
-        "| setting | img/s | vs defaults | first step (s) | peak GiB |",
-        "|---|---:|---:|---:|---:|",
-    ]
-    for name, result in keys.items():
-        ratio = result.get("images_per_s") / base if base and result.get("images_per_s") else None
-        lines.append(
-            f"| {name} | {cell(result)} | {fmt(ratio, '.2f')} | {cell(result, 'first_step_s', '.1f')} | "
-            f"{cell(result, 'peak_gib', '.1f')} |"
-        )
-    checkpointing = figures["grad_checkpointing"]
-    lines += [
-        "",
-        f"### Gradient checkpointing: bare loop, {KEY_MODEL}, batch {figures['key_batch']}",
-        "",
-        "| grad checkpointing | img/s | peak GiB |",
-        "|---|---:|---:|",
-    ]
-    for name, result in checkpointing.items():
-        lines.append(f"| {name} | {cell(result)} | {cell(result, 'peak_gib', '.1f')} |")
-    trainer = figures["trainer"]
-    lines += [
-        "",
-        "### The trainer (`slurmvision train`, 1 rank) against the bare loop, and the shard reader feeding it",
-        "",
-        "| run | batch | img/s | data wait share | peak GiB |",
-        "|---|---:|---:|---:|---:|",
-    ]
-    for name, result in trainer.items():
-        if isinstance(result, dict):
-            lines.append(
-                f"| {name} | {result.get('batch', '')} | {cell(result)} | {cell(result, 'data_wait_share', '.1%')} | "
-                f"{cell(result, 'peak_gib', '.1f')} |"
-            )
-    if isinstance(trainer.get("trainer/bare"), float):
-        lines.append(f"\ntrainer / bare loop on random batches: {trainer['trainer/bare']:.2f}x (target ≥ 1.2x).")
-    lines += [
-        "",
-        "### DeepSpeed ZeRO-1/2 against the DDP engine (1 rank; fp16 on the GPU, bf16 on the CPU), "
-        f"batch {figures['key_batch']}",
-        "",
-        "| engine | img/s | peak GiB |",
-        "|---|---:|---:|",
-    ]
-    for name, result in figures["deepspeed"].items():
-        lines.append(f"| {name} | {cell(result)} | {cell(result, 'peak_gib', '.1f')} |")
+        rates = " | ".join(cell(result[d]) for d in plan["dtypes"])
+        memory = cell(result[plan["dtypes"][0]], *peak)
+        lines.append(f"| {model_name} | {size} | {result['largest_batch']} | {rates} | {memory} |")
+    lines += ["", f"### Fast-path keys: the DDP engine's step, {KEY_MODEL}, uncompiled", ""]
+    lines += table(
+        figures.get("keys", {}), list(KEYS), {"img/s": rate, "first step (s)": first, "peak GiB": peak}, "defaults"
+    )
+    compiled = figures.get("compile", {})
+    lines += ["", "### model.compile: the DDP engine's step, eager and compiled (first step: the compile)", ""]
+    by_model = [f"{m}, {how}" for m in plan["models"] for how in ("eager", "compiled")]
+    lines += table(compiled, by_model, {"img/s": rate, "first step (s)": first, "peak GiB": peak})
+    for model_name in plan["models"]:
+        speedup = ratio(compiled, f"{model_name}, compiled", f"{model_name}, eager")
+        if speedup:
+            lines.append(f"\n{model_name}: compiled / eager {speedup:.2f}x.")
+    trainer = figures.get("trainer", {})
+    waits = {"img/s": rate, "data wait share": ("data_wait_share", ".1%"), "peak GiB": peak}
+    lines += ["", "### The trainer (`slurmvision train`, 1 rank) against the bare loop, on random batches", ""]
+    lines += table(trainer, ["bare", "trainer synthetic, eager", "trainer synthetic"], waits)
+    for name, target in (("trainer synthetic", "target ≥ 1.2x"), ("trainer synthetic, eager", "goal ≥ 0.97x")):
+        share = ratio(trainer, name, "bare")
+        if share:
+            lines.append(f"\n{name} / bare loop: {share:.2f}x ({target}).")
+    lines += ["", "### The shard reader feeding the trainer (recipe defaults): is the GPU waiting for data?", ""]
+    lines += table(figures.get("data", {}), ["shards, prefetch on", "shards, prefetch off"], waits)
+    lines += ["", "### DeepSpeed ZeRO-1/2 against the DDP engine (1 rank; fp16 on the GPU, bf16 on the CPU)", ""]
+    lines += table(figures.get("deepspeed", {}), ["ddp", "zero1", "zero2"], {"img/s": rate, "peak GiB": peak}, "ddp")
+    lines += ["", f"### Gradient checkpointing: bare loop, {KEY_MODEL}", ""]
+    lines += table(figures.get("grad_checkpointing", {}), ["off", "on"], {"img/s": rate, "peak GiB": peak}, "off")
     return "\n".join(lines) + "\n"
 
 
@@ -610,6 +683,11 @@ def main() -> int:
     parser.add_argument("out", type=Path, help="folder for results.json, RESULTS.md and the runs")
     parser.add_argument("--smoke", action="store_true", help="tiny models on the CPU, a few steps: does it run?")
     parser.add_argument("--budget-s", type=float, default=540.0, help="stop starting measurements after this")
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="keep what OUT/results.json already holds and measure only what it lacks (skipped or failed)",
+    )
     args = parser.parse_args()
     import torch
 
@@ -618,35 +696,41 @@ def main() -> int:
         print("benchmarks/gpu.sh needs a CUDA GPU; --smoke runs its CPU check", file=sys.stderr)
         return 2
     args.out.mkdir(parents=True, exist_ok=True)
-    budget = Budget(args.budget_s)
+    figures: dict = {}
+    if args.resume and (args.out / "results.json").exists():
+        figures = json.loads((args.out / "results.json").read_text()).get("gpu", {})
+        if figures.get("plan", {}).get("device") != plan.device:
+            print(f"{args.out}/results.json holds another mode's figures: resume with the same mode", file=sys.stderr)
+            return 2
     where = machine()
     where["device"] = torch.cuda.get_device_name() if plan.device == "cuda" else "CPU (smoke)"
     where["cuda"] = torch.version.cuda
-    figures: dict = {"machine": where, "plan": asdict(plan)}
-
-    figures["throughput"] = throughput(plan, budget)
-    found = figures["throughput"].get(f"{KEY_MODEL}@{plan.key_size}", {}).get("largest_batch") or plan.batch_start
-    # Half the largest batch: room for the variants that need more memory (compiling, fp32 master copies).
-    batch = figures["key_batch"] = max(1, found // 2)
-    figures["keys"] = fast_path_keys(plan, batch, budget)
-    figures["grad_checkpointing"] = {}
-    for name, on in (("off", False), ("on", True)):
-        try:
-            figures["grad_checkpointing"][name] = (
-                bare_loop(plan, KEY_MODEL, plan.key_size, plan.dtypes[0], batch, checkpointing=on)
-                if budget.allows(20)
-                else skipped("time budget")
-            )
-        except Exception as err:
-            figures["grad_checkpointing"][name] = failed(err)
-    figures["trainer"] = trainer_and_data(plan, args.out, batch, budget)
-    figures["deepspeed"] = deepspeed_fp16(plan, batch, budget)
-
+    figures.update(machine=where, plan=asdict(plan))
     command = "benchmarks/gpu.sh " + " ".join(sys.argv[1:])
-    text = report(figures, command)
-    (args.out / "RESULTS.md").write_text(text)
-    write_figures(args.out / "results.json", "gpu", figures)
-    print(text)
+
+    def save() -> None:  # a run stopped at a time limit keeps what it measured, and --resume goes on from there
+        write_figures(args.out / "results.json", "gpu", figures)
+        (args.out / "RESULTS.md").write_text(report(figures, command))
+
+    bench = Bench(plan, Budget(args.budget_s), figures, args.resume, args.out, save)
+
+    # The key size first (its largest batch sizes the later stages), the other sizes last: what the
+    # budget cuts is the least needed.
+    stages = [
+        lambda: throughput(bench, (plan.key_size,)),
+        lambda: fast_path_keys(bench),
+        lambda: trainer_against_bare(bench),
+        lambda: compiled_and_eager(bench),
+        lambda: shard_reader(bench),
+        lambda: deepspeed_fp16(bench),
+        lambda: grad_checkpointing(bench),
+        lambda: throughput(bench, tuple(s for s in plan.sizes if s != plan.key_size)),
+    ]
+    for stage in stages:
+        stage()
+    if torch.distributed.is_initialized():  # the engines' process group (DeepSpeed starts one)
+        torch.distributed.destroy_process_group()
+    print(report(figures, command))
     return 0
 
 

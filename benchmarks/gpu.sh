@@ -3,15 +3,16 @@
 # (bare reference loop, 224/256/288 px, bf16/fp16, largest batch), each fast-path key on and off, gradient
 # checkpointing, the trainer against the bare loop and fed by the shard reader, DeepSpeed ZeRO-1/2 fp16.
 #
-#   benchmarks/gpu.sh OUT_DIR [--smoke]
+#   benchmarks/gpu.sh OUT_DIR [--smoke] [--resume]
 #
 # Writes OUT_DIR/RESULTS.md and OUT_DIR/results.json and prints the tables. Installs nothing: it runs the
 # project's venv (.venv, or $PYTHON). --smoke: the same on the CPU with tiny models (about a minute).
+# --resume: keep what OUT_DIR/results.json holds and measure only what it lacks (a run cut short).
 # What each figure means: benchmarks/gpu.py.
 set -euo pipefail
 
 if [[ $# -lt 1 || "$1" == -* ]]; then
-    echo "usage: $0 OUT_DIR [--smoke] [--budget-s SECONDS]" >&2
+    echo "usage: $0 OUT_DIR [--smoke] [--budget-s SECONDS] [--resume]" >&2
     exit 2
 fi
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
