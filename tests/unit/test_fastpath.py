@@ -1,11 +1,14 @@
 """The GPU fast path, where the CPU can check it: the optimizer implementations give the same update,
-a resume keeps the configured one, a failed torch.compile falls back with a clear message, and
-reading batches ahead leaves the data position a checkpoint stores where it was.
+a resume keeps the configured one, a failed torch.compile falls back with a clear message, its
+cache goes to the run directory where that can hold it, and reading batches ahead leaves the data
+position a checkpoint stores where it was.
 
 The CUDA side (loss with each key on and off) is in tests/gpu/test_fastpath.py.
 """
 
+import errno
 import logging
+import os
 from itertools import islice
 
 import pytest
@@ -15,6 +18,7 @@ from slurmvision.configs import load_config
 from slurmvision.models import build_model
 from slurmvision.shards.reader import LoaderState, TrainReader
 from slurmvision.shards.writer import build_shards
+from slurmvision.trainer import fastpath
 from slurmvision.trainer.ddp import DDPEngine
 from slurmvision.trainer.optim import build_optimizer, implementation
 from slurmvision.trainer.prefetch import DeviceBatches
@@ -161,3 +165,27 @@ def test_an_error_reading_ahead_is_raised_when_its_batch_is_taken():
     assert next(batches) == "first"  # the error of the batch after it waits for its turn
     with pytest.raises(ValueError, match="bad shard"):
         next(batches)
+
+
+def test_the_compile_cache_goes_to_the_run_directory_unless_the_job_chose_another(tmp_path, monkeypatch):
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    monkeypatch.setenv(fastpath.COMPILE_CACHE, default_cache_dir())  # what importing inductor sets
+    fastpath.use_run_compile_cache(tmp_path / "run")
+    assert os.environ[fastpath.COMPILE_CACHE] == str(tmp_path / "run" / "cache" / "compile")
+
+    monkeypatch.setenv(fastpath.COMPILE_CACHE, str(tmp_path / "site-cache"))
+    fastpath.use_run_compile_cache(tmp_path / "other-run")
+    assert os.environ[fastpath.COMPILE_CACHE] == str(tmp_path / "site-cache")
+
+
+def test_a_run_directory_without_flock_keeps_the_nodes_cache_and_says_why(tmp_path, monkeypatch, caplog):
+    def no_flock(*args):
+        raise OSError(errno.ENOSYS, "Function not implemented")
+
+    monkeypatch.delenv(fastpath.COMPILE_CACHE, raising=False)
+    monkeypatch.setattr(fastpath.fcntl, "flock", no_flock)
+    with caplog.at_level(logging.WARNING, logger="slurmvision.trainer"):
+        fastpath.use_run_compile_cache(tmp_path / "run")
+    assert fastpath.COMPILE_CACHE not in os.environ
+    assert "cannot hold the compile cache (OSError" in caplog.text and "TORCHINDUCTOR_CACHE_DIR" in caplog.text

@@ -16,6 +16,7 @@ from slurmvision.slurm.ledger import AttemptRecorder
 from slurmvision.slurm.rundir import make_private
 from slurmvision.trainer import distributed
 from slurmvision.trainer.distributed import DistEnv
+from slurmvision.trainer.fastpath import use_run_compile_cache
 from slurmvision.trainer.loop import Trainer
 from slurmvision.trainer.monitor import setup_logging
 from slurmvision.trainer.run_lock import run_lock
@@ -29,6 +30,8 @@ def train(config: Config, env: Optional[DistEnv] = None) -> dict:
     run_dir = Path(config.run.dir)
     make_private()  # the run directory holds what later runs as its owner (slurmvision.slurm.rundir)
     setup_logging(env, run_dir / "logs" / f"rank-{env.rank:05d}.log")
+    if config.model.compile:
+        use_run_compile_cache(run_dir)
     try:
         device = distributed.init(env, config.cluster.gpus_per_node)
     except RunError as err:  # no GPU where the profile asks for them; before any collective, each rank stops alone
