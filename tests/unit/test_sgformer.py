@@ -1,5 +1,6 @@
 """SG-Former: created by name at the published sizes, the reference design's output at 224 px, the same weights at
-other sizes, and timm's conventions (classifier, weight decay, layer groups, gradient checkpointing)."""
+other sizes, timm's conventions (classifier, weight decay, layer groups, gradient checkpointing), and one graph
+for torch.compile."""
 
 import pytest
 import timm
@@ -342,3 +343,12 @@ def test_recipes_load_and_their_models_build():
     assert imagenet.model.ema_decay > 0 and imagenet.optim.weight_decay == 0.05
     with torch.device("meta"):
         assert build_model(imagenet.model, 1000).head.out_features == 1000
+
+
+@pytest.mark.parametrize("size, checkpointing", [((64, 64), False), ((48, 64), True)])
+def test_torch_compile_traces_the_model_as_one_graph(size, checkpointing):
+    # A graph break splits model.compile's graph and loses much of its speed: none, at any size.
+    model = timm.create_model("sgformer_pico", num_classes=10, img_size=64)
+    model.set_grad_checkpointing(checkpointing)
+    traced = torch._dynamo.explain(model)(torch.randn(2, 3, *size))
+    assert (traced.graph_count, traced.graph_break_count) == (1, 0), [b.reason for b in traced.break_reasons]
