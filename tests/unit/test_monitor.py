@@ -94,3 +94,20 @@ def test_per_class_f1_at_each_evaluation_and_the_config_as_hparams_with_the_fina
     metrics = plugin["_hparams_/experiment"].experiment.metric_infos
     assert [m.name.tag for m in metrics] == ["eval/top1", "eval/top5", "eval/f1_macro"]  # the tab reads these scalars
     assert view.Scalars("eval/top1")[-1].value == 0.75
+
+
+def test_the_eta_is_paced_from_the_first_progress_line_not_from_the_start_up(tmp_path, monkeypatch, caplog):
+    import logging
+    import time
+
+    monitor = Monitor(tmp_path, DistEnv(), start_step=0, max_steps=10, hparams={})
+    now = time.monotonic() + 100.0  # a first step that took 100 s (start-up, compile), then 2 s a step
+    with caplog.at_level(logging.INFO, logger="slurmvision.progress"):
+        for step in (1, 2, 3):
+            monkeypatch.setattr(time, "monotonic", lambda at=now: at)
+            monitor.progress(step, 1.0, 10.0)
+            now += 2.0
+    monkeypatch.undo()
+    monitor.close()
+    etas = [record.getMessage().split("ETA ")[1] for record in caplog.records]
+    assert etas == ["from the next line on", "0m16s", "0m14s"]

@@ -87,7 +87,9 @@ class Monitor:
         self.run_dir, self.share_with_group = run_dir, share_with_group
         self.hparams = hparams
         self.writer = None
-        self.started, self.start_step = time.monotonic(), start_step
+        # The pace for the ETA, from the attempt's first progress line on: the steps before it hold
+        # the start-up, the loader's warm-up and torch.compile (a minute or more on a GPU).
+        self.pace_from: Optional[tuple[int, float]] = None
         if env.is_main:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -108,18 +110,23 @@ class Monitor:
     def progress(self, step: int, loss: float, images_per_s: float, data_wait: Optional[float] = None) -> None:
         if not self.env.is_main:
             return
-        done = step - self.start_step
-        elapsed = time.monotonic() - self.started
-        eta = elapsed / done * (self.max_steps - step) if done else 0.0
+        now = time.monotonic()
+        if self.pace_from is None:
+            self.pace_from = (step, now)
+        since_step, since = self.pace_from
+        if step > since_step:
+            eta = (now - since) / (step - since_step) * (self.max_steps - step)
+            eta_text = f"{int(eta // 60)}m{int(eta % 60):02d}s"
+        else:
+            eta_text = "0m00s" if step >= self.max_steps else "from the next line on"
         logging.getLogger("slurmvision.progress").info(
-            "step %d/%d  loss %.4f  %.0f img/s%s  ETA %dm%02ds",
+            "step %d/%d  loss %.4f  %.0f img/s%s  ETA %s",
             step,
             self.max_steps,
             loss,
             images_per_s,
             "" if data_wait is None else f"  data wait {data_wait:.0%}",
-            eta // 60,
-            eta % 60,
+            eta_text,
         )
 
     def eval(self, step: int, results: dict, image=None) -> None:
