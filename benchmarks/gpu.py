@@ -165,9 +165,14 @@ class Bench:
         found = self.figures.get("throughput", {}).get(f"{model_name}@{self.plan.key_size}", {}).get("largest_batch")
         return max(1, (found or self.plan.batch_start) // 2)
 
-    def eager_here(self) -> list[str]:
+    NOT_COMPILED = "not on the CPU smoke run (slow compile)"
+
+    def compiles(self) -> bool:
         """The recipe compiles the model; the CPU smoke run does not (compiling there is slow)."""
-        return ["model.compile=false"] if self.plan.device == "cpu" else []
+        return self.plan.device != "cpu"
+
+    def eager_here(self) -> list[str]:
+        return [] if self.compiles() else ["model.compile=false"]
 
 
 # --- timing --------------------------------------------------------------------------------------
@@ -405,8 +410,8 @@ def compiled_and_eager(bench: Bench) -> None:
         batch = bench.half_largest_batch(model_name)
         precision = f"trainer.precision={plan.dtypes[0]}"
         for name, compiles in (("eager", False), ("compiled", True)):
-            if compiles and plan.device == "cpu":
-                bench.skip("compile", f"{model_name}, {name}", "not on the CPU smoke run (slow compile)")
+            if compiles and not bench.compiles():
+                bench.skip("compile", f"{model_name}, {name}", bench.NOT_COMPILED)
                 continue
             settings = [precision, f"model.compile={str(compiles).lower()}"]
             bench.measure(
@@ -554,8 +559,8 @@ def trainer_against_bare(bench: Bench) -> None:
         45,
         lambda: trainer_run(plan, runs / "eager", batch, [*synthetic, "model.compile=false"], None),
     )
-    if plan.device == "cpu":
-        bench.skip("trainer", "trainer synthetic", "not on the CPU smoke run (slow compile)")
+    if not bench.compiles():
+        bench.skip("trainer", "trainer synthetic", bench.NOT_COMPILED)
     else:
         bench.measure(
             "trainer", "trainer synthetic", 150, lambda: trainer_run(plan, runs / "synthetic", batch, synthetic, None)
