@@ -116,7 +116,7 @@ def trainer_state(engine, ema, config, step: int) -> tuple[dict, dict, dict]:
 
 def raw_write(path: Path, data: memoryview, handed: bool = False) -> float:
     """One write of `data` and an fsync; `handed`: in chunks, each handed to the disk as the save does."""
-    from slurmvision.trainer.checkpoint import WRITEBACK_BYTES
+    from slurmvision.trainer.checkpoint_files import WRITEBACK_BYTES
 
     started = time.perf_counter()
     with open(path, "wb") as f:
@@ -172,6 +172,7 @@ def measure(model: str, engine_name: str, batch: int, repeat: int, quick: bool, 
         started = time.perf_counter()
         saved = manager.save(2 * i + 1, shared, own, meta)
         record("save_s", time.perf_counter() - started)
+        manager.wait_pruned()  # its deletion of the oldest checkpoint, in the background, not under the raw write
         files = sorted(saved.iterdir())
         nbytes = sum(p.stat().st_size for p in files)
         data = memoryview(b"".join(p.read_bytes() for p in files))
@@ -214,6 +215,7 @@ def measure(model: str, engine_name: str, batch: int, repeat: int, quick: bool, 
         settled = manager.settle(wait=True)
         assert settled.path is not None, settled.error
         record("async_total_s", time.perf_counter() - started)
+        manager.wait_pruned()
 
     shutil.rmtree(run, ignore_errors=True)
     figures = {name: statistics.median(values) for name, values in rounds.items()}
@@ -323,10 +325,13 @@ Median of {args.repeat} round(s); fp32 state (model, AdamW moments, EMA where th
   writer, reading back what is already written (no second pass for the manifest, and the hash no longer
   adds to the write); the weights' hash of the meta record is computed meanwhile; the zip's CRC32 is
   skipped (the sha256 covers the same bytes); every 64 MiB written is handed to the disk
-  (`posix_fadvise`); "raw write, handed..." is the raw write done that way too. What is left above the
-  raw write: torch.save's pickling of each tensor (~0.3 s for SG-Former's 3,345 tensors with EMA and
-  AdamW state, ~0.05 s for Swin V2's) and the removal of the oldest checkpoint (~0.25 s here, in the
-  saves that prune). The raw write of the same bytes itself varies by 2x between rounds on this disk.
+  (`posix_fadvise`); "raw write, handed..." is the raw write done that way too. The oldest checkpoint is
+  renamed aside at the commit and deleted by a background thread (it took ~0.25 s of each save that
+  pruned); the benchmark waits for that deletion before it times the raw write. What is left above the
+  raw write: torch.save's pickling (its `persistent_id` runs for each of ~70,000 objects for SG-Former's
+  3,345 tensors with EMA and AdamW state: ~0.3 s; ~0.05 s for Swin V2's) and the fsyncs of the small
+  files and directories a durable commit needs. The raw write of the same bytes itself varies by up to
+  2x between rounds on this disk.
 - **load**: the newest checkpoint verified by its sha256, then `torch.load` of its files, both warm.
 - **async blocked**: what `Trainer.save` holds training up for with `trainer.async_checkpoint=true`
   (the engine's `state_dict`, for ZeRO a gather, and the copy to host memory); goal <= one step. The

@@ -37,6 +37,7 @@ LATEST = "latest"
 RUN_SUBDIR = "checkpoints"  # RUN/checkpoints/step-N
 # `step-N`, and `step-N.tmp` while it is written; the ".tmp" group tells them apart.
 STEP_DIR = re.compile(r"step-(\d+)(\.tmp)?")
+DELETING = ".deleting"  # the suffix of a pruned checkpoint's directory until it is deleted
 
 
 def checkpoints_of(run_dir: Path) -> Path:
@@ -115,7 +116,8 @@ def checkpoint_dirs(directory: Path) -> list[Path]:
 
 def leftovers(directory: Path, kept: set[Path]) -> list[Path]:
     """What saves left in `directory` besides the `kept` checkpoints: older checkpoints, the
-    `step-N.tmp` of killed saves, the `step-N.old.tmp` a save of the same step moved aside."""
+    `step-N.tmp` of killed saves, the `step-N.old.tmp` a save of the same step moved aside, the
+    `step-N.deleting` of a pruning cut short."""
     return [path for path in directory.glob("step-*") if path not in kept]
 
 

@@ -44,7 +44,7 @@ def _rank(rank: int, port: int, directory: str, outcomes) -> None:
         def full_disk(obj, path):
             raise OSError(errno.ENOSPC, "No space left on device")
 
-        module._save = full_disk
+        module.save_file = full_disk
     try:
         manager.save(2, {"w": torch.zeros(3)}, {"rank": rank}, {"step": 2, "epoch": 0})
         outcomes.put((rank, "saved"))
@@ -107,7 +107,7 @@ def _background_rank(rank: int, port: int, directory: str, outcomes) -> None:
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     manager = AsyncCheckpointManager(directory, DistEnv(rank=rank, world_size=2), keep=2)
-    real_save = module._save
+    real_save = module.save_file
 
     def slow(obj, path):
         time.sleep(1.0)
@@ -119,13 +119,13 @@ def _background_rank(rank: int, port: int, directory: str, outcomes) -> None:
     def save(step: int) -> None:
         manager.save_async(step, {"w": torch.full((3,), float(step))}, {"rank": rank}, {"step": step, "epoch": 0})
 
-    module._save = slow if rank == 1 else real_save
+    module.save_file = slow if rank == 1 else real_save
     save(1)
     boundaries, settled = 1, manager.settle()
     while settled is None:  # the loop's step boundaries, while rank 1 still writes
         boundaries, settled = boundaries + 1, manager.settle()
     files = sorted(p.name for p in settled.path.iterdir())
-    module._save = full_disk if rank == 1 else real_save
+    module.save_file = full_disk if rank == 1 else real_save
     save(2)
     failed = manager.settle(wait=True).error
     save(3)

@@ -289,7 +289,7 @@ def _rank_writing_slowly_stopped_after_step_3s_save(target, args, rank, nproc, p
     from slurmvision.trainer import checkpoint
     from slurmvision.trainer.loop import Trainer
 
-    real_save, save = checkpoint._save, Trainer.save
+    real_save, save = checkpoint.save_file, Trainer.save
 
     def slow(obj, path):
         time.sleep(1.0)
@@ -300,7 +300,7 @@ def _rank_writing_slowly_stopped_after_step_3s_save(target, args, rank, nproc, p
         if rank == 1 and self.step == 3:
             os.kill(os.getpid(), signal.SIGUSR2)
 
-    checkpoint._save, Trainer.save = slow, saved_then_stopped
+    checkpoint.save_file, Trainer.save = slow, saved_then_stopped
     local._rank_main(target, args, rank, nproc, port, queue)
 
 

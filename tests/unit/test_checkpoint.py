@@ -41,6 +41,36 @@ def test_save_load_and_retention(tmp_path):
     assert inspect_checkpoint(tmp_path)["valid"]
 
 
+def test_pruned_checkpoints_are_deleted_in_the_background_and_a_cut_deletion_is_finished_later(tmp_path, monkeypatch):
+    from slurmvision.trainer import checkpoint as module
+
+    manager = CheckpointManager(tmp_path, DistEnv(), keep=1)
+    save(manager, 1, 1.0)
+    release, real_delete = threading.Event(), module._delete
+
+    def slow_delete(paths):
+        release.wait()
+        real_delete(paths)
+
+    monkeypatch.setattr(module, "_delete", slow_delete)
+    save(manager, 2, 2.0)  # returns while step 1 is still being deleted
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step-00000001.deleting", "step-00000002"]
+    assert [p.name for p in manager.candidates()] == ["step-00000002"]
+    assert CheckpointManager(tmp_path, DistEnv(), keep=1).latest_valid().step == 2
+    release.set()
+    manager.wait_pruned()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step-00000002"]
+
+    # A process killed while it deleted leaves a part of the directory: never a checkpoint, gone after the next save.
+    cut = tmp_path / "step-00000001.deleting"
+    cut.mkdir()
+    (cut / "state.pt").write_bytes(b"part")
+    monkeypatch.setattr(module, "_delete", real_delete)
+    save(manager, 3, 3.0)
+    manager.wait_pruned()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step-00000003"]
+
+
 def test_corrupt_newest_is_skipped_with_a_warning(tmp_path, caplog):
     manager = CheckpointManager(tmp_path, DistEnv(), keep=3)
     save(manager, 1, 1.0)
@@ -114,8 +144,8 @@ def test_a_full_disk_keeps_the_previous_checkpoint_and_says_so(tmp_path, monkeyp
 
     manager = CheckpointManager(tmp_path, DistEnv(), keep=2)
     save(manager, 1, 1.0)
-    full_disk = state_file_on_a_full_disk(module._save)
-    monkeypatch.setattr(module, "_save", full_disk)
+    full_disk = state_file_on_a_full_disk(module.save_file)
+    monkeypatch.setattr(module, "save_file", full_disk)
     with pytest.raises(CheckpointError, match="No space left on device.*step-00000001 is still the newest"):
         save(manager, 2, 2.0)
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith("step-")] == ["step-00000001"]
@@ -172,6 +202,7 @@ def assert_a_sigkill_anywhere_leaves_a_valid_checkpoint(tmp_path, manager_class,
         assert latest is not None, f"no valid checkpoint after a SIGKILL at file-system change {change}"
         assert torch.equal(latest.load_state()["weights"], WEIGHTS[latest.meta["value"]])
         save(manager, 3, 1.0)
+        manager.wait_pruned()
         assert sorted(p.name for p in directory.iterdir()) == ["latest", "step-00000003"]
         if not died:
             assert change > 10 and latest.meta["value"] == 2.0
@@ -253,13 +284,13 @@ def _held(monkeypatch, release: threading.Event) -> None:
     """Background writes wait for `release`."""
     from slurmvision.trainer import checkpoint as module
 
-    real_save = module._save
+    real_save = module.save_file
 
     def held(obj, path):
         assert release.wait(timeout=60)
         return real_save(obj, path)
 
-    monkeypatch.setattr(module, "_save", held)
+    monkeypatch.setattr(module, "save_file", held)
 
 
 def test_a_background_save_holds_the_state_at_its_call_and_counts_once_committed(tmp_path, monkeypatch):
@@ -296,13 +327,13 @@ def test_a_failed_background_save_is_reported_keeps_the_previous_checkpoint_and_
 
     manager = AsyncCheckpointManager(tmp_path, DistEnv(), keep=2)
     save(manager, 1, 1.0)
-    real_save = module._save
+    real_save = module.save_file
     full_disk = state_file_on_a_full_disk(real_save)
 
     def save_async(step):
         manager.save_async(step, {"weights": torch.full((4,), float(step))}, {"rng": rng_state()}, {"step": step})
 
-    monkeypatch.setattr(module, "_save", full_disk)
+    monkeypatch.setattr(module, "save_file", full_disk)
     save_async(2)
     settled = manager.settle(wait=True)
     assert settled.path is None and manager.pending is None
@@ -315,13 +346,13 @@ def test_a_failed_background_save_is_reported_keeps_the_previous_checkpoint_and_
     def broken(obj, path):
         raise RuntimeError("cannot pickle this")
 
-    monkeypatch.setattr(module, "_save", broken)  # a bug in the background, too, fails the save
+    monkeypatch.setattr(module, "save_file", broken)  # a bug in the background, too, fails the save
     save_async(3)
     with pytest.raises(CheckpointError, match="RuntimeError: cannot pickle this.*2 background checkpoints failed"):
         manager.settle(wait=True)
     assert manager.latest_valid().step == 1
 
-    monkeypatch.setattr(module, "_save", real_save)
+    monkeypatch.setattr(module, "save_file", real_save)
     save_async(4)
     assert manager.settle(wait=True).path.name == "step-00000004" and manager.failures == 0
 
@@ -351,7 +382,7 @@ def test_the_copy_to_host_memory_keeps_tied_tensors_tied_and_rebuilds_containers
 
 
 def test_a_checkpoint_handed_to_the_disk_while_it_is_written_verifies_and_loads(tmp_path, monkeypatch):
-    from slurmvision.trainer import checkpoint as module
+    from slurmvision.trainer import checkpoint_files as module
 
     # Many hand-overs to the disk and to the hasher, each of a few pages.
     monkeypatch.setattr(module, "WRITEBACK_BYTES", 8192)
@@ -366,8 +397,8 @@ def test_a_checkpoint_handed_to_the_disk_while_it_is_written_verifies_and_loads(
 
 
 def test_a_save_that_fails_midway_leaves_no_hasher_thread_behind(tmp_path):
-    from slurmvision.trainer.checkpoint import _save
+    from slurmvision.trainer.checkpoint_files import save_file
 
     with pytest.raises(Exception, match="pickle"):
-        _save({"weights": torch.randn(1000), "unpicklable": lambda: 0}, tmp_path / "state.pt")
+        save_file({"weights": torch.randn(1000), "unpicklable": lambda: 0}, tmp_path / "state.pt")
     assert not [thread for thread in threading.enumerate() if thread.name == "checkpoint-hash"]

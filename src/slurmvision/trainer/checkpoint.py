@@ -13,7 +13,6 @@ steps (`_begin`, `_write`, `_failed`, `_agree_committed`), so with the same atom
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import logging
 import os
@@ -24,12 +23,13 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
 
 from slurmvision.checkpoints import (
+    DELETING,
     LATEST,
     MANIFEST,
     META,
@@ -46,13 +46,11 @@ from slurmvision.checkpoints import (
     verify,
 )
 from slurmvision.errors import CheckpointError
+from slurmvision.trainer.checkpoint_files import Digests, fsync_dir, save_file, write_text
 from slurmvision.trainer.distributed import DistEnv, agree, all_reduce_sum, barrier, broadcast_object
 
 log = logging.getLogger(__name__)
 CPU = torch.device("cpu")
-WRITEBACK_BYTES = 64 << 20  # _HashedFile
-HASH_BLOCK_BYTES = 8 << 20  # what the writer hands the hasher at a time, and the hasher reads at a time
-Digests = dict[str, tuple[int, str]]  # file name -> (bytes, sha256), computed as the file was written
 
 
 def params_sha256(model_state: dict[str, torch.Tensor]) -> str:
@@ -69,127 +67,6 @@ def params_sha256(model_state: dict[str, torch.Tensor]) -> str:
 def weights_facts(shared: dict) -> dict:
     """The meta record's facts about the weights in state.pt (`CheckpointManager(describe=...)`)."""
     return {"params_sha256": params_sha256(shared["engine"]["model"])}
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-class _HashedFile:
-    """A file being written whose sha256 a helper thread computes behind the writer, from the bytes
-    already written (read back from the page cache): the manifest does not read the file again, and
-    the hash (slower than the write to a fast disk) no longer adds to it. Every WRITEBACK_BYTES
-    written are handed to the disk, so the fsync at the end waits for the tail only."""
-
-    def __init__(self, path: Path):
-        self.path, self.file = path, open(path, "wb")
-        try:
-            self._reader = os.open(path, os.O_RDONLY)
-        except OSError:
-            self.file.close()
-            raise
-        self.digest = hashlib.sha256()
-        self.size = self._visible = self._hashed = self._handed = 0
-        self._closing, self._error = False, None
-        self._changed = threading.Condition()
-        self._hasher = threading.Thread(target=self._follow, name="checkpoint-hash", daemon=True)
-        self._hasher.start()
-
-    def write(self, data) -> int:
-        written = self.file.write(data)
-        self.size += memoryview(data).nbytes
-        if self.size - self._visible >= HASH_BLOCK_BYTES:
-            self._publish()
-        if self._visible - self._handed >= WRITEBACK_BYTES and hasattr(os, "posix_fadvise"):
-            # Starts the writeback of these pages without waiting for it (Linux), and keeps them
-            # out of the page cache once written: a checkpoint is read again only by the next job.
-            os.posix_fadvise(self.file.fileno(), self._handed, self._visible - self._handed, os.POSIX_FADV_DONTNEED)
-            self._handed = self._visible
-        return written
-
-    def flush(self) -> None:
-        self.file.flush()
-
-    def finish(self) -> tuple[int, str]:
-        """Waits for the hash, fsyncs: the file's size and sha256."""
-        self._publish()
-        self._stop_hasher()
-        if self._error is not None:
-            raise self._error
-        os.fsync(self.file.fileno())
-        return self.size, self.digest.hexdigest()
-
-    def _publish(self) -> None:
-        self.file.flush()  # what the hasher reads must be in the file, not in this buffer
-        with self._changed:
-            self._visible = self.size
-            self._changed.notify()
-
-    def _stop_hasher(self) -> None:
-        """The hasher hashes what it was handed, then ends."""
-        with self._changed:
-            self._closing = True
-            self._changed.notify()
-        self._hasher.join()
-
-    def _follow(self) -> None:
-        try:
-            while True:
-                with self._changed:
-                    self._changed.wait_for(lambda: self._hashed < self._visible or self._closing)
-                    end, closing = self._visible, self._closing
-                while self._hashed < end:
-                    block = os.pread(self._reader, min(HASH_BLOCK_BYTES, end - self._hashed), self._hashed)
-                    if not block:
-                        raise OSError(f"{self.path} is shorter than what was written to it")
-                    self.digest.update(block)
-                    self._hashed += len(block)
-                if closing:
-                    return
-        except BaseException as err:  # raised by finish(), in the writer's thread
-            self._error = err
-
-    def __enter__(self) -> "_HashedFile":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop_hasher()  # on an error too (after finish, it has ended already)
-        os.close(self._reader)
-        self.file.close()
-
-
-@contextlib.contextmanager
-def _without_crc32():
-    """torch.save without the zip's CRC32 of each record (torch >= 2.6; torch.load reads such files):
-    the manifest's sha256 covers the same bytes, and the CRC32 cost nearly as much as the hash."""
-    get, set_ = (getattr(torch.serialization, name, None) for name in ("get_crc32_options", "set_crc32_options"))
-    if set_ is None:
-        yield
-        return
-    before = get()
-    set_(False)  # a global of torch: one checkpoint is written at a time (CheckpointManager)
-    try:
-        yield
-    finally:
-        set_(before)
-
-
-def _save(obj: Any, path: Path) -> tuple[int, str]:
-    """torch.save to `path`, fsynced: its size and sha256."""
-    with _HashedFile(path) as file, _without_crc32():
-        torch.save(obj, file)
-        return file.finish()
-
-
-def _write_text(path: Path, text: str) -> None:
-    with open(path, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
 
 
 def rng_state() -> dict:
@@ -257,6 +134,7 @@ class CheckpointManager:
         of the weights), on rank 0, in the background for an async save."""
         self.dir = Path(directory)
         self.env, self.keep, self.device, self.describe = env, keep, device, describe
+        self._deleter: Optional[threading.Thread] = None  # deleting what the last save pruned (`_prune`)
 
     def candidates(self) -> list[Path]:
         return checkpoint_dirs(self.dir)
@@ -318,13 +196,13 @@ class CheckpointManager:
     def _write(self, tmp: Path, shared: dict, per_rank: dict) -> Written:
         """This rank's files of the checkpoint, and on rank 0 the shared state, fsynced and hashed."""
         started = time.monotonic()
-        digests = {rank_file(self.env.rank): _save(per_rank, tmp / rank_file(self.env.rank))}
+        digests = {rank_file(self.env.rank): save_file(per_rank, tmp / rank_file(self.env.rank))}
         facts = {}
         if self.env.is_main:
             # `describe` hashes the weights while they are written (it only reads them; both release the GIL).
             with ThreadPoolExecutor(1, thread_name_prefix="checkpoint-describe") as pool:
                 described = pool.submit(self.describe, shared)
-                digests[STATE] = _save(shared, tmp / STATE)
+                digests[STATE] = save_file(shared, tmp / STATE)
                 facts = described.result()
         return Written({name: d for name, d in digests.items() if d}, facts, time.monotonic() - started)
 
@@ -365,10 +243,10 @@ class CheckpointManager:
         return final
 
     def _commit(self, tmp: Path, final: Path, meta: dict, digests: Digests) -> None:
-        _write_text(tmp / META, meta_text(meta))
-        _write_text(tmp / (MANIFEST + ".tmp"), manifest_text(tmp, digests))
+        write_text(tmp / META, meta_text(meta))
+        write_text(tmp / (MANIFEST + ".tmp"), manifest_text(tmp, digests))
         os.replace(tmp / (MANIFEST + ".tmp"), tmp / MANIFEST)
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         # From here `tmp` is a checkpoint (checkpoints.checkpoint_dirs). A step saved again (its old
         # copy did not verify) replaces the old copy only now, by renames, never by deleting the
         # only valid copy first: a SIGKILL at any point leaves one, even with keep_checkpoints=1.
@@ -377,19 +255,51 @@ class CheckpointManager:
             shutil.rmtree(old, ignore_errors=True)
             os.replace(final, old)
         os.replace(tmp, final)
-        _write_text(self.dir / (LATEST + ".tmp"), final.name + "\n")
+        write_text(self.dir / (LATEST + ".tmp"), final.name + "\n")
         os.replace(self.dir / (LATEST + ".tmp"), self.dir / LATEST)
-        _fsync_dir(self.dir)
+        fsync_dir(self.dir)
         self._prune(final)
 
     def _prune(self, committed: Path) -> None:
         """Keep the `keep` newest complete checkpoints from `committed` down; remove the rest and
         what killed saves left. Newer ones (which the resume found broken) are left to be replaced
-        when the run saves their step again; counted, they could push out the last valid one."""
+        when the run saves their step again; counted, they could push out the last valid one.
+
+        Each doomed directory is renamed out of the checkpoints at once (`leftovers`) and deleted by a
+        background thread: unlinking a few hundred MiB took a quarter of a save's time, with training
+        waiting on it."""
         found = self.candidates()
         newer, older = found[: found.index(committed)], found[found.index(committed) :]
         # Sizes, not hashes: hashing every kept checkpoint on each save would cost minutes on
         # large models. Loading still verifies hashes.
         kept = set(newer + [path for path in older if verify(path, hashes=False) is None][: self.keep])
-        for path in leftovers(self.dir, kept):
-            shutil.rmtree(path, ignore_errors=True)
+        doomed = [_set_aside(path) for path in leftovers(self.dir, kept)]
+        self.wait_pruned()  # one deleter at a time; the previous one is long done by the next save
+        if not doomed:
+            return
+        # Not a daemon: a process that ends normally deletes them first; one killed leaves them to the next save.
+        self._deleter = threading.Thread(target=_delete, args=(doomed,), name="checkpoint-prune")
+        self._deleter.start()
+
+    def wait_pruned(self) -> None:
+        """Wait until the checkpoints the last save pruned are deleted (the end of a run, a stop)."""
+        deleter, self._deleter = self._deleter, None
+        if deleter is not None:
+            deleter.join()
+
+
+def _set_aside(path: Path) -> Path:
+    """`path` renamed to a name no listing of checkpoints takes for one (a single atomic step)."""
+    if path.name.endswith(DELETING):
+        return path
+    aside = path.with_name(path.name + DELETING)
+    try:
+        os.replace(path, aside)
+    except OSError:  # a killed deleter left that name: delete this one in place
+        return path
+    return aside
+
+
+def _delete(paths: list[Path]) -> None:
+    for path in paths:
+        shutil.rmtree(path, ignore_errors=True)

@@ -167,6 +167,7 @@ class Trainer:
         results = self.evaluate()
         self.monitor.final(self.step, results)
         self.monitor.close()
+        self.checkpoints.wait_pruned()  # the run's directory as it stays: only the kept checkpoints
         self.record.ended(Outcome.FINISHED, self.step)
         return results
 
@@ -198,6 +199,7 @@ class Trainer:
         )
         warn_if_stop_was_tight(stop.reason, took, self.config.cluster)
         self.monitor.close()
+        self.checkpoints.wait_pruned()  # after the save is reported: a stop's deadline is the save's
         self.record.ended(Outcome.STOPPED, self.step, signal=stop.reason)
         return {"interrupted": True, "signal": stop.reason, "step": self.step}
 
