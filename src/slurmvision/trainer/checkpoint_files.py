@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-WRITEBACK_BYTES = 64 << 20  # HashedFile
+WRITEBACK_BYTES = 64 << 20  # _HashedFile
 HASH_BLOCK_BYTES = 8 << 20  # what the writer hands the hasher at a time, and the hasher reads at a time
 Digests = dict[str, tuple[int, str]]  # file name -> (bytes, sha256), computed as the file was written
 
@@ -25,7 +25,7 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-class HashedFile:
+class _HashedFile:
     """A file being written whose sha256 a helper thread computes behind the writer, from the bytes
     already written (read back from the page cache): the manifest does not read the file again, and
     the hash (slower than the write to a fast disk) no longer adds to it. Every WRITEBACK_BYTES
@@ -99,7 +99,7 @@ class HashedFile:
         except BaseException as err:  # raised by finish(), in the writer's thread
             self._error = err
 
-    def __enter__(self) -> "HashedFile":
+    def __enter__(self) -> "_HashedFile":
         return self
 
     def __exit__(self, *exc) -> None:
@@ -109,7 +109,7 @@ class HashedFile:
 
 
 @contextlib.contextmanager
-def without_crc32():
+def _without_crc32():
     """torch.save without the zip's CRC32 of each record (torch >= 2.6; torch.load reads such files):
     the manifest's sha256 covers the same bytes, and the CRC32 cost nearly as much as the hash."""
     get, set_ = (getattr(torch.serialization, name, None) for name in ("get_crc32_options", "set_crc32_options"))
@@ -126,7 +126,7 @@ def without_crc32():
 
 def save_file(obj: Any, path: Path) -> tuple[int, str]:
     """torch.save to `path`, fsynced: its size and sha256."""
-    with HashedFile(path) as file, without_crc32():
+    with _HashedFile(path) as file, _without_crc32():
         torch.save(obj, file)
         return file.finish()
 
